@@ -1,0 +1,181 @@
+"""The one reader interface every checkpoint location and format implements.
+
+A tensor is seen as a 2-D matrix of `rows x cols`, where `cols` is its last dimension and `rows` the product of
+the others (a 1-D tensor is `n x 1`). Every read is a range of rows, so callers stream any tensor, however large, in
+chunks of bounded size, and a remote source fetches exactly the byte range of those rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from modeltrace.errors import InputError
+
+#: Default chunk budget for streamed reads, in bytes of float32 output.
+DEFAULT_CHUNK_BYTES = 32 * 1024 * 1024
+
+#: Text files larger than this are not read (config, tokenizer and card files are far smaller).
+MAX_TEXT_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lives and what it holds; enough to plan reads without touching the data."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    file: str
+    offset: int = 0  # absolute byte offset of the tensor's data in `file` (formats that have one)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape) if self.shape else 1
+
+    @property
+    def cols(self) -> int:
+        return self.shape[-1] if len(self.shape) >= 2 else 1
+
+    @property
+    def rows(self) -> int:
+        return self.numel // self.cols if self.cols else 0
+
+
+@dataclass
+class FileInfo:
+    name: str
+    size: int
+
+
+@dataclass
+class ReadStats:
+    """Bytes fetched from storage (local or remote) since the source was opened."""
+
+    bytes_read: int = 0
+    requests: int = 0
+    ranges: list[tuple[str, int, int]] = field(default_factory=list)
+    keep_ranges: bool = False
+
+    def add(self, file: str, offset: int, length: int) -> None:
+        self.bytes_read += length
+        self.requests += 1
+        if self.keep_ranges:
+            self.ranges.append((file, offset, length))
+
+
+class Source(ABC):
+    """A checkpoint opened for reading: tensors, metadata files and hashes, read lazily."""
+
+    #: human-readable location, e.g. a path or hf://owner/name@rev
+    location: str
+    #: short format name: safetensors, gguf, pytorch
+    format: str
+
+    def __init__(self) -> None:
+        self.stats = ReadStats()
+
+    # ---- tensors -------------------------------------------------------------------------------------------
+    @abstractmethod
+    def tensors(self) -> Mapping[str, TensorInfo]:
+        """All tensors by their name in this checkpoint (format-native names mapped to Hugging Face names)."""
+
+    @abstractmethod
+    def _read_rows(self, info: TensorInfo, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of the tensor as float32 of shape (stop - start, cols). Bounds already checked."""
+
+    def read_raw(self, name: str, start: int = 0, stop: int | None = None) -> bytes:
+        """Stored bytes of rows [start, stop), for hashing; formats without a byte layout may refuse."""
+        raise InputError(f"{self.location}: raw bytes are not available for {self.format} tensors")
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors()[name]
+        except KeyError:
+            raise InputError(f"{self.location}: no tensor named {name!r}") from None
+
+    def read_rows(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) of a tensor as a float32 (rows, cols) matrix. `stop` is clamped to the end."""
+        info = self.info(name)
+        stop = info.rows if stop is None else min(stop, info.rows)
+        if start < 0 or start > stop:
+            raise InputError(f"{self.location}: bad row range [{start}, {stop}) for {name}")
+        if start == stop:
+            return np.zeros((0, info.cols), dtype=np.float32)
+        return self._read_rows(info, start, stop)
+
+    def read(self, name: str) -> np.ndarray:
+        """A whole tensor in its own shape, as float32. Only for tensors known to be small."""
+        info = self.info(name)
+        return self.read_rows(name).reshape(info.shape)
+
+    def iter_rows(
+        self, name: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES, row_step: int = 1
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Stream a tensor as (first_row, float32 chunk) pairs, each at most `chunk_bytes` of output.
+
+        With `row_step > 1` only every `row_step`-th block of rows is read (sampling); blocks stay contiguous so
+        that remote reads remain few and large.
+        """
+        info = self.info(name)
+        per_chunk = max(1, chunk_bytes // max(1, info.cols * 4))
+        if row_step <= 1:
+            for start in range(0, info.rows, per_chunk):
+                yield start, self.read_rows(name, start, start + per_chunk)
+            return
+        for start in range(0, info.rows, row_step):
+            yield start, self.read_rows(name, start, start + 1)
+
+    # ---- files ---------------------------------------------------------------------------------------------
+    @abstractmethod
+    def files(self) -> list[FileInfo]:
+        """Files that make up the checkpoint (weights, config, tokenizer, card)."""
+
+    @abstractmethod
+    def read_file(self, name: str, limit: int = MAX_TEXT_BYTES) -> bytes | None:
+        """Contents of a small metadata file, or None when absent."""
+
+    def text_file(self, name: str) -> str | None:
+        data = self.read_file(name)
+        return None if data is None else data.decode("utf-8", errors="replace")
+
+    def json_file(self, name: str) -> dict | None:
+        text = self.text_file(name)
+        if text is None:
+            return None
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{self.location}: {name} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        return value if isinstance(value, dict) else None
+
+    def config(self) -> dict | None:
+        """The model's config.json (or the format's equivalent)."""
+        return self.json_file("config.json")
+
+    @abstractmethod
+    def file_sha256(self, name: str) -> str:
+        """SHA-256 of one file, streamed."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def sha256_stream(chunks: Iterator[bytes]) -> str:
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(c)
+    return h.hexdigest()

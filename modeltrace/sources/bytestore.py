@@ -1,0 +1,114 @@
+"""Byte access to the files of a checkpoint, local or remote, behind one small interface.
+
+The safetensors reader only ever asks for (file, offset, length); a local store answers with `pread`, a remote one
+with an HTTP Range request. That keeps the format logic identical wherever the bytes live.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from modeltrace.errors import InputError
+from modeltrace.sources.base import FileInfo, ReadStats
+
+
+class ByteStore(ABC):
+    location: str
+
+    def __init__(self, stats: ReadStats) -> None:
+        self.stats = stats
+
+    @abstractmethod
+    def list_files(self) -> list[FileInfo]: ...
+
+    @abstractmethod
+    def size(self, name: str) -> int: ...
+
+    @abstractmethod
+    def read(self, name: str, offset: int, length: int) -> bytes:
+        """Exactly `length` bytes at `offset`, or an InputError if the file is shorter."""
+
+    def exists(self, name: str) -> bool:
+        return any(f.name == name for f in self.list_files())
+
+    def close(self) -> None:  # noqa: B027
+        pass
+
+
+def safe_relative(root: Path, name: str, location: str) -> Path:
+    """Resolve `name` inside `root`, refusing absolute paths and `..` escapes (hostile index files)."""
+    if not name or os.path.isabs(name) or "\\" in name or any(p in ("..", "") for p in name.split("/")):
+        raise InputError(f"{location}: refusing file name {name!r} that points outside the model folder")
+    path = (root / name).resolve()
+    try:
+        path.relative_to(root.resolve())
+    except ValueError:
+        raise InputError(f"{location}: refusing file name {name!r} that points outside the model folder") from None
+    return path
+
+
+class LocalStore(ByteStore):
+    """Files under one directory (or a single file), read with positional reads; nothing is ever written."""
+
+    def __init__(self, root: Path, stats: ReadStats, only: str | None = None) -> None:
+        super().__init__(stats)
+        self.root = root
+        self.only = only
+        self.location = str(root / only) if only else str(root)
+        self._fds: dict[str, int] = {}
+
+    def list_files(self) -> list[FileInfo]:
+        if self.only:
+            return [FileInfo(self.only, (self.root / self.only).stat().st_size)]
+        out = []
+        for p in sorted(self.root.rglob("*")):
+            if p.is_file() and ".git" not in p.parts:
+                out.append(FileInfo(str(p.relative_to(self.root)), p.stat().st_size))
+        return out
+
+    def path(self, name: str) -> Path:
+        return safe_relative(self.root, name, self.location)
+
+    def exists(self, name: str) -> bool:
+        try:
+            return self.path(name).is_file()
+        except InputError:
+            return False
+
+    def size(self, name: str) -> int:
+        try:
+            return self.path(name).stat().st_size
+        except FileNotFoundError:
+            raise InputError(f"{self.location}: missing file {name}") from None
+
+    def _fd(self, name: str) -> int:
+        fd = self._fds.get(name)
+        if fd is None:
+            try:
+                fd = os.open(self.path(name), os.O_RDONLY)
+            except FileNotFoundError:
+                raise InputError(f"{self.location}: missing file {name}") from None
+            except OSError as exc:
+                raise InputError(f"{self.location}: cannot open {name}: {exc.strerror}") from None
+            self._fds[name] = fd
+        return fd
+
+    def read(self, name: str, offset: int, length: int) -> bytes:
+        fd = self._fd(name)
+        buf = bytearray(length)
+        view = memoryview(buf)
+        got = 0
+        while got < length:
+            n = os.preadv(fd, [view[got:]], offset + got)
+            if n == 0:
+                raise InputError(f"{self.location}: {name} is truncated (wanted bytes up to {offset + length})")
+            got += n
+        self.stats.add(name, offset, length)
+        return bytes(buf) if length < 4096 else buf  # type: ignore[return-value]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

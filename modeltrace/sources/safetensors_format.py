@@ -1,0 +1,97 @@
+"""Strict parsing of safetensors headers and row-range reads over any ByteStore.
+
+The header is validated before anything is allocated: its length against the file, every tensor's byte span against
+its dtype and shape, spans inside the data section and not overlapping. A hostile header therefore cannot make us
+allocate or read more than the file holds.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+
+from modeltrace.errors import InputError
+from modeltrace.sources.base import TensorInfo
+from modeltrace.sources.bytestore import ByteStore
+from modeltrace.sources.dtypes import SAFETENSORS_DTYPES, decode
+
+#: Real headers are a few MB even for 100k-tensor shards; the format itself caps them at 100 MB.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def parse_header(store: ByteStore, name: str, file_size: int | None = None) -> tuple[dict[str, TensorInfo], dict]:
+    """Read and validate one safetensors file's header: (tensors by name, __metadata__)."""
+    where = f"{store.location}: {name}"
+    size = store.size(name) if file_size is None else file_size
+    if size < 8:
+        raise InputError(f"{where} is truncated ({size} bytes; not a safetensors file)")
+    (hlen,) = struct.unpack("<Q", store.read(name, 0, 8))
+    if hlen > MAX_HEADER_BYTES:
+        raise InputError(f"{where}: header length {hlen} exceeds the 100 MB limit (corrupt or hostile file)")
+    if 8 + hlen > size:
+        raise InputError(f"{where}: header length {hlen} is larger than the file ({size} bytes); truncated?")
+    raw = store.read(name, 8, hlen)
+    try:
+        header = json.loads(bytes(raw).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{where}: header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{where}: header is not a JSON object")
+    data_start = 8 + hlen
+    data_len = size - data_start
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise InputError(f"{where}: __metadata__ is not an object")
+    tensors: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []
+    for tname, entry in header.items():
+        tensors[tname] = _tensor_info(where, name, tname, entry, data_start, data_len)
+        b, e = entry["data_offsets"]
+        spans.append((b, e, tname))
+    spans.sort()
+    for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:], strict=False):
+        if b1 < e0:
+            raise InputError(f"{where}: tensors {n0} and {n1} overlap in the data section (corrupt or hostile)")
+    return tensors, meta
+
+
+def _tensor_info(where: str, file: str, tname: str, entry: object, data_start: int, data_len: int) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise InputError(f"{where}: entry for {tname!r} is not an object")
+    dtype = entry.get("dtype")
+    shape = entry.get("shape")
+    offs = entry.get("data_offsets")
+    if dtype not in SAFETENSORS_DTYPES:
+        raise InputError(f"{where}: tensor {tname!r} has unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise InputError(f"{where}: tensor {tname!r} has an invalid shape {shape!r}")
+    if (not isinstance(offs, list) or len(offs) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
+        raise InputError(f"{where}: tensor {tname!r} has invalid data_offsets {offs!r}")
+    begin, end = offs
+    if not 0 <= begin <= end <= data_len:
+        raise InputError(f"{where}: tensor {tname!r} points outside the file (offsets {begin}-{end}, "
+                         f"data section {data_len} bytes); truncated or hostile")
+    numel = 1
+    for d in shape:
+        numel *= d
+    expect = numel * SAFETENSORS_DTYPES[dtype].itemsize
+    if end - begin != expect:
+        raise InputError(f"{where}: tensor {tname!r} claims shape {shape} {dtype} ({expect} bytes) but spans "
+                         f"{end - begin} bytes")
+    return TensorInfo(tname, dtype, tuple(shape), expect, file, data_start + begin)
+
+
+def row_span(info: TensorInfo, start: int, stop: int) -> tuple[int, int]:
+    """(absolute offset, length) of rows [start, stop) of a row-major tensor."""
+    row_bytes = info.cols * SAFETENSORS_DTYPES[info.dtype].itemsize
+    return info.offset + start * row_bytes, (stop - start) * row_bytes
+
+
+def read_rows(store: ByteStore, info: TensorInfo, start: int, stop: int) -> np.ndarray:
+    off, length = row_span(info, start, stop)
+    raw = store.read(info.file, off, length)
+    return decode(raw, info.dtype).reshape(stop - start, info.cols)

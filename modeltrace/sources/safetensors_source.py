@@ -1,0 +1,120 @@
+"""Checkpoints stored as safetensors: one file, a folder, or shards with an index, on any ByteStore."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import numpy as np
+
+from modeltrace.errors import InputError
+from modeltrace.sources import safetensors_format as fmt
+from modeltrace.sources.base import MAX_TEXT_BYTES, FileInfo, Source, TensorInfo, sha256_stream
+from modeltrace.sources.bytestore import ByteStore
+
+INDEX_NAME = "model.safetensors.index.json"
+HASH_CHUNK = 8 * 1024 * 1024
+
+
+class SafetensorsSource(Source):
+    format = "safetensors"
+
+    def __init__(self, store: ByteStore, single_file: str | None = None) -> None:
+        super().__init__()
+        self.store = store
+        store.stats = self.stats
+        self.location = store.location
+        self.single_file = single_file
+        self._files = store.list_files() if single_file is None else [FileInfo(single_file, store.size(single_file))]
+        self._tensors: dict[str, TensorInfo] | None = None
+        self.metadata: dict[str, dict] = {}
+        self.weight_files = self._weight_files()
+
+    def _weight_files(self) -> list[str]:
+        if self.single_file:
+            return [self.single_file]
+        names = {f.name for f in self._files}
+        if INDEX_NAME in names:
+            index = self.json_file(INDEX_NAME) or {}
+            wmap = index.get("weight_map")
+            if not isinstance(wmap, dict) or not wmap:
+                raise InputError(f"{self.location}: {INDEX_NAME} has no weight_map")
+            shards = sorted({str(v) for v in wmap.values()})
+            for s in shards:
+                if not isinstance(s, str) or s.startswith("/") or ".." in s.split("/"):
+                    raise InputError(f"{self.location}: {INDEX_NAME} points outside the model folder ({s!r})")
+            missing = [s for s in shards if s not in names]
+            if missing:
+                more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+                raise InputError(f"{self.location}: missing shard {missing[0]}{more} named in {INDEX_NAME}")
+            self._weight_map = {str(k): str(v) for k, v in wmap.items()}
+            return shards
+        self._weight_map = None
+        top = sorted(f.name for f in self._files if f.name.endswith(".safetensors") and "/" not in f.name)
+        if not top:
+            raise InputError(f"{self.location}: no .safetensors weights found")
+        return top
+
+    def tensors(self) -> Mapping[str, TensorInfo]:
+        if self._tensors is None:
+            sizes = {f.name: f.size for f in self._files}
+            out: dict[str, TensorInfo] = {}
+            for wf in self.weight_files:
+                ts, meta = fmt.parse_header(self.store, wf, sizes.get(wf))
+                self.metadata[wf] = meta
+                for name, info in ts.items():
+                    if name in out:
+                        raise InputError(f"{self.location}: tensor {name} appears in both {out[name].file} and {wf}")
+                    out[name] = info
+            if self._weight_map is not None:
+                for name, shard in self._weight_map.items():
+                    got = out.get(name)
+                    if got is None:
+                        raise InputError(f"{self.location}: {INDEX_NAME} lists {name} in {shard} but it is not there")
+                    if got.file != shard:
+                        raise InputError(f"{self.location}: {INDEX_NAME} lists {name} in {shard}, found in {got.file}")
+            self._tensors = out
+        return self._tensors
+
+    def _read_rows(self, info: TensorInfo, start: int, stop: int) -> np.ndarray:
+        return fmt.read_rows(self.store, info, start, stop)
+
+    def read_raw(self, name: str, start: int = 0, stop: int | None = None) -> bytes:
+        info = self.info(name)
+        stop = info.rows if stop is None else min(stop, info.rows)
+        off, length = fmt.row_span(info, start, stop)
+        return bytes(self.store.read(info.file, off, length))
+
+    def files(self) -> list[FileInfo]:
+        return list(self._files)
+
+    def read_file(self, name: str, limit: int = MAX_TEXT_BYTES) -> bytes | None:
+        if self.single_file is not None and name != self.single_file:
+            return None
+        if not any(f.name == name for f in self._files):
+            return None
+        size = self.store.size(name)
+        if size > limit:
+            raise InputError(f"{self.location}: {name} is {size} bytes, larger than the {limit}-byte limit")
+        return bytes(self.store.read(name, 0, size))
+
+    def config(self) -> dict | None:
+        if self.single_file is not None:
+            return None
+        return super().config()
+
+    def file_sha256(self, name: str) -> str:
+        size = self.store.size(name)
+
+        def chunks():
+            for off in range(0, size, HASH_CHUNK):
+                yield bytes(self.store.read(name, off, min(HASH_CHUNK, size - off)))
+
+        return sha256_stream(chunks())
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def dumps_index(weight_map: dict[str, str]) -> str:
+    return json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1)
