@@ -160,6 +160,14 @@ class Source(ABC):
         """The model's config.json (or the format's equivalent)."""
         return self.json_file("config.json")
 
+    def native_tokenizer(self) -> dict | None:
+        """Tokenizer summary held inside the weights file itself (GGUF); None means: read tokenizer files."""
+        return None
+
+    def card_text(self) -> str | None:
+        """The model card (README.md with YAML front matter), if the checkpoint has one."""
+        return self.text_file("README.md")
+
     @abstractmethod
     def file_sha256(self, name: str) -> str:
         """SHA-256 of one file, streamed."""
