@@ -1,0 +1,3 @@
+from modeltrace.cli import main
+
+main()

@@ -1,0 +1,190 @@
+"""Command line: parse arguments, call the library, print. No provenance logic lives here.
+
+Exit codes (stable, for CI gates):
+  0  success, nothing to flag
+  1  the check ran and found what --fail-on asked to fail on (audit/gate commands)
+  2  bad input or usage: unreadable checkpoint, refused pickle, unreachable remote, bad arguments
+  70 internal error (a bug: please report it; MODELTRACE_DEBUG=1 shows the traceback)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from modeltrace.errors import ModelTraceError
+
+app = typer.Typer(
+    name="modeltrace",
+    help="Establish where an open-weight model came from: byte copy, re-encoded copy, fine-tune, merge (with its "
+    "recipe), layer stack, or independent. Reads weights lazily (local folders, safetensors shards, GGUF, hf://).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def guarded(fn: Callable) -> Callable:
+    """Turn library errors into one line on stderr and a stable exit code; never a traceback."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ModelTraceError as exc:
+            err.print(f"modeltrace: error: {exc}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except KeyboardInterrupt:
+            err.print("modeltrace: interrupted", markup=False)
+            raise typer.Exit(130) from None
+        except MemoryError:
+            err.print("modeltrace: error: out of memory", markup=False)
+            raise typer.Exit(2) from None
+        except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
+            if os.environ.get("MODELTRACE_DEBUG"):
+                raise
+            msg = str(exc).splitlines()[0] if str(exc) else ""
+            err.print(f"modeltrace: internal error: {type(exc).__name__}: {msg} (MODELTRACE_DEBUG=1 for details)",
+                      markup=False, soft_wrap=True)
+            raise typer.Exit(70) from None
+
+    return wrapper
+
+
+def print_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+
+
+def _human_bytes(n: int | None) -> str:
+    if n is None:
+        return "?"
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return str(n)
+
+
+def _human_count(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit} ({n:,})"
+    return f"{n:,}"
+
+
+def render_description(d: dict) -> None:
+    t = Table(show_header=False, box=None, pad_edge=False)
+    t.add_column(style="bold cyan")
+    t.add_column()
+    arch = d["architecture"]
+    t.add_row("model", d["location"])
+    t.add_row("format", d["format"])
+    t.add_row("architecture", f"{arch['family']} family, model_type={arch['model_type'] or '?'}"
+              + (f" ({', '.join(arch['architectures'])})" if arch["architectures"] else ""))
+    t.add_row("parameters", _human_count(d["parameters"]))
+    if d["experts"]:
+        e = d["experts"]
+        t.add_row("active parameters", _human_count(d["active_parameters"]))
+        t.add_row("experts", f"{e['routed']} routed, {e['active'] or '?'} active per token, {e['shared']} shared")
+    t.add_row("layers", str(d["layers"]))
+    t.add_row("hidden size", str(d["hidden_size"]))
+    t.add_row("attention heads", f"{d['attention_heads']} (kv {d['kv_heads']})")
+    t.add_row("vocabulary", str(d["vocab_size"]))
+    t.add_row("dtypes", ", ".join(f"{k}: {v['tensors']} tensors, {_human_bytes(v['bytes'])}"
+                                  for k, v in d["dtypes"].items()))
+    files = d["files"]
+    t.add_row("weight files", f"{len(files)} ({_human_bytes(d['total_bytes'])} of tensors)")
+    for f in files[:8]:
+        extra = f"  sha256 {f['sha256']}" if "sha256" in f else ""
+        t.add_row("", f"{f['name']}  {_human_bytes(f['size'])}{extra}")
+    if len(files) > 8:
+        t.add_row("", f"... and {len(files) - 8} more")
+    tok = d["tokenizer"]
+    if tok:
+        specials = list(tok.get("special_tokens") or {})
+        t.add_row("tokenizer", f"{tok.get('type') or '?'}, vocab {tok.get('vocab_size') or '?'}, "
+                  f"chat template {'yes' if tok.get('chat_template') else 'no'}, "
+                  f"special: {', '.join(specials[:6]) or 'none'}{' ...' if len(specials) > 6 else ''}")
+    else:
+        t.add_row("tokenizer", "none found")
+    card = d["card"]
+    if card["present"]:
+        t.add_row("card", f"base_model={card['base_model'] or '-'}, relation={card['base_model_relation'] or '-'}, "
+                  f"license={card['license'] or '-'}")
+        for p in card["problems"]:
+            t.add_row("", f"[yellow]{p}[/yellow]")
+    else:
+        t.add_row("card", "no model card (README.md)")
+    if d["unrecognized_tensors"]:
+        t.add_row("unrecognized", f"{len(d['unrecognized_tensors'])} tensor names have no canonical role, e.g. "
+                  f"{d['unrecognized_tensors'][0]}")
+    t.add_row("bytes read", _human_bytes(d["bytes_read"]))
+    out.print(t)
+
+
+@app.command("inspect")
+@guarded
+def inspect_cmd(
+    model: Annotated[str, typer.Argument(help="A model folder, a .safetensors/.gguf file, or hf://owner/name[@rev].")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the description as JSON (schema in docs/).")] = False,
+    hashes: Annotated[bool, typer.Option("--hashes", help="Also compute SHA-256 of every weight file (reads all).")]
+    = False,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Read PyTorch .bin pickles with a restricted "
+                                               "loader that never runs code.")] = False,
+) -> None:
+    """Describe a checkpoint: architecture, parameters (MoE aware), dtypes, shards, tokenizer, model card.
+
+    Only headers and small metadata files are read, so this is instant even for remote 400B-class models.
+
+    Example: modeltrace inspect ./my-model --json
+    """
+    from modeltrace.describe import describe
+    from modeltrace.sources import open_source
+
+    with open_source(model, allow_pickle=allow_pickle) as src:
+        d = describe(src, hashes=hashes)
+    if json_out:
+        print_json(d)
+    else:
+        render_description(d)
+
+
+@app.command("demo")
+@guarded
+def demo_cmd(
+    workdir: Annotated[Path | None, typer.Option(help="Where to build the example models (default: a temp dir).")]
+    = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the audit as JSON.")] = False,
+) -> None:
+    """Build a miniature Rio case from real pretrained weights (MiniLM) and audit it. No network needed.
+
+    It makes "nex-mini" (a fine-tune-like derivative of MiniLM), "rio-mini" = 0.6 x nex-mini + 0.4 x MiniLM
+    released as if original, and an independent model of the same shape; then audits rio-mini against the others.
+    """
+    from modeltrace.demo import run_demo
+
+    run_demo(workdir, json_out=json_out, console=out)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
