@@ -165,6 +165,102 @@ def inspect_cmd(
         render_description(d)
 
 
+def render_audit(v: dict) -> None:
+    rel = v["relation"]
+    colour = {"independent": "green", "copy": "red", "recast": "red"}.get(rel, "yellow")
+    out.print(f"[bold {colour}]{rel.upper()}[/bold {colour}]" + (f"  method: {v['method']}" if v.get("method") else ""))
+    out.print(v.get("summary", ""), markup=False, highlight=False)
+    if v["parents"] and "weight" in v["parents"][0]:
+        t = Table(title="recipe", show_lines=False)
+        t.add_column("parent")
+        t.add_column("weight", justify="right")
+        t.add_column("95% interval", justify="right")
+        for p in v["parents"]:
+            t.add_row(p["model"], f"{p['weight']:.4f}", f"[{p['interval'][0]:.4f}, {p['interval'][1]:.4f}]")
+        out.print(t)
+    params = v.get("parameters") or {}
+    for k, val in params.items():
+        if isinstance(val, dict):
+            out.print(f"  {k}: {val['value']} [{val['interval'][0]}, {val['interval'][1]}]", markup=False)
+    if v.get("base"):
+        out.print(f"  base: {v['base']}", markup=False)
+    t = Table(title="independence tests (H0: suspect independent of candidate)")
+    t.add_column("candidate")
+    t.add_column("p-value", justify="right")
+    for name, p in v["p_values"].items():
+        t.add_row(name, p["text"])
+    out.print(t)
+    if v.get("layer_map"):
+        t = Table(title="layer map")
+        t.add_column("suspect layer", justify="right")
+        t.add_column("from")
+        t.add_column("layer", justify="right")
+        for e in v["layer_map"]:
+            t.add_row(str(e["layer"]), e["model"], str(e["source_layer"]))
+        out.print(t)
+    elif v["layers"]:
+        t = Table(title="per layer")
+        t.add_column("layer", justify="right")
+        t.add_column("method")
+        t.add_column("weights")
+        t.add_column("R² min", justify="right")
+        for e in v["layers"]:
+            extra = f" t={e['t']}" if "t" in e else (f" density={e['density']}" if "density" in e else "")
+            w = ", ".join(f"{k} {x:.3f}" for k, x in e["weights"].items()) + extra
+            r2 = "" if e["r2_min"] is None else f"{e['r2_min']:.5f}"
+            t.add_row(str(e["layer"]), e["method"], w, r2)
+        out.print(t)
+    for w in v.get("warnings", []):
+        err.print(f"warning: {w}", markup=False, highlight=False)
+    out.print(f"read {_human_bytes(v['bytes_read'])} in {v['elapsed_s']:.1f} s", style="dim")
+
+
+@app.command("audit")
+@guarded
+def audit_cmd(
+    suspect: Annotated[str, typer.Argument(help="The model to check (folder, file, or hf://owner/name[@rev]).")],
+    candidate: Annotated[list[str], typer.Option("--candidate", "-c", help="A possible ancestor; repeat for more.")],
+    base: Annotated[str | None, typer.Option(help="The common base of the candidates, if known (enables task "
+                                             "arithmetic, TIES, DARE detection).")] = None,
+    sample: Annotated[float | None, typer.Option(help="Read only this fraction of rows per tensor (e.g. 0.01).")]
+    = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the verdict as JSON.")] = False,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Read .bin pickles with the restricted loader.")]
+    = False,
+    fail_on_derived: Annotated[bool, typer.Option("--fail-on-derived", help="Exit 1 unless the suspect comes out "
+                                                  "independent of every candidate (CI gate).")] = False,
+) -> None:
+    """What was SUSPECT made from, and exactly how? Compares weights tensor by tensor, streaming.
+
+    Answers copy, recast, finetune, merge (method, weights with 95% intervals, SLERP t, density), stack, partial
+    or independent, with p-values for "independent of candidate X".
+
+    Example: modeltrace audit ./rio --candidate ./nex --candidate ./qwen
+    """
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+    from modeltrace.audit import run_audit
+    from modeltrace.verdict import decide
+
+    show = not json_out and err.is_terminal
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                  console=err, disable=not show, transient=True) as bar:
+        task = bar.add_task("streaming weights", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done * 4, total=total * 4)
+
+        run = run_audit(suspect, list(candidate), base=base, sample=sample, progress=progress,
+                        allow_pickle=allow_pickle)
+    verdict = decide(run)
+    if json_out:
+        print_json(verdict)
+    else:
+        render_audit(verdict)
+    if fail_on_derived and verdict["relation"] != "independent":
+        raise typer.Exit(1)
+
+
 @app.command("demo")
 @guarded
 def demo_cmd(

@@ -1,0 +1,214 @@
+"""`modeltrace audit`: stream the suspect and its candidates once, slot by slot, and fit recipes.
+
+Flow: open every source -> layer map from sampled rows (stacks, copies) -> one streaming pass over aligned slots
+accumulating Gram sums -> per-slot recipe fits and independence z-scores -> `verdict.decide`.
+Peak extra memory is about (models + 1) x chunk_bytes x 2 (float32 chunk plus its float64 stack), 256 MB by default
+with three models, whatever the checkpoint size.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from modeltrace.align.layers import map_layers
+from modeltrace.align.view import ModelView, open_view
+from modeltrace.architectures import Slot, is_structured
+from modeltrace.detectors.accumulate import SlotAccumulator, SlotStats
+from modeltrace.detectors.fits import SlotFit, fit_slot
+from modeltrace.errors import InputError
+from modeltrace.stats import fisher_z
+
+DEFAULT_AUDIT_CHUNK = 16 * 1024 * 1024
+
+
+@dataclass
+class SlotResult:
+    slot: Slot
+    cands: list[int]  # candidate indices (1-based, as in the views list) compared on this slot
+    stats: SlotStats
+    fit: SlotFit
+    structured: bool
+    z: dict[int, float] = field(default_factory=dict)
+    corr: dict[int, float] = field(default_factory=dict)
+    rows_compared: int = 0
+    rows_total: int = 0
+    note: str = ""
+
+
+@dataclass
+class AuditRun:
+    views: list[ModelView]  # 0 = suspect, 1.. = candidates
+    base: int | None
+    slots: list[SlotResult]
+    layer_matches: list
+    warnings: list[str]
+    bytes_read: int
+    elapsed: float
+    sample: float | None
+
+
+ProgressFn = Callable[[int, int], None]
+
+
+def _row_plan(rows: int, cols: int, sample: float | None, chunk_bytes: int) -> list[tuple[int, int]]:
+    """Row ranges to read: everything in chunks, or with --sample an evenly spread fraction in contiguous blocks."""
+    per_chunk = max(1, chunk_bytes // max(1, cols * 8))
+    if not sample or sample >= 1:
+        return [(a, min(a + per_chunk, rows)) for a in range(0, rows, per_chunk)]
+    want = max(1, int(round(rows * sample)))
+    if want >= rows:
+        return [(a, min(a + per_chunk, rows)) for a in range(0, rows, per_chunk)]
+    nblocks = min(want, 16)
+    size = max(1, want // nblocks)
+    starts = np.linspace(0, rows - size, nblocks).astype(int)
+    plan, last = [], -1
+    for s in starts:
+        s = max(int(s), last)
+        e = min(s + size, rows)
+        if e > s:
+            plan.append((s, e))
+            last = e
+    return plan
+
+
+def _dedupe(views: list[ModelView], warnings: list[str]) -> list[ModelView]:
+    out: list[ModelView] = []
+    seen: dict[str, str] = {}
+    for v in views:
+        key = v.source.location
+        if key in seen:
+            warnings.append(f"candidate {v.label} is the same model as {seen[key]}; ignoring the duplicate")
+            v.close()
+            continue
+        seen[key] = v.label
+        out.append(v)
+    return out
+
+
+def run_audit(
+    suspect: str,
+    candidates: list[str],
+    base: str | None = None,
+    sample: float | None = None,
+    chunk_bytes: int = DEFAULT_AUDIT_CHUNK,
+    progress: ProgressFn | None = None,
+    allow_pickle: bool = False,
+) -> AuditRun:
+    if not candidates:
+        raise InputError("audit needs at least one --candidate to compare the suspect with")
+    if sample is not None and not 0 < sample <= 1:
+        raise InputError("--sample must be a fraction in (0, 1]")
+    t0 = time.perf_counter()
+    warnings: list[str] = []
+    views: list[ModelView] = []
+    try:
+        views.append(open_view(suspect, allow_pickle=allow_pickle))
+        cand_views = [open_view(c, allow_pickle=allow_pickle) for c in candidates]
+        cand_views = _dedupe(cand_views, warnings)
+        base_idx = None
+        if base is not None:
+            bview = open_view(base, allow_pickle=allow_pickle)
+            match = [i for i, v in enumerate(cand_views) if v.source.location == bview.source.location]
+            if match:
+                bview.close()
+                base_idx = match[0] + 1
+            else:
+                cand_views.append(bview)
+                base_idx = len(cand_views)
+        views.extend(cand_views)
+        if views[0].source.location in {v.source.location for v in cand_views}:
+            warnings.append("the suspect is also listed as a candidate; it will match itself exactly")
+        layer_matches = map_layers(views[0], views[1:])
+        slots = _stream(views, base_idx, sample, chunk_bytes, progress, warnings, layer_matches)
+        bytes_read = sum(v.source.stats.bytes_read for v in views)
+    except BaseException:
+        for v in views:
+            v.close()
+        raise
+    for v in views:
+        v.close()
+    return AuditRun(views, base_idx, slots, layer_matches, warnings, bytes_read, time.perf_counter() - t0, sample)
+
+
+def _aligned_slot(views: list[ModelView], i: int, slot: Slot, layer_source: dict[tuple[int, int], int]) -> Slot:
+    """The candidate slot that a suspect slot is compared with: same slot, or the layer the layer map found."""
+    if slot.layer >= 0 and (i, slot.layer) in layer_source:
+        return Slot(slot.role, layer_source[(i, slot.layer)], slot.expert)
+    return slot
+
+
+def _to_global(fit: SlotFit, cands: list[int]) -> SlotFit:
+    fit.weights = {cands[k - 1]: v for k, v in fit.weights.items()}
+    fit.free_weights = {cands[k - 1]: v for k, v in fit.free_weights.items()}
+    return fit
+
+
+def _stream(views: list[ModelView], base: int | None, sample: float | None, chunk_bytes: int,
+            progress: ProgressFn | None, warnings: list[str], layer_matches: list) -> list[SlotResult]:
+    s = views[0]
+    # Layers of the suspect that are exact copies of another layer of a candidate are compared with that layer.
+    layer_source = {(m.candidate + 1, m.layer): m.source_layer for m in layer_matches
+                    if m.exact and m.source_layer != m.layer}
+    plan: list[tuple[Slot, list[int], dict[int, Slot], int]] = []
+    skipped_shape: dict[int, int] = {}
+    for slot, part in sorted(s.parts.items()):
+        if slot.role == "buffer":
+            continue
+        cands, cslots = [], {}
+        rows = part.rows
+        for i in range(1, len(views)):
+            cs = _aligned_slot(views, i, slot, layer_source)
+            cp = views[i].parts.get(cs)
+            if cp is None or cp.cols != part.cols or (cp.rows != part.rows and slot.role not in ("embed", "lm_head")):
+                skipped_shape[i] = skipped_shape.get(i, 0) + 1
+                continue
+            cands.append(i)
+            cslots[i] = cs
+            rows = min(rows, cp.rows)
+        if cands:
+            plan.append((slot, cands, cslots, rows))
+    for i, n in skipped_shape.items():
+        warnings.append(f"{views[i].label}: {n} suspect tensors have no same-shape counterpart; compared the rest")
+    if not plan:
+        raise InputError("no tensor of the suspect has a same-shape counterpart in any candidate: different "
+                         "architectures cannot be compared weight by weight")
+    total = sum(rows * s.parts[slot].cols for slot, _, _, rows in plan)
+    done = 0
+    results = []
+    for slot, cands, cslots, rows in plan:
+        part = s.parts[slot]
+        structured = is_structured(slot, part)
+        info = s.source.tensors()[part.name]
+        # SLERP's unit is the leading axis of the stored tensor: a row of a matrix, an expert of a stacked tensor.
+        block_rows = min(info.rows // info.shape[0], part.rows) if len(info.shape) == 3 else 1
+        idx_base = cands.index(base) + 1 if base in cands else None
+        acc = SlotAccumulator(1 + len(cands), part.cols, block_rows, idx_base, s.dtype(slot))
+        ranges = _row_plan(rows, part.cols, sample if not structured else None, chunk_bytes)
+        note = ""
+        if rows < part.rows or any(views[i].parts[cslots[i]].rows != rows for i in cands):
+            note = f"vocabularies differ: compared the {rows} shared rows"
+        for a, b in ranges:
+            chunks = [s.read(slot, a, b)] + [views[i].read(cslots[i], a, b) for i in cands]
+            acc.update(chunks)
+            done += (b - a) * part.cols
+            if progress:
+                progress(done, total)
+        st = acc.finish()
+        local = list(range(1, len(cands) + 1))
+        fit = _to_global(fit_slot(st, local, idx_base), cands)
+        res = SlotResult(slot, cands, st, fit, structured, rows_compared=st.rows, rows_total=part.rows, note=note)
+        for li, ci in zip(local, cands, strict=True):
+            r = st.corr(li)
+            res.corr[ci] = r
+            res.z[ci] = fisher_z(r, st.dof)
+        if int(st.nonfinite[0]):
+            warnings.append(f"suspect tensor {part.name} has {int(st.nonfinite[0])} NaN/Inf values "
+                            "(treated as 0 for the comparison)")
+        results.append(res)
+    if progress:
+        progress(total, total)
+    return results

@@ -1,0 +1,426 @@
+"""GGUF files (llama.cpp): tensors under Hugging Face names, dequantized row range by row range.
+
+The `gguf` package parses the file (memory-mapped, so nothing is read until a row range is asked for) and does the
+dequantization; this module maps names back to Hugging Face conventions, reverses dims into numpy order, undoes
+llama.cpp's Q/K row permutation for the llama family, and synthesizes an HF-like config from the metadata.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import gguf
+import gguf.quants as gguf_quants
+import numpy as np
+from gguf.tensor_mapping import TensorNameMap
+
+from modeltrace.errors import InputError
+from modeltrace.sources.base import MAX_TEXT_BYTES, FileInfo, Source, TensorInfo, sha256_stream
+
+HASH_CHUNK = 8 * 1024 * 1024
+
+_Q = gguf.GGMLQuantizationType
+#: types GGUFReader hands back as ordinary numpy element arrays (everything else comes as raw block bytes)
+_PLAIN_TYPES = {_Q.F32, _Q.F16, _Q.F64, _Q.I8, _Q.I16, _Q.I32, _Q.I64}
+
+#: GGUF `general.architecture` -> HF `model_type` (where they differ) and HF class name
+_MODEL_TYPES = {"qwen3moe": "qwen3_moe", "qwen2moe": "qwen2_moe"}
+_HF_CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3moe": "Qwen3MoeForCausalLM",
+    "qwen2moe": "Qwen2MoeForCausalLM",
+}
+#: architectures whose Q/K rows llama.cpp's converter permutes (LlamaModel.permute)
+_PERMUTED_ARCHS = {"llama"}
+
+# gguf's HF->GGUF map lists every spelling any architecture uses; where several exist for one GGUF tensor, these
+# (the llama/qwen Hugging Face convention, "{bid}" = layer number) win, in this order.
+_PREFERRED = [
+    "model.embed_tokens",
+    "lm_head",
+    "model.norm",
+    "model.layers.{bid}.input_layernorm",
+    "model.layers.{bid}.post_attention_layernorm",
+    "model.layers.{bid}.self_attn.q_proj",
+    "model.layers.{bid}.self_attn.k_proj",
+    "model.layers.{bid}.self_attn.v_proj",
+    "model.layers.{bid}.self_attn.o_proj",
+    "model.layers.{bid}.self_attn.q_norm",
+    "model.layers.{bid}.self_attn.k_norm",
+    "model.layers.{bid}.mlp.gate_proj",
+    "model.layers.{bid}.mlp.up_proj",
+    "model.layers.{bid}.mlp.down_proj",
+    "model.layers.{bid}.mlp.gate",
+    "model.layers.{bid}.mlp.experts.gate_proj",
+    "model.layers.{bid}.mlp.experts.up_proj",
+    "model.layers.{bid}.mlp.experts.down_proj",
+    "model.layers.{bid}.mlp.shared_expert.gate_proj",
+    "model.layers.{bid}.mlp.shared_expert.up_proj",
+    "model.layers.{bid}.mlp.shared_expert.down_proj",
+    "model.layers.{bid}.mlp.shared_expert_gate",
+]
+_PREFERRED_RANK = {p: i for i, p in enumerate(_PREFERRED)}
+_LAYER_NUM = re.compile(r"(?<=\.)\d+(?=\.|$)")
+
+# TensorNameMap.__init__ updates its class-level block table in place for some architectures (a gguf quirk), which
+# would leak one architecture's overrides into the next map; each map is built from this pristine copy.
+_PRISTINE_BLOCK_CFG = dict(TensorNameMap.block_mappings_cfg)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _pick_hf_name(candidates: list[str]) -> str | None:
+    ranked = [(r, i) for i, c in enumerate(candidates)
+              if (r := _PREFERRED_RANK.get(_LAYER_NUM.sub("{bid}", c))) is not None]
+    if ranked:
+        return candidates[min(ranked)[1]]
+    for c in candidates:
+        if c.startswith(("model.", "lm_head")):
+            return c
+    return None  # e.g. rope_freqs (computed, no HF tensor): keep the GGUF name
+
+
+def _hf_base_names(arch: str, n_blocks: int) -> dict[str, str]:
+    """GGUF base name (no .weight/.bias) -> HF base name, reversed from gguf's own HF->GGUF map."""
+    by_name = {name: member for member, name in gguf.MODEL_ARCH_NAMES.items()}
+    member = by_name.get(arch)
+    if member is None:
+        return {}
+    saved = TensorNameMap.block_mappings_cfg
+    TensorNameMap.block_mappings_cfg = dict(_PRISTINE_BLOCK_CFG)
+    try:
+        tmap = gguf.get_tensor_name_map(member, n_blocks)
+    finally:
+        TensorNameMap.block_mappings_cfg = saved
+    candidates: dict[str, list[str]] = {}
+    for hf_name, (_kind, gguf_name) in tmap.mapping.items():
+        if hf_name != gguf_name:
+            candidates.setdefault(gguf_name, []).append(hf_name)
+    out = {}
+    for gguf_name, names in candidates.items():
+        picked = _pick_hf_name(names)
+        if picked is not None:
+            out[gguf_name] = picked
+    return out
+
+
+def _hf_tensor_name(gguf_name: str, base_map: Mapping[str, str]) -> str:
+    base, dot, suffix = gguf_name.rpartition(".")
+    if not dot or suffix not in ("weight", "bias"):
+        base, suffix = gguf_name, ""
+    hf = base_map.get(base)
+    if hf is None:
+        return gguf_name
+    if base.endswith("_exps") and suffix == "weight":
+        return hf  # stacked experts: model.layers.N.mlp.experts.gate_proj, shape [experts, out, in]
+    return f"{hf}.{suffix}" if suffix else hf
+
+
+def _source_rows(start: int, stop: int, heads: int, total_rows: int) -> np.ndarray:
+    """GGUF rows that hold HF rows [start, stop) of a Q/K matrix permuted by llama.cpp.
+
+    llama.cpp stores, within each head of `d` rows, HF row `i * d/2 + j` (i in {0, 1}) at row `2 * j + i`.
+    """
+    d = total_rows // heads
+    half = d // 2
+    hf = np.arange(start, stop, dtype=np.int64)
+    head, within = np.divmod(hf, d)
+    i, j = np.divmod(within, half)
+    return head * d + 2 * j + i
+
+
+class GGUFSource(Source):
+    format = "gguf"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.location = str(path)
+        if not self.path.is_file():
+            raise InputError(f"{self.location}: no such GGUF file")
+        try:
+            reader = gguf.GGUFReader(self.path, "r")
+        except (MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # the gguf parser raises ValueError/IndexError/KeyError/... on bad input
+            raise InputError(f"{self.location}: not a readable GGUF file (truncated or corrupt: {_one_line(exc)})") \
+                from None
+        self._reader: gguf.GGUFReader | None = reader
+        self._swapped = reader.byte_order == "S"
+        self.arch = self._meta("general.architecture")
+        if not isinstance(self.arch, str):
+            self.arch = None
+        self._tensors: dict[str, TensorInfo] = {}
+        self._raw: dict[str, Any] = {}  # HF name -> gguf ReaderTensor
+        self._gguf_names: dict[str, str] = {}  # HF name -> GGUF name
+        self._build_tensors(reader)
+
+    # ---- metadata ------------------------------------------------------------------------------------------
+    def _meta(self, key: str) -> Any:
+        reader = self._reader
+        if reader is None:
+            return None
+        field = reader.get_field(key)
+        if field is None:
+            return None
+        try:
+            return field.contents()
+        except (ValueError, IndexError, UnicodeDecodeError, TypeError):
+            return None
+
+    def _arch_meta(self, suffix: str) -> Any:
+        return None if self.arch is None else self._meta(f"{self.arch}.{suffix}")
+
+    @staticmethod
+    def _as_int(value: Any) -> Any:
+        """Metadata integer, or a per-layer list collapsed to one int when every layer agrees."""
+        if isinstance(value, list):
+            if value and all(v == value[0] for v in value):
+                return int(value[0])
+            return [int(v) for v in value] if value else None
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+            return int(value)
+        return None
+
+    # ---- tensors -------------------------------------------------------------------------------------------
+    def _build_tensors(self, reader: gguf.GGUFReader) -> None:
+        n_blocks = self._as_int(self._arch_meta("block_count"))
+        n_blocks = n_blocks if isinstance(n_blocks, int) and 0 <= n_blocks <= 100_000 else 0
+        if n_blocks == 0:  # fall back to the highest blk.N seen
+            nums = [int(m.group(1)) for t in reader.tensors if (m := re.match(r"blk\.(\d+)\.", t.name))]
+            n_blocks = max(nums) + 1 if nums else 0
+        base_map = _hf_base_names(self.arch, n_blocks) if self.arch else {}
+        for t in reader.tensors:
+            hf = _hf_tensor_name(t.name, base_map)
+            if hf in self._tensors:  # two GGUF tensors claim one HF name: keep the later one's own name
+                hf = t.name
+            if hf in self._tensors:
+                raise InputError(f"{self.location}: tensor {t.name} appears twice")
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            self._tensors[hf] = TensorInfo(
+                name=hf,
+                dtype=t.tensor_type.name,
+                shape=shape,
+                nbytes=int(t.n_bytes),
+                file=self.path.name,
+                offset=int(t.data_offset),
+            )
+            self._raw[hf] = t
+            self._gguf_names[hf] = t.name
+
+    def tensors(self) -> Mapping[str, TensorInfo]:
+        return self._tensors
+
+    def gguf_name(self, name: str) -> str:
+        """The GGUF-native name of a tensor listed under its HF name."""
+        self.info(name)
+        return self._gguf_names[name]
+
+    def _permute_heads(self, info: TensorInfo) -> int | None:
+        """Head count to undo llama.cpp's Q/K permutation with, or None when the tensor is not permuted."""
+        if self.arch not in _PERMUTED_ARCHS:
+            return None
+        if info.name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
+            key = "attention.head_count"
+        elif info.name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
+            key = "attention.head_count_kv"
+        else:
+            return None
+        heads = self._as_int(self._arch_meta(key))
+        if heads is None and key.endswith("_kv"):
+            heads = self._as_int(self._arch_meta("attention.head_count"))
+        if isinstance(heads, list):
+            layer = re.search(r"\.layers\.(\d+)\.", info.name)
+            heads = heads[int(layer.group(1))] if layer and int(layer.group(1)) < len(heads) else None
+        if not isinstance(heads, int) or heads <= 0 or info.rows % (2 * heads):
+            raise InputError(f"{self.location}: cannot undo llama.cpp's row permutation of {info.name}: "
+                             f"{self.arch}.{key} is missing or does not divide its {info.rows} rows")
+        return heads
+
+    def _tensor(self, info: TensorInfo) -> Any:
+        if self._reader is None:
+            raise InputError(f"{self.location}: source is closed")
+        return self._raw[info.name]
+
+    def _stored_rows(self, info: TensorInfo) -> np.ndarray | None:
+        """The tensor's stored data as a (rows, items per row) view of the memory map, or None for 1-D quants."""
+        t = self._tensor(info)
+        data = t.data
+        if len(info.shape) <= 1:
+            return data.reshape(-1, 1) if t.tensor_type in _PLAIN_TYPES else None
+        return data.reshape(info.rows, -1)
+
+    def _unsupported(self, info: TensorInfo, why: str = "") -> InputError:
+        return InputError(f"{self.location}: tensor {self._gguf_names[info.name]} ({info.name}) is stored as "
+                          f"{info.dtype}, which cannot be dequantized{why}")
+
+    def _dequantize(self, info: TensorInfo, raw: np.ndarray) -> np.ndarray:
+        qtype = self._tensor(info).tensor_type
+        if qtype in _PLAIN_TYPES:
+            return np.array(raw, dtype=np.float32)
+        if self._swapped:
+            raise self._unsupported(info, " from a big-endian file")
+        try:
+            out = gguf_quants.dequantize(np.ascontiguousarray(raw), qtype)
+        except NotImplementedError:
+            raise self._unsupported(info) from None
+        except (ValueError, IndexError) as exc:
+            raise InputError(f"{self.location}: tensor {self._gguf_names[info.name]} ({info.dtype}) is corrupt: "
+                             f"{_one_line(exc)}") from None
+        return np.asarray(out, dtype=np.float32)
+
+    def _read_stored(self, info: TensorInfo, lo: int, hi: int) -> np.ndarray:
+        """Stored rows [lo, hi), dequantized to float32 (hi - lo, cols)."""
+        rows = self._stored_rows(info)
+        t = self._tensor(info)
+        if rows is None:  # 1-D block-quantized tensor: blocks span "rows", so dequantize it whole (it is small)
+            self.stats.add(info.file, info.offset, info.nbytes)
+            return self._dequantize(info, t.data).reshape(-1, 1)[lo:hi]
+        chunk = rows[lo:hi]
+        self.stats.add(info.file, info.offset + lo * chunk.strides[0], int(chunk.nbytes))
+        return self._dequantize(info, chunk).reshape(hi - lo, info.cols)
+
+    def _read_rows(self, info: TensorInfo, start: int, stop: int) -> np.ndarray:
+        heads = self._permute_heads(info)
+        if heads is None:
+            return self._read_stored(info, start, stop)
+        src = _source_rows(start, stop, heads, info.rows)
+        lo, hi = int(src.min()), int(src.max()) + 1
+        return self._read_stored(info, lo, hi)[src - lo]
+
+    def read_raw(self, name: str, start: int = 0, stop: int | None = None) -> bytes:
+        """Stored bytes of HF rows [start, stop) (for llama Q/K: the stored rows that hold them, in HF order)."""
+        info = self.info(name)
+        stop = info.rows if stop is None else min(stop, info.rows)
+        if start < 0 or start > stop:
+            raise InputError(f"{self.location}: bad row range [{start}, {stop}) for {name}")
+        rows = self._stored_rows(info)
+        if rows is None:
+            if (start, stop) != (0, info.rows):
+                raise InputError(f"{self.location}: {name} is a 1-D {info.dtype} tensor; only all of it has bytes")
+            self.stats.add(info.file, info.offset, info.nbytes)
+            return self._tensor(info).data.tobytes()
+        heads = self._permute_heads(info) if stop > start else None
+        if heads is None:
+            chunk = rows[start:stop]
+            self.stats.add(info.file, info.offset + start * rows.strides[0], int(chunk.nbytes))
+            return chunk.tobytes()
+        src = _source_rows(start, stop, heads, info.rows)
+        lo, hi = int(src.min()), int(src.max()) + 1
+        self.stats.add(info.file, info.offset + lo * rows.strides[0], int(rows[lo:hi].nbytes))
+        return rows[lo:hi][src - lo].tobytes()
+
+    # ---- config and tokenizer ------------------------------------------------------------------------------
+    def config(self) -> dict | None:
+        if self.arch is None:
+            return None
+        cfg: dict[str, Any] = {"model_type": _MODEL_TYPES.get(self.arch, self.arch)}
+        if self.arch in _HF_CLASSES:
+            cfg["architectures"] = [_HF_CLASSES[self.arch]]
+        fields = {
+            "hidden_size": "embedding_length",
+            "num_hidden_layers": "block_count",
+            "num_attention_heads": "attention.head_count",
+            "num_key_value_heads": "attention.head_count_kv",
+            "intermediate_size": "feed_forward_length",
+            "vocab_size": "vocab_size",
+            "max_position_embeddings": "context_length",
+            "head_dim": "attention.key_length",
+            "num_experts": "expert_count",
+            "num_experts_per_tok": "expert_used_count",
+            "moe_intermediate_size": "expert_feed_forward_length",
+            "shared_expert_intermediate_size": "expert_shared_feed_forward_length",
+        }
+        for hf_key, suffix in fields.items():
+            value = self._as_int(self._arch_meta(suffix))
+            if value is not None:
+                cfg[hf_key] = value
+        if "num_key_value_heads" not in cfg and "num_attention_heads" in cfg:
+            cfg["num_key_value_heads"] = cfg["num_attention_heads"]
+        if "vocab_size" not in cfg:
+            tokens = self._token_count()
+            if tokens:
+                cfg["vocab_size"] = tokens
+            elif "model.embed_tokens.weight" in self._tensors:
+                cfg["vocab_size"] = self._tensors["model.embed_tokens.weight"].shape[0]
+        for hf_key, suffix in (("rope_theta", "rope.freq_base"), ("rms_norm_eps", "attention.layer_norm_rms_epsilon")):
+            value = self._arch_meta(suffix)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                cfg[hf_key] = float(value)
+        cfg["tie_word_embeddings"] = "lm_head.weight" not in self._tensors
+        cfg["_source"] = "gguf"
+        return cfg
+
+    def _token_count(self) -> int | None:
+        reader = self._reader
+        field = reader.get_field("tokenizer.ggml.tokens") if reader is not None else None
+        return len(field.data) if field is not None else None
+
+    def _token_text(self, key: str) -> str | None:
+        token_id = self._as_int(self._meta(key))
+        reader = self._reader
+        field = reader.get_field("tokenizer.ggml.tokens") if reader is not None else None
+        if not isinstance(token_id, int) or field is None or not 0 <= token_id < len(field.data):
+            return None
+        try:
+            return field.contents(token_id)
+        except (ValueError, IndexError, UnicodeDecodeError):
+            return None
+
+    def native_tokenizer(self) -> dict | None:
+        model = self._meta("tokenizer.ggml.model")
+        count = self._token_count()
+        if model is None and count is None:
+            return None
+        return {
+            "type": model if isinstance(model, str) else None,
+            "vocab_size": count,
+            "special_tokens": {
+                "bos": self._token_text("tokenizer.ggml.bos_token_id"),
+                "eos": self._token_text("tokenizer.ggml.eos_token_id"),
+            },
+            "chat_template": bool(self._meta("tokenizer.chat_template")),
+        }
+
+    # ---- files ---------------------------------------------------------------------------------------------
+    def files(self) -> list[FileInfo]:
+        return [FileInfo(self.path.name, self.path.stat().st_size)]
+
+    def read_file(self, name: str, limit: int = MAX_TEXT_BYTES) -> bytes | None:
+        if name != self.path.name:
+            return None
+        size = self.path.stat().st_size
+        if size > limit:
+            raise InputError(f"{self.location}: {name} is {size} bytes, larger than the {limit}-byte limit")
+        data = self.path.read_bytes()
+        self.stats.add(name, 0, len(data))
+        return data
+
+    def card_text(self) -> str | None:
+        return None
+
+    def file_sha256(self, name: str) -> str:
+        if name != self.path.name:
+            raise InputError(f"{self.location}: no file named {name!r} (a GGUF source is the one file)")
+
+        def chunks():
+            with open(self.path, "rb") as fh:
+                offset = 0
+                while block := fh.read(HASH_CHUNK):
+                    self.stats.add(name, offset, len(block))
+                    offset += len(block)
+                    yield block
+
+        return sha256_stream(chunks())
+
+    def close(self) -> None:
+        self._reader = None
+        self._raw = {}

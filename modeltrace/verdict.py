@@ -1,0 +1,243 @@
+"""Combine per-slot evidence into the answer a person reads: relation, method, recipe, p-values, per-layer table."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Any
+
+import numpy as np
+
+from modeltrace.align.layers import stack_map
+from modeltrace.audit import AuditRun, SlotResult
+from modeltrace.detectors.registry import METHODS
+from modeltrace.stats import format_p, log10_sf, mean_interval, stouffer
+
+#: A candidate is called related when its combined independence p-value is below this.
+ALPHA = 1e-6
+MERGE_METHODS = ("linear", "task_arithmetic", "model_stock", "slerp", "ties", "dare", "breadcrumbs", "della")
+SCHEMA_VERSION = "1"
+
+
+def _majority(results: list[SlotResult]) -> tuple[str, float]:
+    """Numel-weighted most common method among slots, with its share."""
+    votes: Counter[str] = Counter()
+    for r in results:
+        votes[r.fit.method] += r.stats.numel
+    if not votes:
+        return "none", 0.0
+    method, n = votes.most_common(1)[0]
+    return method, n / sum(votes.values())
+
+
+def _p_values(run: AuditRun, matrix: list[SlotResult]) -> dict[int, float]:
+    out = {}
+    for i in range(1, len(run.views)):
+        zs = [r.z[i] for r in matrix if i in r.z]
+        out[i] = log10_sf(stouffer(zs)) if zs else 0.0
+    return out
+
+
+def _weights(results: list[SlotResult], key: str = "weights") -> dict[int, list[float]]:
+    w: dict[int, list[float]] = defaultdict(list)
+    for r in results:
+        for c, v in getattr(r.fit, key).items():
+            w[c].append(v)
+    return w
+
+
+def _layer_table(run: AuditRun, matrix: list[SlotResult]) -> list[dict[str, Any]]:
+    by_layer: dict[int, list[SlotResult]] = defaultdict(list)
+    for r in matrix:
+        by_layer[r.slot.layer].append(r)
+    names = {i: v.label for i, v in enumerate(run.views)}
+    matches = {m.layer: m for m in run.layer_matches}
+    rows = []
+    for layer in sorted(by_layer):
+        rs = by_layer[layer]
+        method, share = _majority(rs)
+        agree = [r for r in rs if r.fit.method == method]
+        entry: dict[str, Any] = {"layer": layer, "method": method, "share": round(share, 4)}
+        entry["weights"] = {names[c]: round(float(np.mean(v)), 4) for c, v in _weights(agree).items()}
+        entry["r2_min"] = round(float(min(1 - r.fit.rel_rss for r in agree)), 6) if agree else None
+        ts = [r.fit.params["t"] for r in agree if "t" in r.fit.params]
+        if ts and method == "slerp":
+            entry["t"] = round(float(np.mean(ts)), 4)
+        ds = [r.fit.params["density"] for r in agree if "density" in r.fit.params]
+        if ds:
+            entry["density"] = round(float(np.mean(ds)), 4)
+        zs = {names[i]: stouffer([r.z[i] for r in rs if i in r.z]) for i in range(1, len(run.views))}
+        entry["z"] = {k: round(v, 1) for k, v in zs.items()}
+        m = matches.get(layer)
+        if m is not None and m.exact and m.candidate is not None:
+            entry["copy_of"] = {"model": names[m.candidate + 1], "layer": m.source_layer}
+        rows.append(entry)
+    return rows
+
+
+def _role_table(run: AuditRun, matrix: list[SlotResult], method: str) -> dict[str, dict[str, float]]:
+    names = {i: v.label for i, v in enumerate(run.views)}
+    by_role: dict[str, list[SlotResult]] = defaultdict(list)
+    for r in matrix:
+        if r.fit.method == method:
+            by_role[r.slot.role].append(r)
+    return {role: {names[c]: round(float(np.mean(v)), 4) for c, v in _weights(rs).items()}
+            for role, rs in sorted(by_role.items())}
+
+
+def decide(run: AuditRun) -> dict[str, Any]:
+    names = {i: v.label for i, v in enumerate(run.views)}
+    matrix = [r for r in run.slots if not r.structured]
+    if not matrix:
+        matrix = list(run.slots)
+    logp = _p_values(run, matrix)
+    related = [i for i, lp in logp.items() if lp < np.log10(ALPHA)]
+    p_values = {names[i]: {"log10_p": round(lp, 2), "p": float(10 ** max(lp, -300)), "text": format_p(lp)}
+                for i, lp in logp.items()}
+    layers = _layer_table(run, matrix)
+    out: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "suspect": names[0],
+        "candidates": [names[i] for i in range(1, len(run.views))],
+        "base": names[run.base] if run.base else None,
+        "relation": "independent",
+        "method": None,
+        "parents": [],
+        "p_values": p_values,
+        "layers": layers,
+        "warnings": list(run.warnings),
+        "bytes_read": run.bytes_read,
+        "elapsed_s": round(run.elapsed, 3),
+        "sample": run.sample,
+    }
+    method, share = _majority(matrix)
+    smap = stack_map(run.layer_matches)
+    all_copy = all(r.fit.method == "copy" for r in run.slots)
+    copy_srcs = {c for r in run.slots for c in r.fit.weights} if all_copy else set()
+
+    if all_copy and len(copy_srcs) == 1 and (smap is None or _identity(smap)):
+        c = copy_srcs.pop()
+        same_dtype = all(run.views[0].dtype(r.slot) == run.views[c].dtype(r.slot) for r in run.slots
+                         if r.slot in run.views[c].parts)
+        exact = all(r.stats.equal[r.cands.index(c) + 1] == r.stats.numel for r in run.slots)
+        out["relation"] = "copy" if (same_dtype and exact) else "recast"
+        out["parents"] = [{"model": names[c], "weight": 1.0, "interval": [1.0, 1.0]}]
+        out["summary"] = (f"{names[0]} is a {'byte-identical copy' if out['relation'] == 'copy' else 're-encoded copy'}"
+                          f" of {names[c]}: every one of {len(run.slots)} tensors matches"
+                          + ("" if out["relation"] == "copy" else " up to rounding of the new dtype") + ".")
+        return out
+    if smap is not None and not _identity(smap):
+        out["relation"] = "stack"
+        out["method"] = "passthrough"
+        out["layer_map"] = [{"layer": sl, "model": names[c + 1], "source_layer": j} for sl, c, j in smap]
+        used = sorted({c + 1 for _, c, _ in smap})
+        out["parents"] = [{"model": names[c], "layers": sum(1 for _, cc, _ in smap if cc + 1 == c)} for c in used]
+        out["summary"] = f"{names[0]} is a layer stack (passthrough): " + _ranges(smap, names) + "."
+        return out
+    if not related:
+        best = min(logp, key=logp.get) if logp else None
+        out["summary"] = (f"No evidence that {names[0]} derives from any candidate"
+                          + (f" (smallest: {names[best]}, {format_p(logp[best])})" if best else "") + ".")
+        return out
+    # Some layers derived and others not: partial.
+    layer_related = [max(e["z"].values()) > 5.3 for e in layers]  # z 5.3 ~ p 1e-7 per layer
+    if any(layer_related) and not all(layer_related):
+        out["relation"] = "partial"
+        derived = [e["layer"] for e, rel in zip(layers, layer_related, strict=True) if rel]
+        out["derived_layers"] = derived
+        out["summary"] = (f"{names[0]} is partly derived: {len(derived)} of {len(layers)} layers come from "
+                          f"{', '.join(names[i] for i in related)}; the others show no relation.")
+        return out
+    agree = [r for r in matrix if r.fit.method == method]
+    ws = _weights(agree)
+    if method in MERGE_METHODS:
+        parents = [c for c, v in ws.items() if abs(float(np.mean(v))) >= 0.02]
+        if len(parents) >= 2 or method in ("task_arithmetic", "model_stock", "ties", "dare", "breadcrumbs", "della"):
+            out["relation"] = "merge"
+            out["method"] = _method_name(method, agree)
+            out["method_info"] = _info(out["method"])
+            out["parents"] = [_parent(names[c], ws[c]) for c in parents]
+            out["parameters"] = _params(agree, method)
+            out["by_role"] = _role_table(run, matrix, method)
+            out["method_share"] = round(share, 4)
+            out["summary"] = _merge_summary(out, names[0], agree, len(layers), logp, names)
+            return out
+        method = "finetune"
+    if method in ("finetune", "unexplained", "linear", "copy"):
+        dom = min(related, key=lambda i: logp[i])
+        fts = [r for r in matrix if r.fit.method == "finetune"]
+        w = [r.fit.free_weights.get(dom, np.nan) for r in matrix]
+        out["relation"] = "finetune"
+        out["method"] = None
+        out["parents"] = [_parent(names[dom], w)]
+        r2 = [r.corr.get(dom, 0.0) for r in matrix]
+        out["summary"] = (f"{names[0]} is a fine-tune of {names[dom]}: the weights are {names[dom]}'s plus a training "
+                          f"delta (median centred correlation {np.median(r2):.3f}; independent of {names[dom]}: "
+                          f"{format_p(logp[dom])})." + ("" if len(fts) >= len(matrix) / 2 else
+                                                         " No merge recipe over the candidates explains it."))
+    return out
+
+
+def _identity(smap: list[tuple[int, int, int]]) -> bool:
+    return len({c for _, c, _ in smap}) == 1 and all(sl == j for sl, _, j in smap)
+
+
+def _ranges(smap: list[tuple[int, int, int]], names: dict[int, str]) -> str:
+    parts, start = [], 0
+    for k in range(1, len(smap) + 1):
+        if k == len(smap) or smap[k][1] != smap[start][1] or smap[k][2] != smap[k - 1][2] + 1:
+            sl0, c, j0 = smap[start]
+            sl1, _, j1 = smap[k - 1]
+            parts.append(f"layers {sl0}-{sl1} = {names[c + 1]} layers {j0}-{j1}")
+            start = k
+    return "; ".join(parts)
+
+
+def _parent(model: str, values: list[float]) -> dict[str, Any]:
+    m, lo, hi = mean_interval(values)
+    return {"model": model, "weight": round(m, 4), "interval": [round(lo, 4), round(hi, 4)]}
+
+
+def _params(agree: list[SlotResult], method: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in ("t", "density", "zero_fraction", "magnitude_auc", "sum_weights"):
+        vals = [r.fit.params[key] for r in agree if key in r.fit.params]
+        if vals:
+            m, lo, hi = mean_interval(vals)
+            out[key] = {"value": round(m, 4), "interval": [round(lo, 4), round(hi, 4)]}
+    r2 = [1 - r.fit.rel_rss for r in agree]
+    if r2:
+        out["r2_min"] = round(float(min(r2)), 6)
+    return out
+
+
+def _method_name(method: str, agree: list[SlotResult]) -> str:
+    if method == "dare":
+        return "dare_linear"
+    return method
+
+
+def _info(method: str) -> dict[str, str] | None:
+    info = METHODS.get(method)
+    return None if info is None else {"description": info.description, "paper": info.paper}
+
+
+def _merge_summary(out: dict, suspect: str, agree: list[SlotResult], n_layers: int, logp: dict[int, float],
+                   names: dict[int, str]) -> str:
+    method = out["method"]
+    terms = " + ".join(f"{p['weight']:.2f}·{p['model']}" for p in out["parents"])
+    layers_hit = len({r.slot.layer for r in agree})
+    worst = min(logp.values())
+    pname = min(logp, key=logp.get)
+    if method == "slerp":
+        t = out["parameters"].get("t", {}).get("value")
+        text = f"{suspect} is a SLERP merge of {' and '.join(p['model'] for p in out['parents'])} (mean t = {t})"
+    elif method in ("task_arithmetic", "model_stock"):
+        text = f"{suspect} ≈ {out['base']} + task vectors: {terms} ({method})"
+    elif method in ("ties", "dare_linear", "dare_ties", "breadcrumbs", "della"):
+        d = out["parameters"].get("density", {}).get("value")
+        text = (f"{suspect} is a sparse task-vector merge ({method}, density ≈ {d}) of "
+                f"{', '.join(p['model'] for p in out['parents'])} over base {out['base']}")
+    else:
+        r2 = out["parameters"].get("r2_min")
+        text = f"{suspect} ≈ {terms} (linear merge), R² ≥ {r2:.4f}" if r2 is not None else f"{suspect} ≈ {terms}"
+    return (f"{text}, in {layers_hit} of {n_layers} layers; independent of {names[pname]}: {format_p(worst)}.")
