@@ -208,7 +208,7 @@ def render_audit(v: dict) -> None:
             extra = f" t={e['t']}" if "t" in e else (f" density={e['density']}" if "density" in e else "")
             w = ", ".join(f"{k} {x:.3f}" for k, x in e["weights"].items()) + extra
             r2 = "" if e["r2_min"] is None else f"{e['r2_min']:.5f}"
-            t.add_row(str(e["layer"]), e["method"], w, r2)
+            t.add_row(str(e["layer"]) if e["layer"] >= 0 else "emb/head", e["method"], w, r2)
         out.print(t)
     for w in v.get("warnings", []):
         err.print(f"warning: {w}", markup=False, highlight=False)

@@ -159,7 +159,8 @@ def decide(run: AuditRun) -> dict[str, Any]:
             out["parameters"] = _params(agree, method)
             out["by_role"] = _role_table(run, matrix, method)
             out["method_share"] = round(share, 4)
-            out["summary"] = _merge_summary(out, names[0], agree, len(layers), logp, names)
+            n_layers = sum(1 for e in layers if e["layer"] >= 0)
+            out["summary"] = _merge_summary(out, names[0], agree, n_layers, logp, names)
             return out
         method = "finetune"
     if method in ("finetune", "unexplained", "linear", "copy"):
@@ -225,7 +226,7 @@ def _merge_summary(out: dict, suspect: str, agree: list[SlotResult], n_layers: i
                    names: dict[int, str]) -> str:
     method = out["method"]
     terms = " + ".join(f"{p['weight']:.2f}·{p['model']}" for p in out["parents"])
-    layers_hit = len({r.slot.layer for r in agree})
+    layers_hit = len({r.slot.layer for r in agree if r.slot.layer >= 0})
     worst = min(logp.values())
     pname = min(logp, key=logp.get)
     if method == "slerp":

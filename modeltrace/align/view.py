@@ -48,7 +48,10 @@ def label_for(spec: str) -> str:
     text = spec.rstrip("/")
     if text.startswith("hf://"):
         return text[5:]
-    return Path(text).name or text
+    path = Path(text)
+    if path.name in ("model", "weights", "checkpoint") and path.parent.name:
+        return path.parent.name
+    return path.name or text
 
 
 def open_view(spec: str, label: str | None = None, allow_pickle: bool = False) -> ModelView:
