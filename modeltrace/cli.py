@@ -210,6 +210,17 @@ def render_audit(v: dict) -> None:
             r2 = "" if e["r2_min"] is None else f"{e['r2_min']:.5f}"
             t.add_row(str(e["layer"]) if e["layer"] >= 0 else "emb/head", e["method"], w, r2)
         out.print(t)
+    if v.get("mergekit_yaml"):
+        out.print("recipe as mergekit YAML:", style="bold")
+        out.print(v["mergekit_yaml"], markup=False, highlight=False)
+    ver = v.get("verify")
+    if ver:
+        if ver.get("replayed"):
+            out.print(f"verify: replayed {ver['method']} on {ver['tensors']} tensors: median relative error "
+                      f"{ver['median_rel_error']:.2e}, max {ver['max_rel_error']:.2e} ({ver['worst_tensor']})",
+                      markup=False)
+        else:
+            out.print(f"verify: not replayed: {ver['reason']}", markup=False)
     for w in v.get("warnings", []):
         err.print(f"warning: {w}", markup=False, highlight=False)
     out.print(f"read {_human_bytes(v['bytes_read'])} in {v['elapsed_s']:.1f} s", style="dim")
@@ -227,6 +238,10 @@ def audit_cmd(
     json_out: Annotated[bool, typer.Option("--json", help="Print the verdict as JSON.")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Read .bin pickles with the restricted loader.")]
     = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Replay the recovered recipe with modeltrace's own merge "
+                                         "code and report how closely it reproduces the suspect.")] = False,
+    recipe_out: Annotated[Path | None, typer.Option("--recipe", help="Write the recovered recipe as mergekit YAML "
+                                                    "to this file.")] = None,
     fail_on_derived: Annotated[bool, typer.Option("--fail-on-derived", help="Exit 1 unless the suspect comes out "
                                                   "independent of every candidate (CI gate).")] = False,
 ) -> None:
@@ -253,6 +268,15 @@ def audit_cmd(
         run = run_audit(suspect, list(candidate), base=base, sample=sample, progress=progress,
                         allow_pickle=allow_pickle)
     verdict = decide(run)
+    from modeltrace.recipe import replay, to_mergekit, to_yaml
+
+    cfg = to_mergekit(verdict, verdict["sources"])
+    verdict["mergekit_yaml"] = to_yaml(cfg) if cfg else None
+    if recipe_out is not None and cfg:
+        recipe_out.write_text(verdict["mergekit_yaml"])
+    if verify:
+        verdict["verify"] = replay(verdict, verdict["sources"], cfg) if cfg else {
+            "replayed": False, "reason": "no merge recipe to replay"}
     if json_out:
         print_json(verdict)
     else:

@@ -108,6 +108,7 @@ def decide(run: AuditRun) -> dict[str, Any]:
         "bytes_read": run.bytes_read,
         "elapsed_s": round(run.elapsed, 3),
         "sample": run.sample,
+        "sources": {v.label: v.spec for v in run.views},
     }
     method, share = _majority(matrix)
     smap = stack_map(run.layer_matches)

@@ -30,6 +30,10 @@ class ByteStore(ABC):
     def read(self, name: str, offset: int, length: int) -> bytes:
         """Exactly `length` bytes at `offset`, or an InputError if the file is shorter."""
 
+    def read_transient(self, name: str, offset: int, length: int) -> bytes | memoryview:
+        """Like `read`, but the result may live in a reused buffer: valid only until the next read."""
+        return self.read(name, offset, length)
+
     def exists(self, name: str) -> bool:
         return any(f.name == name for f in self.list_files())
 
@@ -58,6 +62,7 @@ class LocalStore(ByteStore):
         self.only = only
         self.location = str(root / only) if only else str(root)
         self._fds: dict[str, int] = {}
+        self._buf = bytearray(0)
 
     def list_files(self) -> list[FileInfo]:
         if self.only:
@@ -96,9 +101,17 @@ class LocalStore(ByteStore):
         return fd
 
     def read(self, name: str, offset: int, length: int) -> bytes:
+        return bytes(self._pread(name, offset, length, bytearray(length)))
+
+    def read_transient(self, name: str, offset: int, length: int) -> memoryview:
+        # Reusing one buffer avoids a fresh (page-faulting) allocation per chunk.
+        if len(self._buf) < length:
+            self._buf = bytearray(length)
+        return self._pread(name, offset, length, self._buf)
+
+    def _pread(self, name: str, offset: int, length: int, buf: bytearray) -> memoryview:
         fd = self._fd(name)
-        buf = bytearray(length)
-        view = memoryview(buf)
+        view = memoryview(buf)[:length]
         got = 0
         while got < length:
             n = os.preadv(fd, [view[got:]], offset + got)
@@ -106,7 +119,7 @@ class LocalStore(ByteStore):
                 raise InputError(f"{self.location}: {name} is truncated (wanted bytes up to {offset + length})")
             got += n
         self.stats.add(name, offset, length)
-        return bytes(buf) if length < 4096 else buf  # type: ignore[return-value]
+        return view
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -31,7 +31,15 @@ def itemsize(dtype: str) -> int:
     return SAFETENSORS_DTYPES[dtype].itemsize
 
 
-def decode(raw: bytes | memoryview | np.ndarray, dtype: str) -> np.ndarray:
-    """View raw little-endian bytes as `dtype` and convert to float32 (one copy)."""
+def decode(raw: bytes | bytearray | memoryview, dtype: str) -> np.ndarray:
+    """View raw little-endian bytes as `dtype` and convert to float32 (one copy).
+
+    bf16 is the top half of a float32, so it widens with a shift instead of ml_dtypes' slower element-wise cast.
+    """
+    if dtype == "BF16":
+        u16 = np.frombuffer(raw, dtype="<u2")
+        out = np.empty(u16.shape, dtype=np.uint32)
+        np.left_shift(u16, 16, out=out, dtype=np.uint32)
+        return out.view(np.float32)
     arr = np.frombuffer(raw, dtype=SAFETENSORS_DTYPES[dtype])
     return arr.astype(np.float32)

@@ -19,6 +19,9 @@ from modeltrace.sources.dtypes import SAFETENSORS_DTYPES, decode
 
 #: Real headers are a few MB even for 100k-tensor shards; the format itself caps them at 100 MB.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: Bounds on a shape, so that a hostile one stays cheap to multiply out (torch itself allows 64 dimensions).
+MAX_RANK = 64
+MAX_DIM = 2**63 - 1
 
 
 def parse_header(store: ByteStore, name: str, file_size: int | None = None) -> tuple[dict[str, TensorInfo], dict]:
@@ -35,8 +38,10 @@ def parse_header(store: ByteStore, name: str, file_size: int | None = None) -> t
     raw = store.read(name, 8, hlen)
     try:
         header = json.loads(bytes(raw).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError) as exc:  # ValueError: also integers of thousands of digits
         raise InputError(f"{where}: header is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise InputError(f"{where}: header is not valid JSON (nested too deeply)") from None
     if not isinstance(header, dict):
         raise InputError(f"{where}: header is not a JSON object")
     data_start = 8 + hlen
@@ -57,20 +62,28 @@ def parse_header(store: ByteStore, name: str, file_size: int | None = None) -> t
     return tensors, meta
 
 
+def _short(value: object, limit: int = 80) -> str:
+    """repr of a (possibly hostile, huge) header value, cut to a readable length."""
+    if isinstance(value, list) and len(value) > 8:
+        return repr(value[:8])[:limit] + f"... ({len(value)} entries)"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _tensor_info(where: str, file: str, tname: str, entry: object, data_start: int, data_len: int) -> TensorInfo:
     if not isinstance(entry, dict):
         raise InputError(f"{where}: entry for {tname!r} is not an object")
     dtype = entry.get("dtype")
     shape = entry.get("shape")
     offs = entry.get("data_offsets")
-    if dtype not in SAFETENSORS_DTYPES:
-        raise InputError(f"{where}: tensor {tname!r} has unsupported dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                              for d in shape):
-        raise InputError(f"{where}: tensor {tname!r} has an invalid shape {shape!r}")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise InputError(f"{where}: tensor {tname!r} has unsupported dtype {_short(dtype)}")
+    if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape):
+        raise InputError(f"{where}: tensor {tname!r} has an invalid shape {_short(shape)}")
     if (not isinstance(offs, list) or len(offs) != 2
             or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
-        raise InputError(f"{where}: tensor {tname!r} has invalid data_offsets {offs!r}")
+        raise InputError(f"{where}: tensor {tname!r} has invalid data_offsets {_short(offs)}")
     begin, end = offs
     if not 0 <= begin <= end <= data_len:
         raise InputError(f"{where}: tensor {tname!r} points outside the file (offsets {begin}-{end}, "
@@ -93,5 +106,5 @@ def row_span(info: TensorInfo, start: int, stop: int) -> tuple[int, int]:
 
 def read_rows(store: ByteStore, info: TensorInfo, start: int, stop: int) -> np.ndarray:
     off, length = row_span(info, start, stop)
-    raw = store.read(info.file, off, length)
-    return decode(raw, info.dtype).reshape(stop - start, info.cols)
+    raw = store.read_transient(info.file, off, length)
+    return decode(raw, info.dtype).reshape(stop - start, info.cols)  # decode copies out of the transient buffer
