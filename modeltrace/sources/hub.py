@@ -1,8 +1,9 @@
 """Hugging Face Hub repositories (`hf://owner/name[@revision]`) read lazily with HTTP Range requests.
 
 Only the bytes asked for are fetched: the file listing comes from the Hub API (one request), safetensors headers from
-two small ranged reads per weight file (cached on disk per commit, so a second open costs no header requests), and
-tensor rows from one ranged read each. A server that ignores `Range` is never read whole.
+two small ranged reads per weight file, and tensor rows from one ranged read each. Header reads and small metadata
+files are cached on disk per commit, so a second open of the same revision makes no header requests. Reads are
+pinned to the commit sha the listing returned. A server that ignores `Range` is never read whole.
 
 huggingface_hub supplies the endpoint, token, offline switch, resolve URLs and its HTTP session, so `HF_ENDPOINT`,
 `HF_TOKEN` and `HF_HUB_OFFLINE` behave as they do for the library. `HF_ENDPOINT` and `HF_HUB_OFFLINE` are also read
@@ -50,9 +51,12 @@ MAX_BACKOFF = 8.0
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 RETRY_EXCEPTIONS = (httpx2.TimeoutException, httpx2.NetworkError, httpx2.RemoteProtocolError)
 
-#: Reads starting at these offsets are safetensors header reads (length prefix, then JSON) and are cached.
-HEADER_OFFSETS = (0, 8)
+#: Cached on disk per commit: safetensors header reads (the 8-byte length prefix at offset 0, the JSON header at
+#: offset 8) and whole small metadata files (config, tokenizer, card, index), all read from offset 0. Weight data,
+#: including the 8 MB chunks `file_sha256` streams from offset 0, is never cached.
 MAX_CACHED_READ = 100 * 1024 * 1024
+MAX_CACHED_PREFIX = 64 * 1024
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack", ".onnx")
 #: A server that answers a Range request with the whole file (200) is read only up to this many bytes.
 MAX_UNRANGED_PREFIX = 8 * 1024 * 1024
 STREAM_CHUNK = 1024 * 1024
@@ -118,6 +122,15 @@ def _tries() -> int:
     return max(1, n)
 
 
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("modeltrace")
+    except Exception:
+        return "unknown"
+
+
 def cache_root() -> Path:
     raw = os.environ.get("MODELTRACE_CACHE")
     return Path(raw).expanduser() if raw else Path.home() / ".cache" / "modeltrace"
@@ -167,7 +180,7 @@ class HubStore(ByteStore):
         if _offline():
             raise RemoteError(f"{self.location}: HF_HUB_OFFLINE is set; cannot read a Hub repository offline")
         # Built once; holds the token (if any). Never logged or put into messages.
-        self._headers = build_hf_headers()
+        self._headers = build_hf_headers(library_name="modeltrace", library_version=_version())
         self.sha: str | None = None
         self._files: dict[str, int | None] = {}
         self._list()
@@ -192,7 +205,8 @@ class HubStore(ByteStore):
                 status = exc.response.status_code if exc.response is not None else 0
                 if status not in RETRY_STATUS or attempt + 1 >= self.tries:
                     raise self._status_error(status, None, "listing files") from None
-                _sleep_before_retry(attempt, exc.response.headers.get("Retry-After") if exc.response else None)
+                resp = exc.response
+                _sleep_before_retry(attempt, resp.headers.get("Retry-After") if resp is not None else None)
             except RETRY_EXCEPTIONS as exc:
                 if attempt + 1 >= self.tries:
                     raise self._network_error(exc) from None
@@ -234,7 +248,9 @@ class HubStore(ByteStore):
         if error_code == "GatedRepo":
             return RemoteError(f"{self.location}: gated repository; accept its terms and set HF_TOKEN {at}")
         if status in (401, 403):
-            return RemoteError(f"{self.location}: {what}: access denied {at}; if the repository is private, set HF_TOKEN")
+            return RemoteError(
+                f"{self.location}: {what}: access denied {at}; if the repository is private, set HF_TOKEN"
+            )
         if status == 429:
             return RemoteError(f"{self.location}: {what}: rate limited {at}; retry later or set HF_TOKEN")
         return RemoteError(f"{self.location}: {what}: HTTP error {at}")
@@ -310,7 +326,12 @@ class HubStore(ByteStore):
         return data
 
     def _cache_path(self, name: str, offset: int, length: int) -> Path | None:
-        if offset not in HEADER_OFFSETS or length > MAX_CACHED_READ:
+        if length > MAX_CACHED_READ:
+            return None
+        if offset == 0:
+            if length > MAX_CACHED_PREFIX and name.lower().endswith(WEIGHT_SUFFIXES):
+                return None
+        elif offset != 8:
             return None
         # Pinned content only: a branch name moves, a commit id does not.
         commit = self.sha or (self.revision if _SHA_RE.match(self.revision) else None)
