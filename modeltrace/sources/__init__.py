@@ -81,5 +81,7 @@ def _open_dir(path: Path, allow_pickle: bool) -> Source:
             _refuse_pickle(path / pickles[0])
         from modeltrace.sources.pickle_source import PickleSource
 
-        return PickleSource(path / pickles[0], folder=path)
+        # the model's weights, not optimizer.pt / adapter_model.bin that may sort before them
+        main = "pytorch_model.bin" if "pytorch_model.bin" in pickles else pickles[0]
+        return PickleSource(path / main, folder=path)
     raise InputError(f"{path}: no model weights found (no .safetensors, .gguf or .bin files)")

@@ -28,6 +28,7 @@ class SafetensorsSource(Source):
         self._files = store.list_files() if single_file is None else [FileInfo(single_file, store.size(single_file))]
         self._tensors: dict[str, TensorInfo] | None = None
         self.metadata: dict[str, dict] = {}
+        self._weight_map: dict[str, str] | None = None
         self.weight_files = self._weight_files()
 
     def _weight_files(self) -> list[str]:
