@@ -8,8 +8,11 @@ with three models, whatever the checkpoint size.
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,23 +57,25 @@ class AuditRun:
 ProgressFn = Callable[[int, int], None]
 
 
-def _row_plan(rows: int, cols: int, sample: float | None, chunk_bytes: int) -> list[tuple[int, int]]:
-    """Row ranges to read: everything in chunks, or with --sample an evenly spread fraction in contiguous blocks."""
-    per_chunk = max(1, chunk_bytes // max(1, cols * 8))
-    if not sample or sample >= 1:
-        return [(a, min(a + per_chunk, rows)) for a in range(0, rows, per_chunk)]
-    want = max(1, int(round(rows * sample)))
-    if want >= rows:
-        return [(a, min(a + per_chunk, rows)) for a in range(0, rows, per_chunk)]
+def _row_plan(rows: int, cols: int, sample: float | None, chunk_bytes: int, unit: int = 1) -> list[tuple[int, int]]:
+    """Row ranges to read: everything in chunks, or with --sample an evenly spread fraction in contiguous blocks.
+
+    Ranges are whole multiples of `unit` rows (an expert of a stacked tensor) so per-block statistics stay exact.
+    """
+    units = max(1, rows // unit)
+    per_chunk = max(1, chunk_bytes // max(1, cols * 8 * unit))
+    want = units if not sample or sample >= 1 else max(1, int(round(units * sample)))
+    if want >= units:
+        return [(a * unit, min((a + per_chunk) * unit, rows)) for a in range(0, units, per_chunk)]
     nblocks = min(want, 16)
     size = max(1, want // nblocks)
-    starts = np.linspace(0, rows - size, nblocks).astype(int)
+    starts = np.linspace(0, units - size, nblocks).astype(int)
     plan, last = [], -1
-    for s in starts:
-        s = max(int(s), last)
-        e = min(s + size, rows)
-        if e > s:
-            plan.append((s, e))
+    for st in starts:
+        a = max(int(st), last)
+        e = min(a + size, units)
+        if e > a:
+            plan.append((a * unit, e * unit))
             last = e
     return plan
 
@@ -141,6 +146,48 @@ def _aligned_slot(views: list[ModelView], i: int, slot: Slot, layer_source: dict
     return slot
 
 
+def _threads(views: list[ModelView]) -> int:
+    """Worker threads for the slot loop: numpy releases the GIL in reads, decoding and BLAS, so two threads use
+    both cores of a laptop. Readers that are not thread-safe (zip members of pickles) run single-threaded."""
+    env = os.environ.get("MODELTRACE_THREADS")
+    n = int(env) if env and env.isdigit() else min(4, os.cpu_count() or 1)
+    if any(v.source.format == "pytorch" for v in views):
+        return 1
+    return max(1, n)
+
+
+def _process_slot(views: list[ModelView], item: tuple[Slot, list[int], dict[int, Slot], int], base: int | None,
+                  sample: float | None, chunk_bytes: int, tick: Callable[[int], None]) -> SlotResult:
+    s = views[0]
+    slot, cands, cslots, rows = item
+    part = s.parts[slot]
+    structured = is_structured(slot, part)
+    info = s.source.tensors()[part.name]
+    # SLERP's unit is the leading axis of the stored tensor: a row of a matrix, an expert of a stacked tensor.
+    block_rows = min(info.rows // info.shape[0], part.rows) if len(info.shape) == 3 else 1
+    if rows % block_rows:
+        block_rows = 1
+    idx_base = cands.index(base) + 1 if base in cands else None
+    acc = SlotAccumulator(1 + len(cands), part.cols, block_rows, idx_base, s.dtype(slot), total_rows=rows)
+    ranges = _row_plan(rows, part.cols, sample if not structured else None, chunk_bytes, block_rows)
+    note = ""
+    if rows < part.rows or any(views[i].parts[cslots[i]].rows != rows for i in cands):
+        note = f"vocabularies differ: compared the {rows} shared rows"
+    for a, b in ranges:
+        chunks = [s.read(slot, a, b)] + [views[i].read(cslots[i], a, b) for i in cands]
+        acc.update(chunks)
+        tick((b - a) * part.cols)
+    st = acc.finish()
+    local = list(range(1, len(cands) + 1))
+    fit = _to_global(fit_slot(st, local, idx_base), cands)
+    res = SlotResult(slot, cands, st, fit, structured, rows_compared=st.rows, rows_total=part.rows, note=note)
+    for li, ci in zip(local, cands, strict=True):
+        r = st.corr(li)
+        res.corr[ci] = r
+        res.z[ci] = fisher_z(r, st.dof)
+    return res
+
+
 def _to_global(fit: SlotFit, cands: list[int]) -> SlotFit:
     fit.weights = {cands[k - 1]: v for k, v in fit.weights.items()}
     fit.free_weights = {cands[k - 1]: v for k, v in fit.free_weights.items()}
@@ -177,38 +224,29 @@ def _stream(views: list[ModelView], base: int | None, sample: float | None, chun
         raise InputError("no tensor of the suspect has a same-shape counterpart in any candidate: different "
                          "architectures cannot be compared weight by weight")
     total = sum(rows * s.parts[slot].cols for slot, _, _, rows in plan)
-    done = 0
-    results = []
-    for slot, cands, cslots, rows in plan:
-        part = s.parts[slot]
-        structured = is_structured(slot, part)
-        info = s.source.tensors()[part.name]
-        # SLERP's unit is the leading axis of the stored tensor: a row of a matrix, an expert of a stacked tensor.
-        block_rows = min(info.rows // info.shape[0], part.rows) if len(info.shape) == 3 else 1
-        idx_base = cands.index(base) + 1 if base in cands else None
-        acc = SlotAccumulator(1 + len(cands), part.cols, block_rows, idx_base, s.dtype(slot))
-        ranges = _row_plan(rows, part.cols, sample if not structured else None, chunk_bytes)
-        note = ""
-        if rows < part.rows or any(views[i].parts[cslots[i]].rows != rows for i in cands):
-            note = f"vocabularies differ: compared the {rows} shared rows"
-        for a, b in ranges:
-            chunks = [s.read(slot, a, b)] + [views[i].read(cslots[i], a, b) for i in cands]
-            acc.update(chunks)
-            done += (b - a) * part.cols
+    done = [0]
+    lock = threading.Lock()
+
+    def tick(n: int) -> None:
+        with lock:
+            done[0] += n
             if progress:
-                progress(done, total)
-        st = acc.finish()
-        local = list(range(1, len(cands) + 1))
-        fit = _to_global(fit_slot(st, local, idx_base), cands)
-        res = SlotResult(slot, cands, st, fit, structured, rows_compared=st.rows, rows_total=part.rows, note=note)
-        for li, ci in zip(local, cands, strict=True):
-            r = st.corr(li)
-            res.corr[ci] = r
-            res.z[ci] = fisher_z(r, st.dof)
-        if int(st.nonfinite[0]):
-            warnings.append(f"suspect tensor {part.name} has {int(st.nonfinite[0])} NaN/Inf values "
+                progress(done[0], total)
+
+    def work(item: tuple[Slot, list[int], dict[int, Slot], int]) -> SlotResult:
+        return _process_slot(views, item, base, sample, chunk_bytes, tick)
+
+    workers = _threads(views)
+    if workers > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(work, plan))
+    else:
+        results = [work(item) for item in plan]
+    for res in results:
+        bad = int(res.stats.nonfinite[0])
+        if bad:
+            warnings.append(f"suspect tensor {s.parts[res.slot].name} has {bad} NaN/Inf values "
                             "(treated as 0 for the comparison)")
-        results.append(res)
     if progress:
         progress(total, total)
     return results

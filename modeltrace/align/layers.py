@@ -60,58 +60,104 @@ class LayerMatch:
         return self.candidate is not None and self.rel_diff <= EXACT_TOL
 
 
-def _centred(v: np.ndarray) -> np.ndarray:
-    v = v.astype(np.float64)
-    return v - v.mean()
+#: Elements kept per sampled tensor for the layer map (cosines over 4096 coordinates resolve ~0.03).
+SAMPLE_ELEMENTS = 4096
 
 
-def _cos(a: np.ndarray, b: np.ndarray) -> float:
-    na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    return float(a @ b / (na * nb)) if na > 0 and nb > 0 else 0.0
+def _samples(view: ModelView, roles: dict[int, dict[str, Slot]]) -> dict[str, dict[int, np.ndarray]]:
+    """Per role, per layer: a fixed coordinate sample of the tensor (same coordinates for the same shape)."""
+    out: dict[str, dict[int, np.ndarray]] = {}
+    for layer, rmap in roles.items():
+        for rname, slot in rmap.items():
+            v = np.nan_to_num(slot_sample(view, slot).astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+            if v.size > SAMPLE_ELEMENTS:
+                v = v[np.linspace(0, v.size - 1, SAMPLE_ELEMENTS).astype(int)]
+            out.setdefault(rname, {})[layer] = v
+    return out
+
+
+def _sim_matrices(sa: dict[int, np.ndarray], sb: dict[int, np.ndarray]) -> tuple[list, list, np.ndarray, np.ndarray]:
+    """Centred cosine and relative difference between every layer of a and every layer of b, for one role."""
+    la = [k for k, v in sa.items()]
+    lb = [k for k, v in sb.items()]
+    size = {v.size for v in sa.values()} | {v.size for v in sb.values()}
+    if len(size) != 1:
+        # Different shapes per layer: compare only equal sizes.
+        sims = np.full((len(la), len(lb)), np.nan)
+        diffs = np.full((len(la), len(lb)), np.inf)
+        for i, a in enumerate(la):
+            for j, b in enumerate(lb):
+                if sa[a].size == sb[b].size:
+                    sims[i, j], diffs[i, j] = _pair(sa[a], sb[b])
+        return la, lb, sims, diffs
+    A = np.stack([sa[k] for k in la])
+    B = np.stack([sb[k] for k in lb])
+    Ac = A - A.mean(axis=1, keepdims=True)
+    Bc = B - B.mean(axis=1, keepdims=True)
+    na = np.linalg.norm(Ac, axis=1, keepdims=True)
+    nb = np.linalg.norm(Bc, axis=1, keepdims=True)
+    sims = (Ac / np.where(na > 0, na, 1)) @ (Bc / np.where(nb > 0, nb, 1)).T
+    ra = (A * A).sum(axis=1)[:, None]
+    rb = (B * B).sum(axis=1)[None, :]
+    d2 = np.maximum(ra + rb - 2 * A @ B.T, 0)
+    diffs = np.sqrt(d2) / np.sqrt(np.maximum(ra, 1e-60))
+    return la, lb, sims, diffs
+
+
+def _pair(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    ac, bc = a - a.mean(), b - b.mean()
+    den = np.linalg.norm(ac) * np.linalg.norm(bc)
+    sim = float(ac @ bc / den) if den > 0 else 0.0
+    return sim, float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30))
 
 
 def map_layers(suspect: ModelView, candidates: list[ModelView]) -> list[LayerMatch]:
-    s_roles = _layer_roles(suspect)
-    c_roles = [_layer_roles(c) for c in candidates]
-    cache: dict[tuple[int, Slot], np.ndarray] = {}
+    s_samples = _samples(suspect, _layer_roles(suspect))
+    s_layers = sorted({layer for per in s_samples.values() for layer in per})
+    # For each candidate: (suspect layers x candidate layers) median similarity and max difference over roles.
+    per_cand: list[tuple[list[int], np.ndarray, np.ndarray]] = []
+    for cand in candidates:
+        c_samples = _samples(cand, _layer_roles(cand))
+        c_layers = sorted({layer for per in c_samples.values() for layer in per})
+        si = {layer: k for k, layer in enumerate(s_layers)}
+        ci = {layer: k for k, layer in enumerate(c_layers)}
+        sims = np.full((len(s_roles_list := list(s_samples)), len(s_layers), len(c_layers)), np.nan)
+        diffs = np.full_like(sims, np.nan)
+        for r, rname in enumerate(s_roles_list):
+            if rname not in c_samples:
+                continue
+            la, lb, sm, df = _sim_matrices(s_samples[rname], c_samples[rname])
+            ia = [si[x] for x in la]
+            ib = [ci[x] for x in lb]
+            sims[r][np.ix_(ia, ib)] = sm
+            diffs[r][np.ix_(ia, ib)] = df
+        with np.errstate(all="ignore"):
+            import warnings
 
-    def sample(idx: int, slot: Slot) -> np.ndarray:
-        key = (idx, slot)
-        if key not in cache:
-            view = suspect if idx < 0 else candidates[idx]
-            v = slot_sample(view, slot)
-            cache[key] = np.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
-        return cache[key]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                med = np.nanmedian(sims, axis=0)
+                mx = np.nanmax(np.where(np.isnan(diffs), -np.inf, diffs), axis=0)
+        mx[~np.isfinite(mx)] = np.inf
+        per_cand.append((c_layers, med, mx))
 
     out: list[LayerMatch] = []
-    for layer in sorted(s_roles):
-        roles = s_roles[layer]
+    for k, layer in enumerate(s_layers):
         best = (-2.0, None, None, np.inf)
         ident: list[float | None] = []
-        for ci, cr in enumerate(c_roles):
+        for cidx, (c_layers, med, mx) in enumerate(per_cand):
             ident_sim = None
-            for j, croles in cr.items():
-                sims, diffs = [], []
-                for rname, sslot in roles.items():
-                    cslot = croles.get(rname)
-                    if cslot is None:
-                        continue
-                    sp, cp = suspect.parts[sslot], candidates[ci].parts[cslot]
-                    if (sp.rows, sp.cols) != (cp.rows, cp.cols):
-                        continue
-                    a, b = sample(-1, sslot), sample(ci, cslot)
-                    sims.append(_cos(_centred(a), _centred(b)))
-                    diffs.append(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30))
-                if not sims:
+            for j, cl in enumerate(c_layers):
+                sim, diff = med[k, j], mx[k, j]
+                if np.isnan(sim):
                     continue
-                sim, diff = float(np.median(sims)), float(np.max(diffs))
-                if j == layer:
-                    ident_sim = sim
+                if cl == layer:
+                    ident_sim = float(sim)
                 if (diff < best[3] and diff <= EXACT_TOL) or (best[3] > EXACT_TOL and sim > best[0]):
-                    best = (sim, ci, j, diff)
+                    best = (float(sim), cidx, cl, float(diff))
             ident.append(ident_sim)
-        sim, ci, j, diff = best
-        out.append(LayerMatch(layer, ci, j, float(sim), float(diff), ident))
+        sim, ci_, j, diff = best
+        out.append(LayerMatch(layer, ci_, j, float(sim), float(diff), ident))
     return out
 
 

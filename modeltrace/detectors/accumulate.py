@@ -17,95 +17,129 @@ HIST_EDGES = np.arange(-48.0, 16.0001, 0.125)
 NBINS = len(HIST_EDGES) - 1
 
 
+_MANTISSA = {"BF16": 7, "F16": 10, "F8_E4M3": 3, "F8_E5M2": 2}
+#: squared ulp of a float32 exponent field e (0..255), per mantissa width, divided by 12 (uniform rounding error)
+_ULP2 = {m: np.where((np.arange(256) > 0) & (np.arange(256) < 255),
+                     np.exp2(2.0 * (np.arange(256) - 127 - m)), 0.0) / 12.0 for m in _MANTISSA.values()}
+
+
 def rounding_variance(x: np.ndarray, dtype: str) -> float:
-    """Expected squared rounding error of storing float32 `x` in `dtype` (uniform error within half an ulp)."""
-    mant = {"BF16": 7, "F16": 10, "F8_E4M3": 3, "F8_E5M2": 2}.get(dtype)
+    """Expected squared rounding error of storing float32 `x` in `dtype` (uniform error within half an ulp).
+
+    Computed from a histogram of float32 exponent fields: one cheap integer pass, no logarithms.
+    """
+    mant = _MANTISSA.get(dtype)
     if mant is None:
         return 0.0
-    ax = np.abs(x[np.isfinite(x)])
-    ax = ax[ax > 0]
-    if ax.size == 0:
-        return 0.0
-    ulp = np.exp2(np.floor(np.log2(ax)) - mant)
-    return float(np.sum(ulp.astype(np.float64) ** 2) / 12.0)
+    e = (np.ascontiguousarray(x, dtype=np.float32).view(np.uint32) >> 23) & 0xFF
+    return float(np.bincount(e.ravel(), minlength=256) @ _ULP2[mant])
+
+
+#: Tensors up to this many elements get every statistic on every row.
+DETAIL_ALL_BELOW = 1 << 20
+#: Above it, the secondary statistics (centring sums, per-row Grams, rounding floor, sparsity histograms) use this
+#: share of each chunk's rows; the Gram matrix and exact-equality counts always use every element.
+DETAIL_FRACTION = 0.125
+
+
+#: float32 dot products are exact enough (~1e-8 relative) over blocks of this many elements; longer sums drift.
+DOT_BLOCK = 1 << 16
+
+
+def gram32(chunks: list[np.ndarray]) -> np.ndarray:
+    """Gram matrix of float32 chunks with float64 accumulation across short float32 BLAS dots.
+
+    Converting to float64 first costs a full extra pass (measured ~2x slower); one long float32 dot loses ~1e-5
+    relative precision, too much to see bf16 rounding floors.
+    """
+    n = len(chunks)
+    flats = [np.ascontiguousarray(c).reshape(-1) for c in chunks]
+    m = flats[0].size
+    pairs = [(i, j) for i in range(n) for j in range(i, n)]
+    acc = [0.0] * len(pairs)
+    for k in range(0, m, DOT_BLOCK):  # blocks outermost: each block stays in cache across its pairs
+        blk = [f[k:k + DOT_BLOCK] for f in flats]
+        for p, (i, j) in enumerate(pairs):
+            acc[p] += float(np.dot(blk[i], blk[j]))
+    g = np.zeros((n, n))
+    for p, (i, j) in enumerate(pairs):
+        g[i, j] = g[j, i] = acc[p]
+    return g
 
 
 @dataclass
 class SlotAccumulator:
     n: int  # number of models (suspect + candidates)
     cols: int
-    block_rows: int  # rows per leading-axis block (slerp's unit); 1 for 2-D tensors
+    block_rows: int  # rows per leading-axis block (SLERP's unit); 1 for 2-D tensors
     base: int | None = None
     suspect_dtype: str = "F32"
     sparse: bool = True
+    total_rows: int = 0
 
     G: np.ndarray = field(init=False)
-    RR: np.ndarray = field(init=False)
-    K: np.ndarray = field(init=False)
-    blocks: list[np.ndarray] = field(init=False)
     rows: int = field(init=False, default=0)
     equal: np.ndarray = field(init=False)
     nonfinite: np.ndarray = field(init=False)
-    noise_floor: float = field(init=False, default=0.0)
-    zero_delta: int = field(init=False, default=0)
-    active_all: int = field(init=False, default=0)
-    zero_active_all: int = field(init=False, default=0)
-    hist_kept: np.ndarray = field(init=False)
-    hist_dropped: np.ndarray = field(init=False)
-    hist_all: np.ndarray = field(init=False)
-    _carry: np.ndarray | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         n = self.n
         self.G = np.zeros((n, n))
+        self.Gd = np.zeros((n, n))
         self.RR = np.zeros((n, n))
         self.K = np.zeros((n, self.cols))
-        self.blocks = []
+        self.blocks: list[np.ndarray] = []
+        self.detail_rows = 0
+        self.noise_floor = 0.0
         self.equal = np.zeros(n, dtype=np.int64)
         self.nonfinite = np.zeros(n, dtype=np.int64)
+        self.zero_delta = self.active_all = self.zero_active_all = 0
         self.hist_kept = np.zeros((n, NBINS), dtype=np.int64)
         self.hist_dropped = np.zeros((n, NBINS), dtype=np.int64)
         self.hist_all = np.zeros((n, NBINS), dtype=np.int64)
+        self.fraction = 1.0 if self.total_rows * self.cols <= DETAIL_ALL_BELOW or self.block_rows > 1 \
+            else DETAIL_FRACTION
 
     def update(self, chunks: list[np.ndarray]) -> None:
         """Add one aligned chunk: the same rows of the same slot in every model, float32 (r, cols)."""
         r = chunks[0].shape[0]
-        buf = np.empty((r, self.n, self.cols))
-        for i, c in enumerate(chunks):
-            bad = ~np.isfinite(c)
-            nbad = int(bad.sum())
-            if nbad:
-                self.nonfinite[i] += nbad
-                c = np.where(bad, np.float32(0), c)
-                chunks[i] = c
-            buf[:, i, :] = c
-        row_gram = buf @ buf.transpose(0, 2, 1)  # (r, n, n), one BLAS pass over the chunk
-        self.G += row_gram.sum(axis=0)
-        rs = buf.sum(axis=2)
-        self.RR += rs.T @ rs
-        self.K += buf.sum(axis=0)
-        self._add_blocks(row_gram)
-        self.rows += r
+        g = gram32(chunks)
+        if not np.all(np.isfinite(np.diag(g))):
+            for i, c in enumerate(chunks):
+                bad = ~np.isfinite(c)
+                if bad.any():
+                    self.nonfinite[i] += int(bad.sum())
+                    chunks[i] = np.where(bad, np.float32(0), c)
+            g = gram32(chunks)
+        self.G += g
         s = chunks[0]
-        self.noise_floor += rounding_variance(s, self.suspect_dtype)
         for i in range(1, self.n):
             self.equal[i] += int(np.count_nonzero(s == chunks[i]))
+        self.rows += r
+        rd = r if self.fraction >= 1 else max(1, int(np.ceil(r * self.fraction)))
+        if self.block_rows > 1:
+            rd = r  # stacked experts: per-expert statistics need whole blocks
+        head = [c[:rd] for c in chunks]
+        self._detail(np.stack(head).astype(np.float64), head)
+
+    def _detail(self, x: np.ndarray, chunks: list[np.ndarray]) -> None:
+        """Secondary statistics on rows x (n, rd, cols) float64 and their float32 originals."""
+        rd = x.shape[1]
+        if self.block_rows > 1:
+            nb = rd // self.block_rows
+            xb = x.reshape(self.n, nb, self.block_rows * self.cols)
+            bg = np.einsum("ibk,jbk->bij", xb, xb)
+        else:
+            bg = np.einsum("irc,jrc->rij", x, x)
+        self.blocks.append(bg)
+        self.Gd += bg.sum(axis=0)
+        rs = x.sum(axis=2)
+        self.RR += rs @ rs.T
+        self.K += x.sum(axis=1)
+        self.detail_rows += rd
+        self.noise_floor += rounding_variance(chunks[0], self.suspect_dtype)
         if self.base is not None and self.sparse:
             self._sparse(chunks)
-
-    def _add_blocks(self, row_gram: np.ndarray) -> None:
-        """Per leading-axis block Gram (rows of a 2-D tensor, experts of a stacked 3-D one)."""
-        if self.block_rows == 1:
-            self.blocks.append(row_gram)
-            return
-        if self._carry is not None:
-            row_gram = np.concatenate([self._carry, row_gram])
-            self._carry = None
-        full = (row_gram.shape[0] // self.block_rows) * self.block_rows
-        if full:
-            self.blocks.append(row_gram[:full].reshape(-1, self.block_rows, self.n, self.n).sum(axis=1))
-        if full < row_gram.shape[0]:
-            self._carry = row_gram[full:]
 
     def _sparse(self, chunks: list[np.ndarray]) -> None:
         b = self.base
@@ -133,19 +167,20 @@ class SlotAccumulator:
 
     def finish(self) -> SlotStats:
         blocks = np.concatenate(self.blocks) if self.blocks else np.zeros((0, self.n, self.n))
-        if self._carry is not None:
-            blocks = np.concatenate([blocks, self._carry.sum(axis=0, keepdims=True)])
         numel = self.rows * self.cols
+        dn = self.detail_rows * self.cols
         T = self.K.sum(axis=1)
-        if self.cols > 1 and self.rows > 1:
-            Gc = self.G - self.RR / self.cols - (self.K @ self.K.T) / self.rows + np.outer(T, T) / numel
-            dof = (self.rows - 1) * (self.cols - 1)
+        if self.cols > 1 and self.detail_rows > 1:
+            Gc = self.Gd - self.RR / self.cols - (self.K @ self.K.T) / self.detail_rows + np.outer(T, T) / dn
+            dof = (self.detail_rows - 1) * (self.cols - 1)
         else:
-            Gc = self.G - np.outer(T, T) / max(numel, 1)
-            dof = max(numel - 1, 0)
+            Gc = self.Gd - np.outer(T, T) / max(dn, 1)
+            dof = max(dn - 1, 0)
+        scale = numel / dn if dn else 1.0
         return SlotStats(self.n, self.rows, self.cols, numel, self.G, Gc, dof, blocks, self.equal, self.nonfinite,
-                         self.noise_floor, self.base, self.zero_delta, self.active_all, self.zero_active_all,
-                         self.hist_kept, self.hist_dropped, self.hist_all)
+                         self.noise_floor * scale, self.base, self.zero_delta, self.active_all, self.zero_active_all,
+                         self.hist_kept, self.hist_dropped, self.hist_all, detail_numel=dn,
+                         detail_noise_floor=self.noise_floor, Gd=self.Gd)
 
 
 @dataclass
@@ -170,6 +205,9 @@ class SlotStats:
     hist_kept: np.ndarray
     hist_dropped: np.ndarray
     hist_all: np.ndarray
+    detail_numel: int = 0
+    detail_noise_floor: float = 0.0
+    Gd: np.ndarray | None = None
 
     def corr(self, i: int, j: int = 0) -> float:
         d = self.Gc[i, i] * self.Gc[j, j]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from modeltrace.detectors.accumulate import HIST_EDGES, SlotStats
+from modeltrace.detectors.accumulate import SlotStats
 
 #: A recipe "explains" a tensor when its residual is within this factor of the storage rounding floor
 #: (mergekit computes in float32 then rounds once; a wrong recipe is orders of magnitude above).
@@ -131,7 +131,7 @@ def magnitude_threshold_density(st: SlotStats, i: int) -> float:
     cum = np.cumsum(dropped[::-1])
     cut = len(dropped) - 1 - int(np.searchsorted(cum, 0.001 * dropped.sum(), side="right"))
     above = allh[cut + 1:].sum() + 0.5 * allh[cut]
-    return float(above / st.numel)
+    return float(above / (st.detail_numel or st.numel))
 
 
 def fit_slot(st: SlotStats, cands: list[int], base: int | None) -> SlotFit:
@@ -158,11 +158,13 @@ def fit_slot(st: SlotStats, cands: list[int], base: int | None) -> SlotFit:
             return result("copy", {c: 1.0}, rss_c)
     parents = [c for c in cands if c != base]
     # 3. SLERP between two parents (no base weight): angle per row, so it can beat the per-tensor linear fit.
-    if len(parents) == 2:
+    if len(parents) == 2 and st.Gd is not None:
+        # Judged on the rows that carry per-row Grams (all rows for small tensors, a spread subset otherwise).
         t, rss_s = fit_slerp(st, parents[0], parents[1])
-        w_n, rss_n = _solve_sum1(st.G, parents)
-        if rss_s <= floor and rss_s < 0.9 * rss_n:
-            return result("slerp", {parents[0]: 1 - t, parents[1]: t}, rss_s, t=t)
+        w_n, rss_n = _solve_sum1(st.Gd, parents)
+        floor_d = FLOOR_FACTOR * st.detail_noise_floor + 1e-12 * st.Gd[0, 0]
+        if rss_s <= floor_d and rss_s < 0.9 * rss_n:
+            return SlotFit("slerp", {parents[0]: 1 - t, parents[1]: t}, rss_s / st.Gd[0, 0], True, {"t": t}, free, rel)
     # 4. The linear family, when the free fit explains the suspect.
     if rss_free <= floor:
         if base is not None and abs(free[base]) > 0.01:

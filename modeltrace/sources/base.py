@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -63,12 +64,14 @@ class ReadStats:
     requests: int = 0
     ranges: list[tuple[str, int, int]] = field(default_factory=list)
     keep_ranges: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, file: str, offset: int, length: int) -> None:
-        self.bytes_read += length
-        self.requests += 1
-        if self.keep_ranges:
-            self.ranges.append((file, offset, length))
+        with self._lock:  # readers may be shared by the audit's worker threads
+            self.bytes_read += length
+            self.requests += 1
+            if self.keep_ranges:
+                self.ranges.append((file, offset, length))
 
 
 class Source(ABC):

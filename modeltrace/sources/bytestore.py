@@ -7,6 +7,7 @@ with an HTTP Range request. That keeps the format logic identical wherever the b
 from __future__ import annotations
 
 import os
+import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -62,7 +63,8 @@ class LocalStore(ByteStore):
         self.only = only
         self.location = str(root / only) if only else str(root)
         self._fds: dict[str, int] = {}
-        self._buf = bytearray(0)
+        self._local = threading.local()
+        self._lock = threading.Lock()
 
     def list_files(self) -> list[FileInfo]:
         if self.only:
@@ -90,6 +92,13 @@ class LocalStore(ByteStore):
 
     def _fd(self, name: str) -> int:
         fd = self._fds.get(name)
+        if fd is not None:
+            return fd
+        with self._lock:
+            return self._open_fd(name)
+
+    def _open_fd(self, name: str) -> int:
+        fd = self._fds.get(name)
         if fd is None:
             try:
                 fd = os.open(self.path(name), os.O_RDONLY)
@@ -105,9 +114,10 @@ class LocalStore(ByteStore):
 
     def read_transient(self, name: str, offset: int, length: int) -> memoryview:
         # Reusing one buffer avoids a fresh (page-faulting) allocation per chunk.
-        if len(self._buf) < length:
-            self._buf = bytearray(length)
-        return self._pread(name, offset, length, self._buf)
+        buf = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < length:
+            buf = self._local.buf = bytearray(length)
+        return self._pread(name, offset, length, buf)
 
     def _pread(self, name: str, offset: int, length: int, buf: bytearray) -> memoryview:
         fd = self._fd(name)
