@@ -57,25 +57,21 @@ class AuditRun:
 ProgressFn = Callable[[int, int], None]
 
 
-def _row_plan(rows: int, cols: int, sample: float | None, chunk_bytes: int, unit: int = 1) -> list[tuple[int, int]]:
-    """Row ranges to read: everything in chunks, or with --sample an evenly spread fraction in contiguous blocks.
-
-    Ranges are whole multiples of `unit` rows (an expert of a stacked tensor) so per-block statistics stay exact.
-    """
-    units = max(1, rows // unit)
-    per_chunk = max(1, chunk_bytes // max(1, cols * 8 * unit))
-    want = units if not sample or sample >= 1 else max(1, int(round(units * sample)))
-    if want >= units:
-        return [(a * unit, min((a + per_chunk) * unit, rows)) for a in range(0, units, per_chunk)]
+def _row_plan(rows: int, cols: int, sample: float | None, chunk_bytes: int) -> list[tuple[int, int]]:
+    """Row ranges to read: everything in chunks, or with --sample an evenly spread fraction in contiguous blocks."""
+    per_chunk = max(1, chunk_bytes // max(1, cols * 8))
+    want = rows if not sample or sample >= 1 else max(1, int(round(rows * sample)))
+    if want >= rows:
+        return [(a, min(a + per_chunk, rows)) for a in range(0, rows, per_chunk)]
     nblocks = min(want, 16)
     size = max(1, want // nblocks)
-    starts = np.linspace(0, units - size, nblocks).astype(int)
+    starts = np.linspace(0, rows - size, nblocks).astype(int)
     plan, last = [], -1
     for st in starts:
         a = max(int(st), last)
-        e = min(a + size, units)
+        e = min(a + size, rows)
         if e > a:
-            plan.append((a * unit, e * unit))
+            plan.append((a, e))
             last = e
     return plan
 
@@ -162,14 +158,9 @@ def _process_slot(views: list[ModelView], item: tuple[Slot, list[int], dict[int,
     slot, cands, cslots, rows = item
     part = s.parts[slot]
     structured = is_structured(slot, part)
-    info = s.source.tensors()[part.name]
-    # SLERP's unit is the leading axis of the stored tensor: a row of a matrix, an expert of a stacked tensor.
-    block_rows = min(info.rows // info.shape[0], part.rows) if len(info.shape) == 3 else 1
-    if rows % block_rows:
-        block_rows = 1
     idx_base = cands.index(base) + 1 if base in cands else None
-    acc = SlotAccumulator(1 + len(cands), part.cols, block_rows, idx_base, s.dtype(slot), total_rows=rows)
-    ranges = _row_plan(rows, part.cols, sample if not structured else None, chunk_bytes, block_rows)
+    acc = SlotAccumulator(1 + len(cands), part.cols, idx_base, s.dtype(slot), total_rows=rows)
+    ranges = _row_plan(rows, part.cols, sample if not structured else None, chunk_bytes)
     note = ""
     if rows < part.rows or any(views[i].parts[cslots[i]].rows != rows for i in cands):
         note = f"vocabularies differ: compared the {rows} shared rows"

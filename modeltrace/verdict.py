@@ -14,15 +14,19 @@ from modeltrace.stats import format_p, log10_sf, mean_interval, stouffer
 
 #: A candidate is called related when its combined independence p-value is below this.
 ALPHA = 1e-6
-MERGE_METHODS = ("linear", "task_arithmetic", "model_stock", "slerp", "ties", "dare", "breadcrumbs", "della")
+SPARSE_METHODS = ("ties", "dare_linear", "dare_ties", "della", "breadcrumbs", "sparse")
+MERGE_METHODS = ("linear", "task_arithmetic", "model_stock", "slerp", *SPARSE_METHODS)
 SCHEMA_VERSION = "1"
 
 
 def _majority(results: list[SlotResult]) -> tuple[str, float]:
-    """Numel-weighted most common method among slots, with its share."""
+    """Numel-weighted most common method among slots, with its share. Whole-tensor copies do not vote when other
+    methods are present: a SLERP at t = 0 or a linear weight of 1 copies a tensor too."""
     votes: Counter[str] = Counter()
     for r in results:
         votes[r.fit.method] += r.stats.numel
+    if len(votes) > 1:
+        votes.pop("copy", None)
     if not votes:
         return "none", 0.0
     method, n = votes.most_common(1)[0]
@@ -93,6 +97,8 @@ def decide(run: AuditRun) -> dict[str, Any]:
     related = [i for i, lp in logp.items() if lp < np.log10(ALPHA)]
     p_values = {names[i]: {"log10_p": round(lp, 2), "p": float(10 ** max(lp, -300)), "text": format_p(lp)}
                 for i, lp in logp.items()}
+    method, share = _majority(matrix)
+    _absorb_copies(matrix, method)
     layers = _layer_table(run, matrix)
     out: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -110,7 +116,6 @@ def decide(run: AuditRun) -> dict[str, Any]:
         "sample": run.sample,
         "sources": {v.label: v.spec for v in run.views},
     }
-    method, share = _majority(matrix)
     smap = stack_map(run.layer_matches)
     all_copy = all(r.fit.method == "copy" for r in run.slots)
     copy_srcs = {c for r in run.slots for c in r.fit.weights} if all_copy else set()
@@ -152,7 +157,7 @@ def decide(run: AuditRun) -> dict[str, Any]:
     ws = _weights(agree)
     if method in MERGE_METHODS:
         parents = [c for c, v in ws.items() if abs(float(np.mean(v))) >= 0.02]
-        if len(parents) >= 2 or method in ("task_arithmetic", "model_stock", "ties", "dare", "breadcrumbs", "della"):
+        if len(parents) >= 2 or method in ("task_arithmetic", "model_stock", *SPARSE_METHODS):
             out["relation"] = "merge"
             out["method"] = _method_name(method, agree)
             out["method_info"] = _info(out["method"])
@@ -179,6 +184,30 @@ def decide(run: AuditRun) -> dict[str, Any]:
     return out
 
 
+def _absorb_copies(results: list[SlotResult], method: str) -> None:
+    """Re-express whole-tensor copies as endpoints of the winning method (SLERP t = 0/1, linear weight 1/0)."""
+    if method not in ("slerp", "linear"):
+        return
+    fitted = [r for r in results if r.fit.method == method]
+    if not fitted:
+        return
+    names = sorted({c for r in fitted for c in r.fit.weights})
+    pair0 = None
+    if method == "slerp":
+        f = fitted[0].fit
+        pair0 = next((c for c, w in f.weights.items() if abs(w - (1 - f.params["t"])) < 1e-9), names[0])
+    for r in results:
+        if r.fit.method != "copy" or len(r.fit.weights) != 1:
+            continue
+        (c,) = r.fit.weights
+        if c not in names:
+            continue
+        r.fit.method = method
+        r.fit.weights = {n: (1.0 if n == c else 0.0) for n in names}
+        if method == "slerp":
+            r.fit.params["t"] = 0.0 if c == pair0 else 1.0
+
+
 def _identity(smap: list[tuple[int, int, int]]) -> bool:
     return len({c for _, c, _ in smap}) == 1 and all(sl == j for sl, _, j in smap)
 
@@ -201,7 +230,7 @@ def _parent(model: str, values: list[float]) -> dict[str, Any]:
 
 def _params(agree: list[SlotResult], method: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key in ("t", "density", "zero_fraction", "magnitude_auc", "sum_weights"):
+    for key in ("t", "density", "zero_fraction", "top_zero_ratio", "sign_election", "delta_r2", "sum_weights"):
         vals = [r.fit.params[key] for r in agree if key in r.fit.params]
         if vals:
             m, lo, hi = mean_interval(vals)
@@ -213,8 +242,6 @@ def _params(agree: list[SlotResult], method: str) -> dict[str, Any]:
 
 
 def _method_name(method: str, agree: list[SlotResult]) -> str:
-    if method == "dare":
-        return "dare_linear"
     return method
 
 
@@ -235,7 +262,7 @@ def _merge_summary(out: dict, suspect: str, agree: list[SlotResult], n_layers: i
         text = f"{suspect} is a SLERP merge of {' and '.join(p['model'] for p in out['parents'])} (mean t = {t})"
     elif method in ("task_arithmetic", "model_stock"):
         text = f"{suspect} ≈ {out['base']} + task vectors: {terms} ({method})"
-    elif method in ("ties", "dare_linear", "dare_ties", "breadcrumbs", "della"):
+    elif method in SPARSE_METHODS:
         d = out["parameters"].get("density", {}).get("value")
         text = (f"{suspect} is a sparse task-vector merge ({method}, density ≈ {d}) of "
                 f"{', '.join(p['model'] for p in out['parents'])} over base {out['base']}")

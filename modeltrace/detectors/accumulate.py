@@ -35,6 +35,8 @@ def rounding_variance(x: np.ndarray, dtype: str) -> float:
     return float(np.bincount(e.ravel(), minlength=256) @ _ULP2[mant])
 
 
+#: Quantile levels of |task vector| at which agreement Grams are kept (see SlotAccumulator._sparse).
+TOP_LEVELS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9)
 #: Tensors up to this many elements get every statistic on every row.
 DETAIL_ALL_BELOW = 1 << 20
 #: Above it, the secondary statistics (centring sums, per-row Grams, rounding floor, sparsity histograms) use this
@@ -71,7 +73,6 @@ def gram32(chunks: list[np.ndarray]) -> np.ndarray:
 class SlotAccumulator:
     n: int  # number of models (suspect + candidates)
     cols: int
-    block_rows: int  # rows per leading-axis block (SLERP's unit); 1 for 2-D tensors
     base: int | None = None
     suspect_dtype: str = "F32"
     sparse: bool = True
@@ -88,7 +89,6 @@ class SlotAccumulator:
         self.Gd = np.zeros((n, n))
         self.RR = np.zeros((n, n))
         self.K = np.zeros((n, self.cols))
-        self.blocks: list[np.ndarray] = []
         self.detail_rows = 0
         self.noise_floor = 0.0
         self.equal = np.zeros(n, dtype=np.int64)
@@ -97,8 +97,14 @@ class SlotAccumulator:
         self.hist_kept = np.zeros((n, NBINS), dtype=np.int64)
         self.hist_dropped = np.zeros((n, NBINS), dtype=np.int64)
         self.hist_all = np.zeros((n, NBINS), dtype=np.int64)
-        self.fraction = 1.0 if self.total_rows * self.cols <= DETAIL_ALL_BELOW or self.block_rows > 1 \
-            else DETAIL_FRACTION
+        k = n - 2 if self.base is not None else 0
+        self.G_agree = np.zeros((k + 1, k + 1))  # [delta, tau_1..tau_k] where all task vectors share a sign
+        self.G_conflict = np.zeros((k + 1, k + 1))  # ... where they disagree (sign election acts only here)
+        # ... where they agree and every |tau| is above its q-quantile, for each q in TOP_LEVELS (TIES keeps all
+        # entries above 1 - density; the lowest such level gives the best-conditioned weight fit)
+        self.G_top = np.zeros((len(TOP_LEVELS), k + 1, k + 1))
+        self._qs: list[np.ndarray] | None = None
+        self.fraction = 1.0 if self.total_rows * self.cols <= DETAIL_ALL_BELOW else DETAIL_FRACTION
 
     def update(self, chunks: list[np.ndarray]) -> None:
         """Add one aligned chunk: the same rows of the same slot in every model, float32 (r, cols)."""
@@ -117,29 +123,19 @@ class SlotAccumulator:
             self.equal[i] += int(np.count_nonzero(s == chunks[i]))
         self.rows += r
         rd = r if self.fraction >= 1 else max(1, int(np.ceil(r * self.fraction)))
-        if self.block_rows > 1:
-            rd = r  # stacked experts: per-expert statistics need whole blocks
         head = [c[:rd] for c in chunks]
-        self._detail(np.stack(head).astype(np.float64), head)
+        self._detail(head, g if rd == r else gram32(head))
 
-    def _detail(self, x: np.ndarray, chunks: list[np.ndarray]) -> None:
-        """Secondary statistics on rows x (n, rd, cols) float64 and their float32 originals."""
-        rd = x.shape[1]
-        if self.block_rows > 1:
-            nb = rd // self.block_rows
-            xb = x.reshape(self.n, nb, self.block_rows * self.cols)
-            bg = np.einsum("ibk,jbk->bij", xb, xb)
-        else:
-            bg = np.einsum("irc,jrc->rij", x, x)
-        self.blocks.append(bg)
-        self.Gd += bg.sum(axis=0)
-        rs = x.sum(axis=2)
+    def _detail(self, head: list[np.ndarray], g: np.ndarray) -> None:
+        """Secondary statistics on the first rows of a chunk (float32 (rd, cols) per model) and their Gram."""
+        self.Gd += g
+        rs = np.stack([h.sum(axis=1, dtype=np.float64) for h in head])
         self.RR += rs @ rs.T
-        self.K += x.sum(axis=1)
-        self.detail_rows += rd
-        self.noise_floor += rounding_variance(chunks[0], self.suspect_dtype)
+        self.K += np.stack([h.sum(axis=0, dtype=np.float64) for h in head])
+        self.detail_rows += head[0].shape[0]
+        self.noise_floor += rounding_variance(head[0], self.suspect_dtype)
         if self.base is not None and self.sparse:
-            self._sparse(chunks)
+            self._sparse(head)
 
     def _sparse(self, chunks: list[np.ndarray]) -> None:
         b = self.base
@@ -157,6 +153,27 @@ class SlotAccumulator:
             active &= t != 0
         self.active_all += int(active.sum())
         self.zero_active_all += int((zero & active).sum())
+        if len(taus) >= 2:
+            pos = np.zeros_like(zero)
+            neg = np.zeros_like(zero)
+            for t in taus:
+                pos |= t > 0
+                neg |= t < 0
+            conflict = (pos & neg).ravel()
+            v = np.stack([delta.ravel()] + [t.ravel() for t in taus]).astype(np.float64)
+            vc = v[:, conflict]
+            va = v[:, ~conflict]
+            self.G_conflict += vc @ vc.T
+            self.G_agree += va @ va.T
+            if self._qs is None:  # quantile thresholds from the first chunk: a fixed, spread sample of the tensor
+                self._qs = [np.quantile(np.abs(t), TOP_LEVELS) for t in taus]
+            absd = [np.abs(t.ravel()) for t in taus]
+            for li in range(len(TOP_LEVELS)):
+                top = ~conflict
+                for a, q in zip(absd, self._qs, strict=True):
+                    top &= a >= q[li]
+                vt = v[:, top]
+                self.G_top[li] += vt @ vt.T
         for i, t in zip(parents, taus, strict=True):
             nz = t != 0
             lg = np.log2(np.abs(t[nz]).astype(np.float64))
@@ -166,7 +183,6 @@ class SlotAccumulator:
             self.hist_kept[i] += np.histogram(lg[~z], HIST_EDGES)[0]
 
     def finish(self) -> SlotStats:
-        blocks = np.concatenate(self.blocks) if self.blocks else np.zeros((0, self.n, self.n))
         numel = self.rows * self.cols
         dn = self.detail_rows * self.cols
         T = self.K.sum(axis=1)
@@ -177,10 +193,11 @@ class SlotAccumulator:
             Gc = self.Gd - np.outer(T, T) / max(dn, 1)
             dof = max(dn - 1, 0)
         scale = numel / dn if dn else 1.0
-        return SlotStats(self.n, self.rows, self.cols, numel, self.G, Gc, dof, blocks, self.equal, self.nonfinite,
+        return SlotStats(self.n, self.rows, self.cols, numel, self.G, Gc, dof, self.equal, self.nonfinite,
                          self.noise_floor * scale, self.base, self.zero_delta, self.active_all, self.zero_active_all,
                          self.hist_kept, self.hist_dropped, self.hist_all, detail_numel=dn,
-                         detail_noise_floor=self.noise_floor, Gd=self.Gd)
+                         detail_noise_floor=self.noise_floor, Gd=self.Gd, G_agree=self.G_agree,
+                         G_conflict=self.G_conflict, G_top=self.G_top)
 
 
 @dataclass
@@ -194,7 +211,6 @@ class SlotStats:
     G: np.ndarray  # raw Gram
     Gc: np.ndarray  # double-centred Gram
     dof: int  # degrees of freedom of the centred statistics
-    blocks: np.ndarray  # (blocks, n, n) per leading-axis Gram
     equal: np.ndarray  # elements exactly equal to the suspect's, per model
     nonfinite: np.ndarray
     noise_floor: float  # expected squared rounding error of the suspect's storage dtype
@@ -208,6 +224,9 @@ class SlotStats:
     detail_numel: int = 0
     detail_noise_floor: float = 0.0
     Gd: np.ndarray | None = None
+    G_agree: np.ndarray | None = None
+    G_conflict: np.ndarray | None = None
+    G_top: np.ndarray | None = None
 
     def corr(self, i: int, j: int = 0) -> float:
         d = self.Gc[i, i] * self.Gc[j, j]

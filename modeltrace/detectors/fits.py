@@ -60,64 +60,35 @@ def _solve_sum1(G: np.ndarray, idx: list[int]) -> tuple[np.ndarray, float]:
 
 
 def slerp_coefficients(g: np.ndarray, ia: int, ib: int, t: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
-    """mergekit's per-row SLERP coefficients for blocks of Grams g (blocks, n, n) at interpolation t."""
-    na = np.sqrt(np.maximum(g[:, ia, ia], 0))
-    nb = np.sqrt(np.maximum(g[:, ib, ib], 0))
-    na = np.where(na > 1e-8, na, 1.0)
-    nb = np.where(nb > 1e-8, nb, 1.0)
-    dot = np.clip(g[:, ia, ib] / (na * nb), -1, 1)
-    lin = np.abs(dot) > SLERP_DOT_THRESHOLD
-    theta = np.arccos(np.where(lin, 0.0, dot))
-    sin_t = np.where(lin, 1.0, np.sin(theta))
-    t = np.asarray(t, dtype=float)[..., None]
-    ca = np.where(lin, 1 - t, np.sin((1 - t) * theta) / sin_t)
-    cb = np.where(lin, t, np.sin(t * theta) / sin_t)
-    return ca, cb
+    """mergekit's SLERP coefficients for models ia (t=0) and ib (t=1) given their Gram g, at interpolation t.
+
+    The angle is measured between the whole flattened tensors (mergekit 0.1.5 as run on real checkpoints; verified
+    against its output), and nearly collinear tensors fall back to linear interpolation."""
+    na, nb = math.sqrt(max(g[ia, ia], 0)), math.sqrt(max(g[ib, ib], 0))
+    na, nb = (na if na > 1e-8 else 1.0), (nb if nb > 1e-8 else 1.0)
+    dot = float(np.clip(g[ia, ib] / (na * nb), -1, 1))
+    t = np.asarray(t, dtype=float)
+    if abs(dot) > SLERP_DOT_THRESHOLD:
+        return 1 - t, t
+    theta = math.acos(dot)
+    return np.sin((1 - t) * theta) / math.sin(theta), np.sin(t * theta) / math.sin(theta)
 
 
 def slerp_rss(g: np.ndarray, ia: int, ib: int, ts: np.ndarray) -> np.ndarray:
-    """Total residual of SLERP(t) for each t in ts, summed over blocks."""
     ca, cb = slerp_coefficients(g, ia, ib, ts)
-    rss = (g[:, 0, 0] - 2 * (ca * g[:, 0, ia] + cb * g[:, 0, ib]) + ca * ca * g[:, ia, ia]
-           + 2 * ca * cb * g[:, ia, ib] + cb * cb * g[:, ib, ib])
-    return rss.sum(axis=-1)
+    return (g[0, 0] - 2 * (ca * g[0, ia] + cb * g[0, ib]) + ca * ca * g[ia, ia] + 2 * ca * cb * g[ia, ib]
+            + cb * cb * g[ib, ib])
 
 
 def fit_slerp(st: SlotStats, ia: int, ib: int) -> tuple[float, float]:
     """Best t in [0, 1] and its residual (coarse grid, then refined)."""
-    if st.blocks.shape[0] == 0:
-        return 0.0, float("inf")
     ts = np.linspace(0, 1, 101)
-    r = slerp_rss(st.blocks, ia, ib, ts)
+    r = slerp_rss(st.G, ia, ib, ts)
     i = int(np.argmin(r))
-    lo, hi = ts[max(i - 1, 0)], ts[min(i + 1, len(ts) - 1)]
-    ts2 = np.linspace(lo, hi, 201)
-    r2 = slerp_rss(st.blocks, ia, ib, ts2)
+    ts2 = np.linspace(ts[max(i - 1, 0)], ts[min(i + 1, len(ts) - 1)], 201)
+    r2 = slerp_rss(st.G, ia, ib, ts2)
     j = int(np.argmin(r2))
     return float(ts2[j]), max(float(r2[j]), 0.0)
-
-
-def magnitude_auc(st: SlotStats, i: int) -> float:
-    """P(|tau| of a surviving entry > |tau| of a dropped one): ~0.5 random drop (DARE), ~1 magnitude (TIES)."""
-    kept, dropped = st.hist_kept[i].astype(float), st.hist_dropped[i].astype(float)
-    nk, nd = kept.sum(), dropped.sum()
-    if nk == 0 or nd == 0:
-        return float("nan")
-    cum_d = np.cumsum(dropped) - dropped  # dropped entries strictly below each bin
-    return float((kept * (cum_d + 0.5 * dropped)).sum() / (nk * nd))
-
-
-def top_dropped_fraction(st: SlotStats, i: int, top: float = 0.005) -> float:
-    """Share of the largest |tau| entries that were dropped: high only for breadcrumbs (outliers removed)."""
-    allh = st.hist_all[i].astype(float)
-    total = allh.sum()
-    if total == 0:
-        return float("nan")
-    cum = np.cumsum(allh[::-1])
-    nb = int(np.searchsorted(cum, top * total)) + 1
-    top_all = allh[::-1][:nb].sum()
-    top_dropped = st.hist_dropped[i][::-1][:nb].sum()
-    return float(top_dropped / top_all) if top_all else float("nan")
 
 
 def magnitude_threshold_density(st: SlotStats, i: int) -> float:
@@ -157,14 +128,16 @@ def fit_slot(st: SlotStats, cands: list[int], base: int | None) -> SlotFit:
         if rss_c <= floor:
             return result("copy", {c: 1.0}, rss_c)
     parents = [c for c in cands if c != base]
-    # 3. SLERP between two parents (no base weight): angle per row, so it can beat the per-tensor linear fit.
-    if len(parents) == 2 and st.Gd is not None:
-        # Judged on the rows that carry per-row Grams (all rows for small tensors, a spread subset otherwise).
-        t, rss_s = fit_slerp(st, parents[0], parents[1])
-        w_n, rss_n = _solve_sum1(st.Gd, parents)
-        floor_d = FLOOR_FACTOR * st.detail_noise_floor + 1e-12 * st.Gd[0, 0]
-        if rss_s <= floor_d and rss_s < 0.9 * rss_n:
-            return SlotFit("slerp", {parents[0]: 1 - t, parents[1]: t}, rss_s / st.Gd[0, 0], True, {"t": t}, free, rel)
+    # 3. SLERP between two models (mergekit calls one of them the base): the angle is per row, so SLERP can
+    #    explain the suspect where every per-tensor linear fit leaves a residual.
+    pair = cands if len(cands) == 2 else (parents if len(parents) == 2 else None)
+    if pair is not None:
+        if base in pair:  # orient as mergekit does: t = 0 is the base model
+            pair = [base] + [c for c in pair if c != base]
+        t, rss_s = fit_slerp(st, pair[0], pair[1])
+        w_n, rss_n = _solve_sum1(st.G, list(pair))
+        if rss_s <= floor and rss_s < 0.5 * rss_n:
+            return result("slerp", {pair[0]: 1 - t, pair[1]: t}, rss_s, t=t)
     # 4. The linear family, when the free fit explains the suspect.
     if rss_free <= floor:
         if base is not None and abs(free[base]) > 0.01:
@@ -182,11 +155,13 @@ def fit_slot(st: SlotStats, cands: list[int], base: int | None) -> SlotFit:
             return result("linear", {c: float(w) for c, w in zip(used or cands, w_n, strict=True)}, rss_n,
                           sum_weights=1.0, normalized=1.0)
         return result("linear", free, rss_free, sum_weights=sum(free.values()), normalized=0.0)
-    # 5. Sparse task-vector merges: suspect == base exactly where every parent changed the weight.
+    # 5. Sparse task-vector merges: suspect == base exactly where every parent changed the weight, and the
+    #    suspect's delta is still mostly a combination of the parents' task vectors.
     if base is not None and parents and st.active_all > 1000:
         zero_active = st.zero_active_all / st.active_all
-        if zero_active > 0.05:
-            return _sparse_fit(st, parents, base, free, rss_free, zero_active)
+        r2_delta = _delta_r2(st, parents, base)
+        if zero_active > 0.04 and r2_delta > 0.5:
+            return _sparse_fit(st, parents, base, free, rss_free, zero_active, r2_delta)
     # 6. Not a recipe over these candidates: a fine-tune (one dominant candidate) or unexplained.
     dom = max(cands, key=lambda c: abs(st.corr(c)))
     if abs(st.corr(dom)) > 0.3 and abs(free[dom]) > 0.5 and sum(abs(free[c]) for c in cands if c != dom) < 0.35:
@@ -220,24 +195,85 @@ def _model_stock(st: SlotStats, parents: list[int], base: int, lam: dict[int, fl
     return None
 
 
+def _delta_r2(st: SlotStats, parents: list[int], base: int) -> float:
+    """R^2 of (suspect - base) regressed on the parents' task vectors (parent - base)."""
+    idx = [0] + parents
+    T = np.zeros((len(idx), st.n))
+    for r, i in enumerate(idx):
+        T[r, i] = 1
+        T[r, base] -= 1
+    D = T @ st.G @ T.T
+    if D[0, 0] <= 0:
+        return 0.0
+    _, rss = _solve(D, list(range(1, len(idx))))
+    return 1 - rss / D[0, 0]
+
+
+def top_zero_ratio(st: SlotStats, i: int, top: float = 0.1) -> float:
+    """P(suspect == base | parent i's |tau| in its top decile) / P(suspect == base | tau != 0).
+
+    0 for magnitude trimming (TIES keeps the top entries), ~1 for random dropping (DARE), in between for
+    magnitude-ranked random dropping (DELLA)."""
+    allh = st.hist_all[i].astype(float)
+    dropped = st.hist_dropped[i].astype(float)
+    total, zeros = allh.sum(), dropped.sum()
+    if total == 0 or zeros == 0:
+        return float("nan")
+    cum = np.cumsum(allh[::-1])
+    nb = int(np.searchsorted(cum, top * total)) + 1
+    return float((dropped[::-1][:nb].sum() / allh[::-1][:nb].sum()) / (zeros / total))
+
+
+def _sign_election(st: SlotStats, k: int) -> tuple[dict[int, float], float]:
+    """Task-vector weights fitted where parents agree in sign, and how differently the conflict entries behave.
+
+    Without sign election (dare_linear) one set of weights fits both; with it (TIES, dare_ties, DELLA) the minority
+    sign is dropped, so the weights fitted on conflicting entries differ."""
+    if st.G_agree is None or st.G_conflict is None or st.G_agree[0, 0] <= 0:
+        return {}, float("nan")
+    idx = list(range(1, k + 1))
+    wa, _ = _solve(st.G_agree, idx)
+    if st.G_conflict[0, 0] <= 0:
+        return {i: float(w) for i, w in zip(idx, wa, strict=True)}, float("nan")
+    wc, rss_c = _solve(st.G_conflict, idx)
+    # residual on conflicting entries when the agree-fitted weights are imposed, relative to their own fit
+    b = st.G_conflict[idx, 0]
+    A = st.G_conflict[np.ix_(idx, idx)]
+    rss_imposed = float(st.G_conflict[0, 0] - 2 * wa @ b + wa @ A @ wa)
+    excess = (rss_imposed - rss_c) / max(st.G_conflict[0, 0], 1e-300)
+    return {i: float(w) for i, w in zip(idx, wa, strict=True)}, float(excess + float(np.abs(wc - wa).max()))
+
+
 def _sparse_fit(st: SlotStats, parents: list[int], base: int, free: dict[int, float], rss_free: float,
-                zero_active: float) -> SlotFit:
-    aucs = [magnitude_auc(st, p) for p in parents]
-    auc = float(np.nanmean(aucs)) if not all(np.isnan(aucs)) else float("nan")
-    top_drop = float(np.nanmean([top_dropped_fraction(st, p) for p in parents]))
+                zero_active: float, r2_delta: float) -> SlotFit:
     k = len(parents)
-    lam = {c: free[c] for c in parents}
-    params: dict[str, float] = {"zero_fraction": zero_active, "magnitude_auc": auc, "top_dropped": top_drop}
-    if top_drop > 0.5 and auc > 0.55:
-        method = "breadcrumbs"
-    elif auc >= 0.9:
+    ratios = [top_zero_ratio(st, p) for p in parents]
+    ratio = float(np.nanmean(ratios)) if not all(np.isnan(ratios)) else float("nan")
+    agree_w, election = _sign_election(st, k)
+    lam = {c: agree_w.get(j + 1, free[c]) for j, c in enumerate(parents)}
+    params: dict[str, float] = {"zero_fraction": zero_active, "top_zero_ratio": ratio, "delta_r2": r2_delta,
+                                "sign_election": election}
+    elected = bool(election > 0.05) if np.isfinite(election) else False
+    if ratio <= 0.05:
         method = "ties"
         params["density"] = float(np.mean([magnitude_threshold_density(st, p) for p in parents]))
-    elif auc <= 0.6:
-        method = "dare"
+        # Where every parent is in its top decile and signs agree, TIES keeps all of them and takes their
+        # weighted mean: the fit there gives the weights (normalized to sum 1, as mergekit's default normalize).
+        if st.G_top is not None:
+            from modeltrace.detectors.accumulate import TOP_LEVELS
+
+            need = 1 - params["density"] + 0.01
+            level = next((i for i, q in enumerate(TOP_LEVELS) if q >= need), len(TOP_LEVELS) - 1)
+            if st.G_top[level, 0, 0] > 0:
+                wt, _ = _solve(st.G_top[level], list(range(1, k + 1)))
+                lam = {c: float(wt[j]) for j, c in enumerate(parents)}
+    elif ratio >= 0.75:
+        method = "dare_ties" if elected else "dare_linear"
         params["density"] = float(1 - zero_active ** (1 / k))
-    else:
+    elif ratio >= 0.2:
         method = "della"
         params["density"] = float(1 - zero_active ** (1 / k))
+    else:
+        method = "sparse"
     g00 = st.G[0, 0]
     return SlotFit(method, lam, rss_free / g00, False, params, free, rss_free / g00)

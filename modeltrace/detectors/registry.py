@@ -40,6 +40,8 @@ register("breadcrumbs", "task vectors with both the largest outliers and the sma
          "Davari & Belilovsky, Model Breadcrumbs, ECCV 2024, arXiv:2312.06795", "sparse")
 register("della", "magnitude-ranked stochastic dropping (MagPrune) with sign election",
          "Deep et al., DELLA-Merging, arXiv:2406.11617", "sparse")
+register("sparse", "a sparsified task-vector merge whose sparsifier is not identified (breadcrumbs-like)",
+         "Davari & Belilovsky, arXiv:2312.06795; Yadav et al., arXiv:2306.01708", "sparse")
 register("passthrough", "layers copied whole from parents and stacked (frankenmerge)",
          "Kim et al., SOLAR 10.7B depth up-scaling, arXiv:2312.15166", "stack")
 register("finetune", "the parent plus one training delta",
