@@ -37,6 +37,7 @@ def rounding_variance(x: np.ndarray, dtype: str) -> float:
 
 #: Quantile levels of |task vector| at which agreement Grams are kept (see SlotAccumulator._sparse).
 TOP_LEVELS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9)
+OUTLIER_LEVEL = 0.99
 #: Tensors up to this many elements get every statistic on every row.
 DETAIL_ALL_BELOW = 1 << 20
 #: Above it, the secondary statistics (centring sums, per-row Grams, rounding floor, sparsity histograms) use this
@@ -104,6 +105,8 @@ class SlotAccumulator:
         # entries above 1 - density; the lowest such level gives the best-conditioned weight fit)
         self.G_top = np.zeros((len(TOP_LEVELS), k + 1, k + 1))
         self._qs: list[np.ndarray] | None = None
+        # ... where parent i alone is in its top 1% (breadcrumbs drops exactly these outliers)
+        self.G_outlier = np.zeros((k, k + 1, k + 1))
         self.fraction = 1.0 if self.total_rows * self.cols <= DETAIL_ALL_BELOW else DETAIL_FRACTION
 
     def update(self, chunks: list[np.ndarray]) -> None:
@@ -166,7 +169,7 @@ class SlotAccumulator:
             self.G_conflict += vc @ vc.T
             self.G_agree += va @ va.T
             if self._qs is None:  # quantile thresholds from the first chunk: a fixed, spread sample of the tensor
-                self._qs = [np.quantile(np.abs(t), TOP_LEVELS) for t in taus]
+                self._qs = [np.quantile(np.abs(t), (*TOP_LEVELS, OUTLIER_LEVEL)) for t in taus]
             absd = [np.abs(t.ravel()) for t in taus]
             for li in range(len(TOP_LEVELS)):
                 top = ~conflict
@@ -174,6 +177,9 @@ class SlotAccumulator:
                     top &= a >= q[li]
                 vt = v[:, top]
                 self.G_top[li] += vt @ vt.T
+            for j, (a, q) in enumerate(zip(absd, self._qs, strict=True)):
+                vo = v[:, a >= q[-1]]
+                self.G_outlier[j] += vo @ vo.T
         for i, t in zip(parents, taus, strict=True):
             nz = t != 0
             lg = np.log2(np.abs(t[nz]).astype(np.float64))
@@ -197,7 +203,7 @@ class SlotAccumulator:
                          self.noise_floor * scale, self.base, self.zero_delta, self.active_all, self.zero_active_all,
                          self.hist_kept, self.hist_dropped, self.hist_all, detail_numel=dn,
                          detail_noise_floor=self.noise_floor, Gd=self.Gd, G_agree=self.G_agree,
-                         G_conflict=self.G_conflict, G_top=self.G_top)
+                         G_conflict=self.G_conflict, G_top=self.G_top, G_outlier=self.G_outlier)
 
 
 @dataclass
@@ -227,6 +233,7 @@ class SlotStats:
     G_agree: np.ndarray | None = None
     G_conflict: np.ndarray | None = None
     G_top: np.ndarray | None = None
+    G_outlier: np.ndarray | None = None
 
     def corr(self, i: int, j: int = 0) -> float:
         d = self.Gc[i, i] * self.Gc[j, j]

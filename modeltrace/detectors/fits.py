@@ -162,6 +162,12 @@ def fit_slot(st: SlotStats, cands: list[int], base: int | None) -> SlotFit:
         r2_delta = _delta_r2(st, parents, base)
         if zero_active > 0.04 and r2_delta > 0.5:
             return _sparse_fit(st, parents, base, free, rss_free, zero_active, r2_delta)
+        outliers = _outlier_weights(st, parents)
+        if r2_delta > 0.8 and outliers is not None and outliers < 0.3:
+            fit = _sparse_fit(st, parents, base, free, rss_free, zero_active, r2_delta)
+            fit.method = "breadcrumbs"
+            fit.params["outlier_weight_ratio"] = outliers
+            return fit
     # 6. Not a recipe over these candidates: a fine-tune (one dominant candidate) or unexplained.
     dom = max(cands, key=lambda c: abs(st.corr(c)))
     if abs(st.corr(dom)) > 0.3 and abs(free[dom]) > 0.5 and sum(abs(free[c]) for c in cands if c != dom) < 0.35:
@@ -207,6 +213,25 @@ def _delta_r2(st: SlotStats, parents: list[int], base: int) -> float:
         return 0.0
     _, rss = _solve(D, list(range(1, len(idx))))
     return 1 - rss / D[0, 0]
+
+
+def _outlier_weights(st: SlotStats, parents: list[int]) -> float | None:
+    """Largest ratio, over parents, of a parent's weight fitted on its own top-1% entries to its weight elsewhere.
+
+    ~1 when every entry of a task vector is used; ~0 when its outliers were removed (Model Breadcrumbs)."""
+    if st.G_outlier is None or st.G_agree is None or st.G_agree[0, 0] <= 0:
+        return None
+    k = len(parents)
+    idx = list(range(1, k + 1))
+    wa, _ = _solve(st.G_agree, idx)
+    ratios = []
+    for j in range(k):
+        g = st.G_outlier[j]
+        if g[j + 1, j + 1] <= 0 or abs(wa[j]) < 1e-6:
+            return None
+        wo, _ = _solve(g, idx)
+        ratios.append(wo[j] / wa[j])
+    return float(max(ratios))
 
 
 def top_zero_ratio(st: SlotStats, i: int, top: float = 0.1) -> float:
