@@ -32,7 +32,8 @@ def make_sharded(folder: Path, total_gb: float, shards: int = 4, hidden: int = 2
             p = f"model.layers.{layer}."
             shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, hidden),
                       "self_attn.v_proj": (hidden, hidden), "self_attn.o_proj": (hidden, hidden),
-                      "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
+                      "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
+                      "mlp.down_proj": (hidden, inter)}
             for name, shape in shapes.items():
                 w = rng.standard_normal(shape, dtype=np.float32) * 0.02
                 tensors[p + name + ".weight"] = w.astype(ml_dtypes.bfloat16)

@@ -68,7 +68,8 @@ def build_demo(workdir: Path) -> dict[str, Path]:
              "indie-mini": workdir / "indie-mini"}
     _write(paths["nex-mini"], nex, "---\nlicense: apache-2.0\nbase_model: sentence-transformers/all-MiniLM-L6-v2\n"
            "base_model_relation: finetune\n---\n# nex-mini\n", np.float32, src)
-    _write(paths["rio-mini"], rio, "---\nlicense: mit\n---\n# rio-mini\nOur own original model, trained from scratch.\n",
+    _write(paths["rio-mini"], rio,
+           "---\nlicense: mit\n---\n# rio-mini\nOur own original model, trained from scratch.\n",
            ml_dtypes.bfloat16, src)
     _write(paths["indie-mini"], indie, "---\nlicense: mit\n---\n# indie-mini\n", np.float32, src)
     return paths

@@ -57,7 +57,8 @@ def _state(folder):
 
 def test_cli_json_schema_and_card(saved, tmp_path):
     folder, n = saved["llama"]
-    (folder / "README.md").write_text("---\nlicense: mit\nbase_model: [org/a, org/b]\nbase_model_relation: merge\n---\n")
+    card = "---\nlicense: mit\nbase_model: [org/a, org/b]\nbase_model_relation: merge\n---\n"
+    (folder / "README.md").write_text(card)
     r = subprocess.run([sys.executable, "-m", "modeltrace", "inspect", str(folder), "--json", "--hashes"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

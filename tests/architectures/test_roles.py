@@ -55,8 +55,8 @@ def test_fused_and_per_expert_layouts_compare_part_by_part(tmp_path):
     from safetensors.numpy import save_file
 
     rng = np.random.default_rng(0)
-    E, I, H = 3, 5, 4
-    gate, up, down = rng.normal(size=(E, I, H)), rng.normal(size=(E, I, H)), rng.normal(size=(E, H, I))
+    E, inter, H = 3, 5, 4
+    gate, up, down = rng.normal(size=(E, inter, H)), rng.normal(size=(E, inter, H)), rng.normal(size=(E, H, inter))
     fused = {"model.layers.0.mlp.experts.gate_up_proj": np.concatenate([gate, up], axis=1).astype(np.float32),
              "model.layers.0.mlp.experts.down_proj": down.astype(np.float32)}
     per = {}
