@@ -80,3 +80,28 @@ def test_mergekit_yaml_names_method_and_parents(corpus):
     assert cfg["merge_method"] == "linear"
     weights = {m["model"].rsplit("/", 1)[-1]: m["parameters"]["weight"] for m in cfg["models"]}
     assert weights == {"ft_a1": 0.6, "ft_a2": 0.4}
+
+
+def test_partial_derivation(corpus, tmp_path):
+    """Layers 0-1 and embeddings from ft_a1, layers 2-3 from an unrelated model: partly derived."""
+    import json
+    import shutil
+
+    import ml_dtypes  # noqa: F401 - registers bfloat16 with numpy for safetensors.numpy
+    from safetensors.numpy import load_file, save_file
+
+    from modeltrace.audit import run_audit
+    from modeltrace.verdict import decide
+
+    a = load_file(str(corpus.path("ft_a1") / "model.safetensors"))
+    b = load_file(str(corpus.path("indep_03") / "model.safetensors"))
+    mixed = {k: (b[k] if any(f"layers.{i}." in k for i in (2, 3)) else a[k]) for k in a}
+    out = tmp_path / "partial"
+    out.mkdir()
+    save_file(mixed, str(out / "model.safetensors"))
+    shutil.copy(corpus.path("ft_a1") / "config.json", out / "config.json")
+    v = decide(run_audit(str(out), [str(corpus.path("ft_a1"))]))
+    assert v["relation"] == "partial", v["summary"]
+    assert v["derived_layers"][:3] == [-1, 0, 1] or v["derived_layers"][:2] == [0, 1]
+    assert 2 not in v["derived_layers"] and 3 not in v["derived_layers"]
+    assert json.dumps(v)
