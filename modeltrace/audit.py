@@ -25,7 +25,7 @@ from modeltrace.detectors.fits import SlotFit, fit_slot
 from modeltrace.errors import InputError
 from modeltrace.stats import fisher_z
 
-DEFAULT_AUDIT_CHUNK = 16 * 1024 * 1024
+DEFAULT_AUDIT_CHUNK = 4 * 1024 * 1024
 
 
 @dataclass

@@ -303,6 +303,9 @@ def demo_cmd(
 
 
 def main() -> None:
+    from modeltrace.commands import register_all
+
+    register_all(app)
     app()
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from modeltrace.errors import InputError
 
 #: Default chunk budget for streamed reads, in bytes of float32 output.
-DEFAULT_CHUNK_BYTES = 32 * 1024 * 1024
+DEFAULT_CHUNK_BYTES = 1024 * 1024  # small chunks stay in cache and reuse allocations (measured fastest)
 
 #: Text files larger than this are not read (config, tokenizer and card files are far smaller).
 MAX_TEXT_BYTES = 64 * 1024 * 1024
