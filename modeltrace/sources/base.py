@@ -8,9 +8,12 @@ chunks of bounded size, and a remote source fetches exactly the byte range of th
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +27,18 @@ DEFAULT_CHUNK_BYTES = 1024 * 1024  # small chunks stay in cache and reuse alloca
 
 #: Text files larger than this are not read (config, tokenizer and card files are far smaller).
 MAX_TEXT_BYTES = 64 * 1024 * 1024
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _prefetch_pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="modeltrace-read")
+        return _POOL
 
 
 @dataclass(frozen=True)
@@ -81,6 +96,8 @@ class Source(ABC):
     location: str
     #: short format name: safetensors, gguf, pytorch
     format: str
+    #: whether reads may run on several threads at once
+    thread_safe: bool = True
 
     def __init__(self) -> None:
         self.stats = ReadStats()
@@ -120,21 +137,35 @@ class Source(ABC):
         return self.read_rows(name).reshape(info.shape)
 
     def iter_rows(
-        self, name: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES, row_step: int = 1
+        self, name: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES, row_step: int = 1, prefetch: int = 2
     ) -> Iterator[tuple[int, np.ndarray]]:
         """Stream a tensor as (first_row, float32 chunk) pairs, each at most `chunk_bytes` of output.
 
-        With `row_step > 1` only every `row_step`-th block of rows is read (sampling); blocks stay contiguous so
-        that remote reads remain few and large.
+        Up to `prefetch` chunks are read and decoded ahead on worker threads (reads and numpy release the GIL), so
+        decoding overlaps I/O; memory stays bounded by (prefetch + 1) chunks. With `row_step > 1` only every
+        `row_step`-th row is read (sampling).
         """
         info = self.info(name)
-        per_chunk = max(1, chunk_bytes // max(1, info.cols * 4))
-        if row_step <= 1:
-            for start in range(0, info.rows, per_chunk):
-                yield start, self.read_rows(name, start, start + per_chunk)
+        if row_step > 1:
+            ranges = [(a, a + 1) for a in range(0, info.rows, row_step)]
+        else:
+            per_chunk = max(1, chunk_bytes // max(1, info.cols * 4))
+            ranges = [(a, min(a + per_chunk, info.rows)) for a in range(0, info.rows, per_chunk)]
+        if prefetch <= 0 or not self.thread_safe or len(ranges) < 3:
+            for a, b in ranges:
+                yield a, self.read_rows(name, a, b)
             return
-        for start in range(0, info.rows, row_step):
-            yield start, self.read_rows(name, start, start + 1)
+        pool = _prefetch_pool()
+        pending: deque[tuple[int, Future]] = deque()
+        todo = iter(ranges)
+        for a, b in itertools.islice(todo, prefetch):
+            pending.append((a, pool.submit(self.read_rows, name, a, b)))
+        while pending:
+            a, fut = pending.popleft()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append((nxt[0], pool.submit(self.read_rows, name, *nxt)))
+            yield a, fut.result()
 
     # ---- files ---------------------------------------------------------------------------------------------
     @abstractmethod

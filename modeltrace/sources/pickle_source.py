@@ -380,6 +380,8 @@ def _unwrap(obj: object, where: str) -> dict:
 class PickleSource(Source):
     """A PyTorch zip checkpoint (one file, or a Hugging Face folder with pytorch_model.bin / its shards)."""
 
+    thread_safe = False  # compressed members are read through one shared ZipFile handle
+
     format = "pytorch"
 
     def __init__(self, path: Path, folder: Path | None = None) -> None:
