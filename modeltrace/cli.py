@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from modeltrace.errors import ModelTraceError
+from modeltrace.errors import InputError, ModelTraceError
 
 app = typer.Typer(
     name="modeltrace",
@@ -66,6 +66,76 @@ def guarded(fn: Callable) -> Callable:
 
 def print_json(doc: Any) -> None:
     sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+
+
+# ---- report options shared by every command that produces findings (modeltrace/report) ----------------------------
+FormatOpt = Annotated[str | None, typer.Option("--format", "-f", help="Report format: json, md, html, cyclonedx "
+                                               "(CycloneDX 1.6 ML-BOM) or spdx (SPDX 3.0.1 AI). Default: a terminal "
+                                               "summary; with --output, taken from the file name.")]
+OutputOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Write the report to this file (the terminal "
+                                                "summary is still printed).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Same as --format json.")]
+FailOnOpt = Annotated[list[str] | None, typer.Option("--fail-on", help="Exit 1 when a finding of severity medium or "
+                                                     "above is in this class: undisclosed (derivation the card does "
+                                                     "not disclose), license, or any. Repeatable.")]
+
+
+def _report_format(fmt: str | None, json_out: bool, output: Path | None) -> str | None:
+    from modeltrace.report.formats import FORMATS, format_for
+
+    if json_out:
+        if fmt not in (None, "json"):
+            raise InputError(f"--json and --format {fmt} contradict each other")
+        fmt = "json"
+    if fmt is None and output is not None:
+        fmt = format_for(output)
+    if fmt is not None and fmt not in FORMATS:
+        raise InputError(f"unknown report format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return fmt
+
+
+def render_findings(findings: list) -> None:
+    if not findings:
+        return
+    colours = {"critical": "bold red", "high": "red", "medium": "yellow", "low": "cyan", "info": "dim"}
+    several = len({f.subject for f in findings}) > 1
+    t = Table(title="findings (model card and licences vs the weights)")
+    if several:
+        t.add_column("model")
+    t.add_column("severity")
+    t.add_column("finding")
+    t.add_column("detail")
+    for f in findings:
+        row = [f"[{colours[f.severity]}]{f.severity}[/]", f"{f.title} ({f.code})", f.detail]
+        t.add_row(*([f.subject] if several else []), *row)
+    out.print(t)
+
+
+def deliver(report: Any, fmt: str | None, output: Path | None, text: Callable[[], None]) -> None:
+    """Terminal summary and/or the report in the asked format, on stdout or in --output."""
+    from modeltrace.report import formats
+
+    if fmt is None or output is not None:
+        text()
+        render_findings(report.findings)
+    if fmt is None:
+        return
+    if output is None:
+        sys.stdout.write(formats.render(report, fmt))
+        return
+    size = formats.write(report, fmt, output)
+    err.print(f"wrote {fmt} report to {output} ({_human_bytes(size)})", markup=False, highlight=False)
+
+
+def gate(report: Any, fail_on: list[str]) -> None:
+    from modeltrace.report.gate import tripped
+
+    hits = tripped(report, fail_on)
+    if hits:
+        worst = hits[0]
+        err.print(f"modeltrace: --fail-on {','.join(fail_on)}: {len(hits)} finding(s), e.g. {worst.severity} "
+                  f"{worst.code}: {worst.title}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
 
 
 def _human_bytes(n: int | None) -> str:
@@ -142,11 +212,14 @@ def render_description(d: dict) -> None:
 @guarded
 def inspect_cmd(
     model: Annotated[str, typer.Argument(help="A model folder, a .safetensors/.gguf file, or hf://owner/name[@rev].")],
-    json_out: Annotated[bool, typer.Option("--json", help="Print the description as JSON (schema in docs/).")] = False,
+    json_out: JsonOpt = False,
     hashes: Annotated[bool, typer.Option("--hashes", help="Also compute SHA-256 of every weight file (reads all).")]
     = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Read PyTorch .bin pickles with a restricted "
                                                "loader that never runs code.")] = False,
+    fmt: FormatOpt = None,
+    output: OutputOpt = None,
+    fail_on: FailOnOpt = None,
 ) -> None:
     """Describe a checkpoint: architecture, parameters (MoE aware), dtypes, shards, tokenizer, model card.
 
@@ -154,15 +227,21 @@ def inspect_cmd(
 
     Example: modeltrace inspect ./my-model --json
     """
+    from modeltrace.align.view import label_for
     from modeltrace.describe import describe
+    from modeltrace.report.build import inspect_subject, new_report
+    from modeltrace.report.gate import check_gates
     from modeltrace.sources import open_source
+    from modeltrace.sources.base import recording_remote_ranges
 
-    with open_source(model, allow_pickle=allow_pickle) as src:
+    fmt = _report_format(fmt, json_out, output)
+    gates = check_gates(fail_on)
+    with recording_remote_ranges(), open_source(model, allow_pickle=allow_pickle) as src:
         d = describe(src, hashes=hashes)
-    if json_out:
-        print_json(d)
-    else:
-        render_description(d)
+        subject, findings = inspect_subject(label_for(model), model, d, src, hashes=hashes)
+    report = new_report("inspect", [subject], findings)
+    deliver(report, fmt, output, lambda: render_description(d))
+    gate(report, gates)
 
 
 def render_audit(v: dict) -> None:
@@ -235,7 +314,7 @@ def audit_cmd(
                                              "arithmetic, TIES, DARE detection).")] = None,
     sample: Annotated[float | None, typer.Option(help="Read only this fraction of rows per tensor (e.g. 0.01).")]
     = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the verdict as JSON.")] = False,
+    json_out: JsonOpt = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Read .bin pickles with the restricted loader.")]
     = False,
     verify: Annotated[bool, typer.Option("--verify", help="Replay the recovered recipe with modeltrace's own merge "
@@ -244,6 +323,11 @@ def audit_cmd(
                                                     "to this file.")] = None,
     fail_on_derived: Annotated[bool, typer.Option("--fail-on-derived", help="Exit 1 unless the suspect comes out "
                                                   "independent of every candidate (CI gate).")] = False,
+    fmt: FormatOpt = None,
+    output: OutputOpt = None,
+    fail_on: FailOnOpt = None,
+    hashes: Annotated[bool, typer.Option("--hashes", help="Evidence: hash every local weight file of every model in "
+                                         "full (default: the suspect in full, others sampled).")] = False,
 ) -> None:
     """What was SUSPECT made from, and exactly how? Compares weights tensor by tensor, streaming.
 
@@ -254,10 +338,15 @@ def audit_cmd(
     """
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 
-    from modeltrace.audit import run_audit
+    from modeltrace.audit import DEFAULT_AUDIT_CHUNK, run_audit
+    from modeltrace.report.build import audit_parameters, audit_subject, new_report
+    from modeltrace.report.gate import check_gates
+    from modeltrace.sources.base import recording_remote_ranges
     from modeltrace.verdict import decide
 
-    show = not json_out and err.is_terminal
+    fmt = _report_format(fmt, json_out, output)
+    gates = check_gates(fail_on)
+    show = (fmt is None or output is not None) and err.is_terminal
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TimeRemainingColumn(),
                   console=err, disable=not show, transient=True) as bar:
         task = bar.add_task("streaming weights", total=None)
@@ -265,8 +354,9 @@ def audit_cmd(
         def progress(done: int, total: int) -> None:
             bar.update(task, completed=done * 4, total=total * 4)
 
-        run = run_audit(suspect, list(candidate), base=base, sample=sample, progress=progress,
-                        allow_pickle=allow_pickle)
+        with recording_remote_ranges():
+            run = run_audit(suspect, list(candidate), base=base, sample=sample, progress=progress,
+                            allow_pickle=allow_pickle)
     verdict = decide(run)
     from modeltrace.recipe import replay, to_mergekit, to_yaml
 
@@ -277,10 +367,11 @@ def audit_cmd(
     if verify:
         verdict["verify"] = replay(verdict, verdict["sources"], cfg) if cfg else {
             "replayed": False, "reason": "no merge recipe to replay"}
-    if json_out:
-        print_json(verdict)
-    else:
-        render_audit(verdict)
+    params = audit_parameters(list(candidate), base, sample, DEFAULT_AUDIT_CHUNK, allow_pickle, hashes)
+    subject, findings = audit_subject(run, verdict, params, full_hashes=hashes, allow_pickle=allow_pickle)
+    report = new_report("audit", [subject], findings)
+    deliver(report, fmt, output, lambda: render_audit(verdict))
+    gate(report, gates)
     if fail_on_derived and verdict["relation"] != "independent":
         raise typer.Exit(1)
 
@@ -290,7 +381,9 @@ def audit_cmd(
 def demo_cmd(
     workdir: Annotated[Path | None, typer.Option(help="Where to build the example models (default: a temp dir).")]
     = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the audit as JSON.")] = False,
+    json_out: JsonOpt = False,
+    fmt: FormatOpt = None,
+    output: OutputOpt = None,
 ) -> None:
     """Build a miniature Rio case from real pretrained weights (MiniLM) and audit it. No network needed.
 
@@ -299,7 +392,9 @@ def demo_cmd(
     """
     from modeltrace.demo import run_demo
 
-    run_demo(workdir, json_out=json_out, console=out)
+    fmt = _report_format(fmt, json_out, output)
+    report = run_demo(workdir, console=out, text=fmt is None or output is not None)
+    deliver(report, fmt, output, lambda: None)
 
 
 def main() -> None:

@@ -18,7 +18,10 @@ from rich.console import Console
 from safetensors.numpy import save_file
 
 from modeltrace.errors import InputError
+from modeltrace.report.model import Report
 from modeltrace.sources import open_source
+
+DEMO_SEED = 2026
 
 
 def minilm_dir() -> Path:
@@ -49,7 +52,7 @@ def build_demo(workdir: Path) -> dict[str, Path]:
         for name, info in s.tensors().items():
             arr = s.read(name)
             base[name] = arr if info.dtype != "I64" else arr.astype(np.int64)
-    rng = np.random.default_rng(2026)
+    rng = np.random.default_rng(DEMO_SEED)
     nex, indie = {}, {}
     for name, w in base.items():
         if w.dtype.kind != "f":
@@ -75,9 +78,12 @@ def build_demo(workdir: Path) -> dict[str, Path]:
     return paths
 
 
-def run_demo(workdir: Path | None, json_out: bool, console: Console) -> dict:
-    from modeltrace.audit import run_audit
-    from modeltrace.cli import print_json, render_audit
+def run_demo(workdir: Path | None, console: Console, text: bool = True) -> Report:
+    """Build the example models, audit rio-mini and the control, and return one report about both (built while the
+    models still exist, so its evidence hashes are real; pass --workdir to keep them for `modeltrace verify`)."""
+    from modeltrace.audit import DEFAULT_AUDIT_CHUNK, run_audit
+    from modeltrace.cli import render_audit
+    from modeltrace.report.build import audit_parameters, audit_subject, new_report
     from modeltrace.verdict import decide
 
     tmp = None
@@ -87,16 +93,19 @@ def run_demo(workdir: Path | None, json_out: bool, console: Console) -> dict:
     try:
         paths = build_demo(workdir)
         cands = [str(paths["nex-mini"]), str(paths["minilm"])]
-        rio = decide(run_audit(str(paths["rio-mini"]), cands))
-        indie = decide(run_audit(str(paths["indie-mini"]), cands))
-        if json_out:
-            print_json({"rio-mini": rio, "indie-mini": indie})
-        else:
-            console.rule("audit: rio-mini, released as an original MIT model")
-            render_audit(rio)
-            console.rule("control: indie-mini, an independent model of the same shape")
-            render_audit(indie)
-        return {"rio-mini": rio, "indie-mini": indie}
+        subjects, findings = [], []
+        for name, title in (("rio-mini", "audit: rio-mini, released as an original MIT model"),
+                            ("indie-mini", "control: indie-mini, an independent model of the same shape")):
+            run = run_audit(str(paths[name]), cands)
+            verdict = decide(run)
+            if text:
+                console.rule(title)
+                render_audit(verdict)
+            params = audit_parameters(cands, None, None, DEFAULT_AUDIT_CHUNK, False, False)
+            subject, found = audit_subject(run, verdict, params, seeds={"demo_models": DEMO_SEED})
+            subjects.append(subject)
+            findings += found
+        return new_report("demo", subjects, findings)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)

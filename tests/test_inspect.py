@@ -62,7 +62,7 @@ def test_cli_json_schema_and_card(saved, tmp_path):
     r = subprocess.run([sys.executable, "-m", "modeltrace", "inspect", str(folder), "--json", "--hashes"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    d = json.loads(r.stdout)
+    d = json.loads(r.stdout)["subjects"][0]["description"]  # --json is the report (docs/report.schema.json)
     for key in ("architecture", "parameters", "active_parameters", "layers", "hidden_size", "experts", "vocab_size",
                 "dtypes", "card"):
         assert key in d

@@ -12,10 +12,11 @@ import itertools
 import json
 import math
 import threading
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -71,6 +72,26 @@ class FileInfo:
     size: int
 
 
+#: > 0 while a command collects evidence (see `recording_remote_ranges`). A plain counter, not a context variable:
+#: the audit reads from worker threads, which do not inherit context variables.
+_REMOTE_DIGESTS = 0
+_REMOTE_DIGESTS_LOCK = threading.Lock()
+
+
+@contextmanager
+def recording_remote_ranges() -> Iterator[None]:
+    """While active, remote byte stores record every range they serve with its SHA-256 (`ReadStats.digests`), so a
+    report can name exactly which bytes a conclusion rests on. Hashing costs ~1 ms per MB, far below network time."""
+    global _REMOTE_DIGESTS
+    with _REMOTE_DIGESTS_LOCK:
+        _REMOTE_DIGESTS += 1
+    try:
+        yield
+    finally:
+        with _REMOTE_DIGESTS_LOCK:
+            _REMOTE_DIGESTS -= 1
+
+
 @dataclass
 class ReadStats:
     """Bytes fetched from storage (local or remote) since the source was opened."""
@@ -79,6 +100,8 @@ class ReadStats:
     requests: int = 0
     ranges: list[tuple[str, int, int]] = field(default_factory=list)
     keep_ranges: bool = False
+    #: (file, offset, length, sha256) of remote reads, kept while `recording_remote_ranges` is active
+    digests: list[tuple[str, int, int, str]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, file: str, offset: int, length: int) -> None:
@@ -87,6 +110,14 @@ class ReadStats:
             self.requests += 1
             if self.keep_ranges:
                 self.ranges.append((file, offset, length))
+
+    def digest(self, file: str, offset: int, data: bytes | memoryview) -> None:
+        """Record a remote range and its hash (also for ranges served from the local range cache)."""
+        if not _REMOTE_DIGESTS:
+            return
+        h = hashlib.sha256(data).hexdigest()
+        with self._lock:
+            self.digests.append((file, offset, len(data), h))
 
 
 class Source(ABC):

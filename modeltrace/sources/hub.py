@@ -183,6 +183,7 @@ class HubStore(ByteStore):
         self._headers = build_hf_headers(library_name="modeltrace", library_version=_version())
         self.sha: str | None = None
         self._files: dict[str, int | None] = {}
+        self.lfs_sha256: dict[str, str] = {}
         self._list()
 
     # ---- listing -------------------------------------------------------------------------------------------
@@ -220,6 +221,9 @@ class HubStore(ByteStore):
         self.sha = info.sha if isinstance(info.sha, str) and _SHA_RE.match(info.sha) else None
         for s in info.siblings or []:
             self._files[s.rfilename] = s.size if isinstance(s.size, int) and s.size >= 0 else None
+            lfs_sha = getattr(getattr(s, "lfs", None), "sha256", None)
+            if isinstance(lfs_sha, str) and re.fullmatch(r"[0-9a-f]{64}", lfs_sha):
+                self.lfs_sha256[s.rfilename] = lfs_sha  # the Hub's own content hash: file evidence for free
 
     def _api_error(self, exc: HfHubHTTPError) -> RemoteError:
         status = exc.response.status_code if exc.response is not None else 0
@@ -318,9 +322,11 @@ class HubStore(ByteStore):
                 data = None
             if data is not None and len(data) == length:
                 self.cache_hits += 1
+                self.stats.digest(name, offset, data)
                 return data
         data = self._fetch(name, offset, length)
         self.stats.add(name, offset, length)
+        self.stats.digest(name, offset, data)
         if cache is not None:
             _write_atomic(cache, data)
         return data

@@ -86,7 +86,7 @@ def test_cli_audit_json_and_gate(corpus):
     r = _cli("audit", str(corpus.path("m_linear_rio")), "-c", str(corpus.path("ft_a1")), "-c",
              str(corpus.path("ft_a2")), "--json", "--fail-on-derived")
     assert r.returncode == 1, r.stderr
-    d = json.loads(r.stdout)
+    d = json.loads(r.stdout)["subjects"][0]["audit"]  # --json is the report (docs/report.schema.json)
     for key in ("relation", "method", "parents", "base", "p_values", "layers"):
         assert key in d
     assert d["relation"] == "merge" and "merge_method: linear" in d["mergekit_yaml"]
@@ -100,7 +100,7 @@ def test_cli_audit_verify_and_recipe_file(corpus, tmp_path):
     r = _cli("audit", str(corpus.path("m_slerp_t03")), "-c", str(corpus.path("ft_a2")), "--base",
              str(corpus.path("ft_a1")), "--verify", "--recipe", str(out), "--json")
     assert r.returncode == 0, r.stderr
-    d = json.loads(r.stdout)
+    d = json.loads(r.stdout)["subjects"][0]["audit"]
     assert d["method"] == "slerp" and d["verify"]["replayed"] and d["verify"]["max_rel_error"] < 8e-3
     assert "merge_method: slerp" in out.read_text()
 
