@@ -143,6 +143,11 @@ def replay(verdict: dict, specs: dict[str, str], cfg: dict[str, Any]) -> dict[st
         return {"method": method, "replayed": False,
                 "reason": f"{method} drops entries at random (or by a rule that needs the whole-model ranking); "
                           "its exact output cannot be replayed, only its statistics (see the audit's parameters)"}
+    undone = [n for a in (verdict.get("alignment") or {}).values() for n in a.get("undone", [])]
+    if undone:  # the replay reads parents in stored order; a disguised suspect only matches them through the alignment
+        return {"method": method, "replayed": False,
+                "reason": "the suspect is disguised (" + "; ".join(dict.fromkeys(undone)) + "): the recipe was fitted "
+                          "through the recovered alignment, and a replay in stored order would not match"}
     views: dict[str, ModelView] = {}
     try:
         suspect = open_view(specs[verdict["suspect"]])

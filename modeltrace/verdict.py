@@ -10,7 +10,7 @@ import numpy as np
 from modeltrace.align.layers import stack_map
 from modeltrace.audit import AuditRun, SlotResult
 from modeltrace.detectors.registry import METHODS
-from modeltrace.stats import format_p, log10_sf, mean_interval, stouffer
+from modeltrace.stats import fisher_log10, format_p, log10_sf, mean_interval, stouffer
 
 #: A candidate is called related when its combined independence p-value is below this.
 ALPHA = 1e-6
@@ -34,10 +34,21 @@ def _majority(results: list[SlotResult]) -> tuple[str, float]:
 
 
 def _p_values(run: AuditRun, matrix: list[SlotResult]) -> dict[int, float]:
+    """Per candidate, log10 p of independence. Elementwise correlations (Stouffer) where tensors were compared as
+    stored; where an alignment was searched for, also the permutation-invariant match test, and only that on
+    tensors whose alignment was chosen by matching (maximising a correlation voids its null); Fisher over the two
+    when nothing was re-aligned."""
     out = {}
     for i in range(1, len(run.views)):
-        zs = [r.z[i] for r in matrix if i in r.z]
-        out[i] = log10_sf(stouffer(zs)) if zs else 0.0
+        zs = [r.z[i] for r in matrix if i in r.z and i not in r.selected]
+        elem = log10_sf(stouffer(zs)) if zs else None
+        al = run.alignments[i - 1] if i - 1 < len(run.alignments) else None
+        if al is None or not al.tests:
+            out[i] = elem if elem is not None else 0.0
+        elif al.selected_any or elem is None:
+            out[i] = al.log10p
+        else:  # both valid and computed from different statistics: Fisher keeps them calibrated together
+            out[i] = fisher_log10([elem, al.log10p])
     return out
 
 
@@ -89,6 +100,24 @@ def _role_table(run: AuditRun, matrix: list[SlotResult], method: str) -> dict[st
 
 
 def decide(run: AuditRun) -> dict[str, Any]:
+    out = _decide(run)
+    names = {i: v.label for i, v in enumerate(run.views)}
+    lossy = sorted({names[c] for r in run.slots for c in r.cands if r.stats.cand_noise is not None
+                    and r.stats.cand_noise[r.cands.index(c) + 1] > 0})
+    if lossy and out.get("relation") == "merge":
+        out["warnings"].append(f"candidate(s) {', '.join(lossy)} are stored quantized: their rounding noise pulls "
+                               "recipe weights toward each other (errors in variables); audit against "
+                               "full-precision parents for exact weights")
+    aligned = {names[i]: al.summary() for i, al in enumerate(run.alignments, 1) if al is not None}
+    if aligned:
+        out["alignment"] = aligned
+        undone = [f"{n}: {'; '.join(a['undone'])}" for n, a in aligned.items() if a["undone"]]
+        if undone:
+            out["summary"] = out.get("summary", "") + " Disguise undone (" + " | ".join(undone) + ")."
+    return out
+
+
+def _decide(run: AuditRun) -> dict[str, Any]:
     names = {i: v.label for i, v in enumerate(run.views)}
     matrix = [r for r in run.slots if not r.structured]
     if not matrix:
@@ -269,4 +298,8 @@ def _merge_summary(out: dict, suspect: str, agree: list[SlotResult], n_layers: i
     else:
         r2 = out["parameters"].get("r2_min")
         text = f"{suspect} ≈ {terms} (linear merge), R² ≥ {r2:.4f}" if r2 is not None else f"{suspect} ≈ {terms}"
+        noisy = sum(1 for r in agree if r.fit.params.get("noisy"))
+        if noisy:
+            text += (f" (in {noisy} of {len(agree)} tensors a residual above storage rounding remains: noise or "
+                     "further training after the merge)")
     return (f"{text}, in {layers_hit} of {n_layers} layers; independent of {names[pname]}: {format_p(worst)}.")

@@ -86,6 +86,7 @@ class HubServer(ThreadingHTTPServer):
         self.log: list[Request] = []
         self._lock = threading.Lock()
         self._failures: list[int] = []
+        self._delays: list[float] = []
         self._etags: dict[Path, str] = {}
 
     @property
@@ -97,6 +98,11 @@ class HubServer(ThreadingHTTPServer):
     def fail_next(self, n: int, status: int = 503) -> None:
         with self._lock:
             self._failures.extend([status] * n)
+
+    def delay_next(self, n: int, seconds: float) -> None:
+        """Hold the next n answers for `seconds` each (a server that stalls: client read timeouts)."""
+        with self._lock:
+            self._delays.extend([seconds] * n)
 
     def clear(self) -> None:
         with self._lock:
@@ -131,6 +137,10 @@ class HubServer(ThreadingHTTPServer):
         with self._lock:
             self.log.append(req)
 
+    def take_delay(self) -> float:
+        with self._lock:
+            return self._delays.pop(0) if self._delays else 0.0
+
     def take_failure(self) -> int | None:
         with self._lock:
             return self._failures.pop(0) if self._failures else None
@@ -164,6 +174,12 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - silence stderr logging
         pass
 
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (a read timeout after `delay_next`): nobody is left to answer
+
     def do_GET(self) -> None:
         self._dispatch("GET")
 
@@ -177,6 +193,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._upath = unquote(parts.path)
         self._query = parts.query
         self._range_header = self.headers.get("Range")
+        delay = self.server.take_delay()
+        if delay:
+            time.sleep(delay)
         failure = self.server.take_failure()
         if failure is not None:
             self._error(failure, None, "injected failure")

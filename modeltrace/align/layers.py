@@ -54,6 +54,8 @@ class LayerMatch:
     similarity: float  # median centred cosine over roles
     rel_diff: float  # relative RMS difference of samples to the matched layer
     identity_similarity: list[float | None]  # similarity to layer `layer` of each candidate
+    #: per candidate, the least similar role at the same layer (a permutation of one role's units shows here)
+    identity_min: list[float | None] | None = None
 
     @property
     def exact(self) -> bool:
@@ -115,7 +117,7 @@ def map_layers(suspect: ModelView, candidates: list[ModelView]) -> list[LayerMat
     s_samples = _samples(suspect, _layer_roles(suspect))
     s_layers = sorted({layer for per in s_samples.values() for layer in per})
     # For each candidate: (suspect layers x candidate layers) median similarity and max difference over roles.
-    per_cand: list[tuple[list[int], np.ndarray, np.ndarray]] = []
+    per_cand: list[tuple[list[int], np.ndarray, np.ndarray, np.ndarray]] = []
     for cand in candidates:
         c_samples = _samples(cand, _layer_roles(cand))
         c_layers = sorted({layer for per in c_samples.values() for layer in per})
@@ -137,27 +139,31 @@ def map_layers(suspect: ModelView, candidates: list[ModelView]) -> list[LayerMat
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 med = np.nanmedian(sims, axis=0)
+                mn = np.nanmin(sims, axis=0)
                 mx = np.nanmax(np.where(np.isnan(diffs), -np.inf, diffs), axis=0)
         mx[~np.isfinite(mx)] = np.inf
-        per_cand.append((c_layers, med, mx))
+        per_cand.append((c_layers, med, mx, mn))
 
     out: list[LayerMatch] = []
     for k, layer in enumerate(s_layers):
         best = (-2.0, None, None, np.inf)
         ident: list[float | None] = []
-        for cidx, (c_layers, med, mx) in enumerate(per_cand):
-            ident_sim = None
+        ident_min: list[float | None] = []
+        for cidx, (c_layers, med, mx, mn) in enumerate(per_cand):
+            ident_sim = ident_lo = None
             for j, cl in enumerate(c_layers):
                 sim, diff = med[k, j], mx[k, j]
                 if np.isnan(sim):
                     continue
                 if cl == layer:
                     ident_sim = float(sim)
+                    ident_lo = float(mn[k, j])
                 if (diff < best[3] and diff <= EXACT_TOL) or (best[3] > EXACT_TOL and sim > best[0]):
                     best = (float(sim), cidx, cl, float(diff))
             ident.append(ident_sim)
+            ident_min.append(ident_lo)
         sim, ci_, j, diff = best
-        out.append(LayerMatch(layer, ci_, j, float(sim), float(diff), ident))
+        out.append(LayerMatch(layer, ci_, j, float(sim), float(diff), ident, ident_min))
     return out
 
 

@@ -23,11 +23,45 @@ _ULP2 = {m: np.where((np.arange(256) > 0) & (np.arange(256) < 255),
                      np.exp2(2.0 * (np.arange(256) - 127 - m)), 0.0) / 12.0 for m in _MANTISSA.values()}
 
 
-def rounding_variance(x: np.ndarray, dtype: str) -> float:
-    """Expected squared rounding error of storing float32 `x` in `dtype` (uniform error within half an ulp).
+#: GGUF block quantization: (values per scale block, levels, symmetric around 0). The rounding step of a block is
+#: 2 max|x| / (levels - 1) (symmetric) or (max - min) / (levels - 1); importance-matrix types are approximated.
+_GGUF_QUANT = {
+    "Q8_0": (32, 255, True), "Q8_1": (32, 255, True), "Q6_K": (16, 65, True), "Q5_0": (32, 33, True),
+    "Q5_1": (32, 32, False), "Q5_K": (32, 32, False), "Q4_0": (32, 17, True), "Q4_1": (32, 16, False),
+    "Q4_K": (32, 16, False), "Q3_K": (16, 9, True), "Q2_K": (16, 4, False), "IQ4_NL": (32, 16, True),
+    "IQ4_XS": (32, 16, True), "IQ3_S": (32, 8, True), "IQ3_XXS": (32, 8, True), "IQ2_XXS": (32, 4, True),
+    "IQ2_XS": (32, 4, True), "IQ2_S": (32, 4, True), "IQ1_S": (32, 3, True), "IQ1_M": (32, 3, True),
+    "TQ1_0": (32, 3, True), "TQ2_0": (32, 3, True), "MXFP4": (32, 16, True), "NVFP4": (16, 16, True),
+}
 
-    Computed from a histogram of float32 exponent fields: one cheap integer pass, no logarithms.
+
+def is_lossy(dtype: str) -> bool:
+    """Storage that loses more than bf16 does: block quantization and fp8 (a candidate stored so is noisy)."""
+    return dtype in _GGUF_QUANT or dtype.startswith("F8")
+
+
+def quant_variance(x: np.ndarray, dtype: str) -> float:
+    """Expected squared error of block-quantizing float32 `x` as GGUF `dtype` (uniform within half a step)."""
+    block, levels, sym = _GGUF_QUANT[dtype]
+    x = np.asarray(x, dtype=np.float32)
+    cols = x.shape[-1] if x.ndim > 1 else x.size
+    b = block if cols % block == 0 else cols
+    v = x.reshape(-1, b)
+    if sym:
+        step = 2 * np.abs(v).max(axis=1) / (levels - 1)
+    else:
+        step = (v.max(axis=1) - v.min(axis=1)) / (levels - 1)
+    return float((step.astype(np.float64) ** 2).sum() * b / 12.0)
+
+
+def rounding_variance(x: np.ndarray, dtype: str) -> float:
+    """Expected squared rounding error of storing float32 `x` in `dtype` (uniform error within half an ulp, or
+    half a quantization step for GGUF block types).
+
+    Float types: from a histogram of float32 exponent fields, one cheap integer pass, no logarithms.
     """
+    if dtype in _GGUF_QUANT:
+        return quant_variance(x, dtype)
     mant = _MANTISSA.get(dtype)
     if mant is None:
         return 0.0
@@ -78,6 +112,7 @@ class SlotAccumulator:
     suspect_dtype: str = "F32"
     sparse: bool = True
     total_rows: int = 0
+    cand_dtypes: list[str] | None = None  # storage dtype of each candidate (lossy ones add to the residual floor)
 
     G: np.ndarray = field(init=False)
     rows: int = field(init=False, default=0)
@@ -92,6 +127,8 @@ class SlotAccumulator:
         self.K = np.zeros((n, self.cols))
         self.detail_rows = 0
         self.noise_floor = 0.0
+        self.cand_noise = np.zeros(n)
+        self._lossy = [i + 1 for i, d in enumerate(self.cand_dtypes or []) if is_lossy(d)]
         self.equal = np.zeros(n, dtype=np.int64)
         self.nonfinite = np.zeros(n, dtype=np.int64)
         self.zero_delta = self.active_all = self.zero_active_all = 0
@@ -137,6 +174,8 @@ class SlotAccumulator:
         self.K += np.stack([h.sum(axis=0, dtype=np.float64) for h in head])
         self.detail_rows += head[0].shape[0]
         self.noise_floor += rounding_variance(head[0], self.suspect_dtype)
+        for i in self._lossy:
+            self.cand_noise[i] += rounding_variance(head[i], self.cand_dtypes[i - 1])  # type: ignore[index]
         if self.base is not None and self.sparse:
             self._sparse(head)
 
@@ -203,7 +242,8 @@ class SlotAccumulator:
                          self.noise_floor * scale, self.base, self.zero_delta, self.active_all, self.zero_active_all,
                          self.hist_kept, self.hist_dropped, self.hist_all, detail_numel=dn,
                          detail_noise_floor=self.noise_floor, Gd=self.Gd, G_agree=self.G_agree,
-                         G_conflict=self.G_conflict, G_top=self.G_top, G_outlier=self.G_outlier)
+                         G_conflict=self.G_conflict, G_top=self.G_top, G_outlier=self.G_outlier,
+                         cand_noise=self.cand_noise * scale)
 
 
 @dataclass
@@ -234,6 +274,7 @@ class SlotStats:
     G_conflict: np.ndarray | None = None
     G_top: np.ndarray | None = None
     G_outlier: np.ndarray | None = None
+    cand_noise: np.ndarray | None = None  # expected squared storage error of each (lossy) candidate
 
     def corr(self, i: int, j: int = 0) -> float:
         d = self.Gc[i, i] * self.Gc[j, j]
@@ -244,4 +285,4 @@ def storage_is_low_precision(dtype: str) -> bool:
     return dtype in ("BF16", "F16", "F8_E4M3", "F8_E5M2")
 
 
-__all__ = ["SlotAccumulator", "SlotStats", "rounding_variance"]
+__all__ = ["SlotAccumulator", "SlotStats", "rounding_variance", "quant_variance", "is_lossy"]

@@ -17,6 +17,12 @@ from modeltrace.detectors.accumulate import SlotStats
 #: A recipe "explains" a tensor when its residual is within this factor of the storage rounding floor
 #: (mergekit computes in float32 then rounds once; a wrong recipe is orders of magnitude above).
 FLOOR_FACTOR = 6.0
+#: A re-encoded copy is rejected when more candidates cut the residual by more than this many times the share a
+#: useless extra regressor removes by chance (k / numel).
+COPY_GAIN_FACTOR = 50.0
+#: Unexplained tensors still read as a linear merge (plus noise or further training) when at least two candidates
+#: carry this weight and the fit explains this share of the centred variance.
+NOISY_MIN_WEIGHT, NOISY_MIN_R2 = 0.1, 0.5
 #: mergekit falls back to linear interpolation for rows this collinear.
 SLERP_DOT_THRESHOLD = 0.9995
 
@@ -110,9 +116,13 @@ def fit_slot(st: SlotStats, cands: list[int], base: int | None) -> SlotFit:
     g00 = st.G[0, 0]
     if g00 <= 0:
         return SlotFit("empty", {}, 0.0, True)
-    floor = FLOOR_FACTOR * st.noise_floor + 1e-12 * g00
     w_free, rss_free = _solve(st.G, cands)
     free = {c: float(w) for c, w in zip(cands, w_free, strict=True)}
+    # storage noise of the suspect, plus that of quantized candidates as the fit carries it (weight^2 x noise);
+    # their noise also attenuates the weights (errors in variables: see the verdict's warning)
+    cand = 0.0 if st.cand_noise is None else sum(max(free[c] ** 2, 1.0 if len(cands) == 1 else 0.0)
+                                                  * float(st.cand_noise[c]) for c in cands)
+    floor = FLOOR_FACTOR * (st.noise_floor + cand) + 1e-12 * g00
     rel = rss_free / g00
 
     def result(method: str, weights: dict[int, float], rss: float, **params: float) -> SlotFit:
@@ -122,10 +132,13 @@ def fit_slot(st: SlotStats, cands: list[int], base: int | None) -> SlotFit:
     for c in cands:
         if st.equal[c] == st.numel:
             return result("copy", {c: 1.0}, 0.0)
-    # 2. A single candidate re-encoded (values equal up to rounding).
+    # 2. A single candidate re-encoded (values equal up to rounding), unless the candidates together fit
+    #    significantly better: coarse storage (fp8, 4-bit) can hide a merge's parents' difference below its floor,
+    #    yet over many elements the improvement of a real second parent stands far above chance (~ k / numel).
     for c in cands:
         rss_c = float(st.G[0, 0] - 2 * st.G[0, c] + st.G[c, c])
-        if rss_c <= floor:
+        gain = (rss_c - rss_free) / max(rss_free, 1e-300)
+        if rss_c <= floor and gain <= COPY_GAIN_FACTOR * len(cands) / max(st.numel, 1):
             return result("copy", {c: 1.0}, rss_c)
     parents = [c for c in cands if c != base]
     # 3. SLERP between two models (mergekit calls one of them the base): the angle is per row, so SLERP can
@@ -168,11 +181,28 @@ def fit_slot(st: SlotStats, cands: list[int], base: int | None) -> SlotFit:
             fit.method = "breadcrumbs"
             fit.params["outlier_weight_ratio"] = outliers
             return fit
-    # 6. Not a recipe over these candidates: a fine-tune (one dominant candidate) or unexplained.
+    # 6. Not a recipe over these candidates: a fine-tune (one dominant candidate), a merge under noise or further
+    #    training (two or more parents still carry weight and explain most of the tensor), or unexplained.
     dom = max(cands, key=lambda c: abs(st.corr(c)))
     if abs(st.corr(dom)) > 0.3 and abs(free[dom]) > 0.5 and sum(abs(free[c]) for c in cands if c != dom) < 0.35:
         return result("finetune", {dom: free[dom]}, rss_free)
+    heavy = [c for c in cands if abs(free[c]) >= NOISY_MIN_WEIGHT]
+    if base is None and len(heavy) >= 2 and _centred_r2(st, cands) >= NOISY_MIN_R2:
+        used = [c for c in cands if abs(free[c]) > 1e-3]
+        w_n, rss_n = _solve_sum1(st.G, used)
+        if abs(sum(free.values()) - 1) < 0.05 and rss_n <= 1.05 * rss_free:
+            return result("linear", {c: float(w) for c, w in zip(used, w_n, strict=True)}, rss_n, sum_weights=1.0,
+                          normalized=1.0, noisy=1.0)
+        return result("linear", free, rss_free, sum_weights=sum(free.values()), normalized=0.0, noisy=1.0)
     return result("unexplained", free, rss_free)
+
+
+def _centred_r2(st: SlotStats, cands: list[int]) -> float:
+    """Share of the suspect's double-centred variance the free fit explains (centring removes shared offsets)."""
+    if st.Gc[0, 0] <= 0:
+        return 0.0
+    _, rss = _solve(st.Gc, cands)
+    return 1 - rss / st.Gc[0, 0]
 
 
 def _model_stock(st: SlotStats, parents: list[int], base: int, lam: dict[int, float]) -> float | None:

@@ -1,0 +1,224 @@
+"""`modeltrace index add|list|remove`, `modeltrace identify` and `modeltrace scan`: a library of fingerprints of known
+models, and the search that names a suspect's ancestors and recipe from it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from modeltrace.cli import _human_bytes, err, guarded, out, print_json
+from modeltrace.errors import InputError
+
+IndexOpt = Annotated[Path | None, typer.Option("--index", help="Index file (default: $MODELTRACE_INDEX, else "
+                                               "~/.local/share/modeltrace/index.sqlite).", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Read .bin pickles with the restricted loader.")]
+
+index_app = typer.Typer(name="index", help="A local library of model fingerprints (SQLite; no server).",
+                        no_args_is_help=True)
+
+
+def _open(path: Path | None, create: bool = False):
+    from modeltrace.index import Index, default_index_path
+
+    return Index(path or default_index_path(), create=create)
+
+
+def _share(read: int | None, total: int | None) -> str:
+    if not read or not total:
+        return ""
+    return f"read {_human_bytes(read)} of {_human_bytes(total)} ({100 * read / total:.2f}%)"
+
+
+@index_app.command("add")
+@guarded
+def add_cmd(
+    models: Annotated[list[str], typer.Argument(help="Model folders, .safetensors/.gguf files or hf://owner/name.")],
+    name: Annotated[str | None, typer.Option("--name", help="Name in the index (one model only; default: the "
+                                             "folder or repository name).")] = None,
+    index: IndexOpt = None,
+    workers: Annotated[int | None, typer.Option(help="Processes fingerprinting in parallel.")] = None,
+    allow_pickle: PickleOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Fingerprint models into the index. Re-adding an unchanged model does nothing.
+
+    Remote models are read by HTTP Range requests only (well under 1% of their bytes). Each model is stored
+    atomically: one that fails half-way leaves nothing behind, and the others are still added.
+
+    Example: modeltrace index add ./base ./ft-1 hf://org/model --index lib.sqlite
+    """
+    from modeltrace import engine
+    from modeltrace.fingerprint import Fingerprint
+    from modeltrace.scan import fingerprint_job
+
+    if name is not None and len(models) != 1:
+        raise InputError("--name names one model; give exactly one MODEL with it")
+    ix = _open(index, create=True)
+    failed, rows = 0, []
+    try:
+        for o in engine.run(fingerprint_job, [(m, allow_pickle) for m in models], workers=workers):
+            spec = models[o.index]
+            if not o.ok:
+                failed += 1
+                err.print(f"modeltrace: error: {o.error}", markup=False, highlight=False, soft_wrap=True)
+                rows.append({"model": spec, "ok": False, "error": o.error})
+                continue
+            blob, seconds = o.value
+            fp = Fingerprint.from_bytes(blob)
+            got = ix.add(fp, name)
+            rows.append({"model": spec, "ok": True, "status": got.status, "name": got.name,
+                         "fingerprint_bytes": len(blob), "bytes_read": fp.bytes_read,
+                         "total_bytes": fp.model.get("total_bytes"), "seconds": round(seconds, 3)})
+            if not json_out:
+                what = {"added": "added", "updated": "updated", "unchanged": "unchanged, already indexed",
+                        "duplicate": "same content already indexed as"}[got.status]
+                out.print(f"{what} {got.name}  (fingerprint {_human_bytes(len(blob))}, "
+                          f"{_share(fp.bytes_read, fp.model.get('total_bytes'))}, {seconds:.1f} s)",
+                          markup=False, highlight=False)
+    finally:
+        ix.close()
+    if json_out:
+        print_json(rows)
+    if failed:
+        raise typer.Exit(2)
+
+
+@index_app.command("list")
+@guarded
+def list_cmd(index: IndexOpt = None, json_out: JsonOpt = False) -> None:
+    """List the indexed models."""
+    with _open(index) as ix:
+        entries = ix.entries()
+    if json_out:
+        print_json([e.__dict__ for e in entries])
+        return
+    t = Table(title=f"{len(entries)} models in {ix.path}")
+    for col in ("name", "family", "layers", "parameters", "fingerprint", "added", "location"):
+        t.add_column(col, justify="right" if col in ("layers", "parameters", "fingerprint") else "left")
+    for e in entries:
+        t.add_row(e.name, f"{e.family or '?'} / {e.model_type or '?'}", str(e.layers or "?"),
+                  f"{(e.parameters or 0) / 1e6:.1f}M", _human_bytes(e.fingerprint_bytes), e.added_at[:19], e.spec)
+    out.print(t)
+
+
+@index_app.command("remove")
+@guarded
+def remove_cmd(names: Annotated[list[str], typer.Argument(help="Names as shown by `index list`.")],
+               index: IndexOpt = None) -> None:
+    """Remove models from the index (all named, or none if one is unknown)."""
+    with _open(index) as ix:
+        n = ix.remove(list(names))
+    out.print(f"removed {n} model{'s' if n != 1 else ''}", markup=False)
+
+
+def render_identify(r: dict[str, Any]) -> None:
+    s = r["suspect"]
+    out.print(f"suspect {s['label']}  fingerprint {_human_bytes(s['fingerprint_bytes'])}, "
+              f"{_share(s['bytes_read'], s['total_bytes'])}", markup=False, highlight=False)
+    rel = r["relation"]
+    colour = "green" if rel == "independent" else "red" if rel in ("copy", "recast") else "yellow"
+    head = "NO ANCESTOR IN THE INDEX" if rel == "independent" else rel.upper()
+    out.print(f"[bold {colour}]{head}[/bold {colour}]  ", end="")
+    out.print(r["summary"], markup=False, highlight=False)
+    t = Table(title=f"best matches among {r['index']['models']} indexed models "
+                    f"(p-values Holm-adjusted over all of them)")
+    for col in ("#", "model", "role", "p (independent)", "similarity", "note"):
+        t.add_column(col, justify="right" if col in ("#", "similarity") else "left")
+    for h in r["hits"]:
+        t.add_row(str(h["rank"]), h["model"], h["role"], h["p"], f"{h['similarity']:.3f}", h["note"])
+    out.print(t)
+    if r.get("undisclosed"):
+        err.print(f"warning: {r['undisclosed']}", markup=False, highlight=False)
+    if r.get("audit_command"):
+        out.print("confirm on the full weights:", style="bold")
+        out.print(f"  {r['audit_command']}", markup=False, highlight=False, soft_wrap=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(index_app, name="index")
+
+    @app.command("identify")
+    @guarded
+    def identify_cmd(
+        suspect: Annotated[str, typer.Argument(help="The model to identify (folder, file, or hf://owner/name).")],
+        index: IndexOpt = None,
+        top: Annotated[int, typer.Option("--top", min=1, max=100, help="Matches to list.")] = 5,
+        json_out: JsonOpt = False,
+        allow_pickle: PickleOpt = False,
+        fail_on_related: Annotated[bool, typer.Option("--fail-on-related", help="Exit 1 when an indexed model is "
+                                                      "an ancestor (upload gate).")] = False,
+    ) -> None:
+        """Which indexed models is SUSPECT made from, and how? Ranks the index by evidence of ancestry and recovers
+        the relation and recipe from fingerprints alone; `modeltrace audit` (command printed) confirms on weights.
+
+        Example: modeltrace identify ./new-upload --top 5
+        """
+        from modeltrace.fingerprint import make_fingerprint
+        from modeltrace.identify import identify
+
+        with _open(index) as ix:
+            fp = make_fingerprint(suspect, allow_pickle=allow_pickle)
+            res = identify(fp, ix, top=top)
+        if json_out:
+            print_json(res)
+        else:
+            render_identify(res)
+        if fail_on_related and res["relation"] != "independent":
+            raise typer.Exit(1)
+
+    @app.command("scan")
+    @guarded
+    def scan_cmd(
+        targets: Annotated[list[str] | None, typer.Argument(
+            metavar="[ADDRESS] LIST_OR_DIR", show_default=False,
+            help="A text file with one model per line, a folder of models, or one model; with --ray, optionally "
+                 "preceded by the Ray address.")] = None,
+        ray: Annotated[bool, typer.Option("--ray", help="Run the tasks on Ray: a private local instance, or the "
+                                          "cluster at ADDRESS (auto, or ray://head:10001).")] = False,
+        index: IndexOpt = None,
+        add: Annotated[bool, typer.Option("--add", help="Also add every scanned model to the index.")] = False,
+        workers: Annotated[int | None, typer.Option(help="Parallel tasks (default: CPUs, at most 8).")] = None,
+        top: Annotated[int, typer.Option("--top", min=1, max=100, help="Matches to keep per model.")] = 3,
+        json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object per model (JSON lines).")]
+        = False,
+        allow_pickle: PickleOpt = False,
+    ) -> None:
+        """Fingerprint and screen many models in parallel, each one a task (local processes, or Ray with --ray).
+
+        Usage: modeltrace scan [--ray [ADDRESS]] LIST_OR_DIR
+
+        Example: modeltrace scan --ray ray://head:10001 uploads.txt --add
+        """
+        from modeltrace.scan import expand, scan
+
+        targets = targets or []
+        if not targets or len(targets) > 2 or (len(targets) == 2 and not ray):
+            raise InputError("scan takes one LIST_OR_DIR: a list file, a folder of models, or one model (preceded "
+                             "by a Ray ADDRESS only with --ray)")
+        address = targets[0] if len(targets) == 2 else None
+        list_or_dir = targets[-1]
+        specs = expand(list_or_dir)
+        failed = 0
+        with _open(index, create=add) as ix:
+            if not add and ix.count() == 0:
+                raise InputError(f"{ix.path}: the index is empty; add models first or pass --add")
+            for row in scan(specs, ix, add=add, top=top, workers=workers, ray=ray, address=address,
+                            allow_pickle=allow_pickle):
+                failed += not row["ok"]
+                if json_out:
+                    sys.stdout.write(json.dumps(row, default=str) + "\n")
+                    sys.stdout.flush()
+                elif not row["ok"]:
+                    err.print(f"modeltrace: error: {row['error']}", markup=False, highlight=False, soft_wrap=True)
+                else:
+                    added = f"  [{row['added']}]" if "added" in row else ""
+                    out.print(f"{row['name']}: {row['summary']}{added}", markup=False, highlight=False)
+        if failed:
+            err.print(f"modeltrace: {failed} of {len(specs)} models failed", markup=False)
+            raise typer.Exit(2)
