@@ -17,8 +17,6 @@ Building is idempotent (a hash of this recipe) and locked, so xdist workers and 
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import inspect
 import json
@@ -28,11 +26,15 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from modeltrace.probes.bank import general_prompts, identity_questions, random_word_prompts
+
+try:
+    from corpus import _locked
+except ImportError:  # tests/ imported as a package
+    from tests.corpus import _locked
 
 VERSION = 1
 SPECIALS = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -99,16 +101,6 @@ def _load(root: Path, fp: str) -> dict[str, Any] | None:
     if m.get("fingerprint") != fp or not all((Path(e["path"]) / "config.json").is_file() for e in m["models"].values()):
         return None
     return m
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 # --------------------------------------------------------------------------------------------------- tokenizer

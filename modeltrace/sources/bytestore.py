@@ -6,6 +6,7 @@ with an HTTP Range request. That keeps the format logic identical wherever the b
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from abc import ABC, abstractmethod
@@ -37,6 +38,14 @@ class ByteStore(ABC):
 
     def exists(self, name: str) -> bool:
         return any(f.name == name for f in self.list_files())
+
+    def sha256(self, name: str, chunk: int = 8 * 1024 * 1024) -> str:
+        """SHA-256 of one file, streamed in bounded chunks (local or remote alike)."""
+        size = self.size(name)
+        h = hashlib.sha256()
+        for off in range(0, size, chunk):
+            h.update(self.read(name, off, min(chunk, size - off)))
+        return h.hexdigest()
 
     def close(self) -> None:  # noqa: B027
         pass

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from modeltrace.errors import InputError
-from modeltrace.sources.base import MAX_TEXT_BYTES, FileInfo, Source, TensorInfo, sha256_stream
+from modeltrace.sources.base import MAX_TEXT_BYTES, FileInfo, Source, TensorInfo
 from modeltrace.sources.bytestore import LocalStore
 from modeltrace.sources.dtypes import SAFETENSORS_DTYPES, decode
 
@@ -36,7 +36,6 @@ PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
 #: data.pkl holds only the object graph (a few hundred bytes per tensor); anything larger is not a checkpoint.
 MAX_PICKLE_BYTES = 256 * 1024 * 1024
 MAX_RANK = 64
-HASH_CHUNK = 8 * 1024 * 1024
 _LEGACY = "legacy PyTorch format not supported; convert to safetensors"
 
 
@@ -552,13 +551,7 @@ class PickleSource(Source):
     def file_sha256(self, name: str) -> str:
         if not self._check_name(name):
             raise InputError(f"{self.location}: no file named {name!r}")
-        size = self.store.size(name)
-
-        def chunks():
-            for off in range(0, size, HASH_CHUNK):
-                yield bytes(self.store.read(name, off, min(HASH_CHUNK, size - off)))
-
-        return sha256_stream(chunks())
+        return self.store.sha256(name)
 
     def close(self) -> None:
         for z in self._zips.values():

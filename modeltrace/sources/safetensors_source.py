@@ -9,11 +9,10 @@ import numpy as np
 
 from modeltrace.errors import InputError
 from modeltrace.sources import safetensors_format as fmt
-from modeltrace.sources.base import MAX_TEXT_BYTES, FileInfo, Source, TensorInfo, sha256_stream
+from modeltrace.sources.base import MAX_TEXT_BYTES, FileInfo, Source, TensorInfo
 from modeltrace.sources.bytestore import ByteStore
 
 INDEX_NAME = "model.safetensors.index.json"
-HASH_CHUNK = 8 * 1024 * 1024
 
 
 class SafetensorsSource(Source):
@@ -105,13 +104,7 @@ class SafetensorsSource(Source):
         return super().config()
 
     def file_sha256(self, name: str) -> str:
-        size = self.store.size(name)
-
-        def chunks():
-            for off in range(0, size, HASH_CHUNK):
-                yield bytes(self.store.read(name, off, min(HASH_CHUNK, size - off)))
-
-        return sha256_stream(chunks())
+        return self.store.sha256(name)
 
     def close(self) -> None:
         self.store.close()
