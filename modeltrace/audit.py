@@ -4,8 +4,12 @@ Flow: open every source -> layer map from sampled rows (stacks, copies) -> for a
 not correlate, alignment discovery (`align.disguise`: permuted units, heads, experts, layers, vocabulary, residual
 stream) -> one streaming pass over aligned slots accumulating Gram sums (candidate chunks read through the
 alignment: row gathers, column permutations) -> per-slot recipe fits and independence z-scores -> `verdict.decide`.
-Peak extra memory is about (models + 1) x chunk_bytes x 2 (float32 chunk plus its float64 stack), 256 MB by default
-with three models, whatever the checkpoint size.
+Hot path: when every model stores a slot as bf16 or f32 in local safetensors and the candidates need no alignment,
+the stored bytes are mapped in place window by window and a fused numba kernel takes every statistic in one pass
+(`detectors.kernels`); otherwise chunks are decoded to float32 and the numpy accumulator does the same sums.
+Peak extra memory is about (models + 1) x chunk_bytes x 2 on the numpy path (float32 chunk plus its float64 stack),
+and models x 4 x chunk_bytes of mapped page cache per worker thread on the kernel path: about 256 MB and 96 MB by
+default with three models, whatever the checkpoint size.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,6 +29,7 @@ from modeltrace.align.layers import map_layers
 from modeltrace.align.transform import AlignedReader, SlotTransform, gather
 from modeltrace.align.view import ModelView, open_view
 from modeltrace.architectures import Slot, is_structured
+from modeltrace.detectors import kernels
 from modeltrace.detectors.accumulate import SlotAccumulator, SlotStats
 from modeltrace.detectors.fits import SlotFit, fit_slot
 from modeltrace.errors import InputError
@@ -65,9 +71,16 @@ class AuditRun:
 ProgressFn = Callable[[int, int], None]
 
 
-def _row_plan(rows: int, cols: int, sample: float | None, chunk_bytes: int) -> list[tuple[int, int]]:
-    """Row ranges to read: everything in chunks, or with --sample an evenly spread fraction in contiguous blocks."""
-    per_chunk = max(1, chunk_bytes // max(1, cols * 8))
+#: The fused kernel holds no float copies, only mapped stored bytes: its windows are this many times larger (fewer
+#: map/unmap calls; 16 MB per model with the default chunk), still bounded whatever the checkpoint size.
+RAW_WINDOW_FACTOR = 4
+
+
+def _row_plan(rows: int, cols: int, sample: float | None, chunk_bytes: int, elem_bytes: int = 8
+              ) -> list[tuple[int, int]]:
+    """Row ranges to read: everything in chunks, or with --sample an evenly spread fraction in contiguous blocks.
+    `elem_bytes` is the memory one element costs while a chunk is processed (float32 copy plus float64 stack)."""
+    per_chunk = max(1, chunk_bytes // max(1, cols * elem_bytes))
     want = rows if not sample or sample >= 1 else max(1, int(round(rows * sample)))
     if want >= rows:
         return [(a, min(a + per_chunk, rows)) for a in range(0, rows, per_chunk)]
@@ -106,7 +119,13 @@ def run_audit(
     chunk_bytes: int = DEFAULT_AUDIT_CHUNK,
     progress: ProgressFn | None = None,
     allow_pickle: bool = False,
+    workers: int | None = None,
+    ray: bool = False,
+    address: str | None = None,
 ) -> AuditRun:
+    """Audit `suspect` against `candidates`. The streaming pass runs on this process's threads, or with
+    `workers` > 1 in that many local processes, or with `ray` as Ray tasks (`address` as in engine.py); the results
+    are the same (see `Dispatch`)."""
     if not candidates:
         raise InputError("audit needs at least one --candidate to compare the suspect with")
     if sample is not None and not 0 < sample <= 1:
@@ -133,7 +152,9 @@ def run_audit(
             warnings.append("the suspect is also listed as a candidate; it will match itself exactly")
         layer_matches = map_layers(views[0], views[1:])
         alignments = discover(views, layer_matches, warnings)
-        slots = _stream(views, base_idx, sample, chunk_bytes, progress, warnings, layer_matches, alignments)
+        dispatch = Dispatch(workers, ray, address, allow_pickle) if ray or (workers or 0) > 1 else None
+        slots = _stream(views, base_idx, sample, chunk_bytes, progress, warnings, layer_matches, alignments,
+                        dispatch=dispatch)
         bytes_read = sum(v.source.stats.bytes_read for v in views)
     except BaseException:
         for v in views:
@@ -180,12 +201,20 @@ def _process_slot(views: list[ModelView], item: _PlanItem, base: int | None, sam
     idx_base = cands.index(base) + 1 if base in cands else None
     acc = SlotAccumulator(1 + len(cands), part.cols, idx_base, s.dtype(slot), total_rows=rows,
                           cand_dtypes=[views[i].dtype(item.tfs[i].slot) for i in cands])
-    ranges = _row_plan(rows, part.cols, sample if not structured else None, chunk_bytes)
+    raw_dtype = _raw_dtype(views, item)
+    if raw_dtype is None:
+        ranges = _row_plan(rows, part.cols, sample if not structured else None, chunk_bytes)
+    else:
+        ranges = _row_plan(rows, part.cols, sample if not structured else None, chunk_bytes * RAW_WINDOW_FACTOR,
+                           kernels.itemsize(raw_dtype))
     note = ""
     if rows < part.rows or any(item.tfs[i].shape(views[i])[0] != rows and item.tfs[i].rows is None for i in cands):
         note = f"vocabularies differ: compared the {rows} shared rows"
     readers = {i: AlignedReader(views[i], item.tfs[i]) for i in cands}
     for a, b in ranges:
+        if raw_dtype is not None and _update_mapped(acc, views, item, raw_dtype, a, b):
+            tick((b - a) * part.cols)
+            continue
         sx = s.read(slot, a, b) if srows is None else gather(s, slot, srows[a:b])
         chunks = [sx] + [readers[i].read(a, b, srows) for i in cands]
         acc.update(chunks)
@@ -204,6 +233,36 @@ def _process_slot(views: list[ModelView], item: _PlanItem, base: int | None, sam
             res.z[ci] = lz if lz is not None else z_from_log10p(al.log10p)
             res.selected.add(ci)
     return res
+
+
+def _raw_dtype(views: list[ModelView], item: _PlanItem) -> str | None:
+    """The storage dtype when the fused kernel can read this slot's stored bytes directly: every model stores it
+    in the same kernel dtype, in local files that can be mapped, and every candidate is read through the identity
+    (no gathers, permutations, rotations or re-mapped vocabulary rows)."""
+    if not kernels.available() or item.srows is not None:
+        return None
+    if not views[0].source.can_map or not all(views[i].source.can_map for i in item.cands):
+        return None
+    dtypes = {views[0].dtype(item.slot)} | {views[i].dtype(item.tfs[i].slot) for i in item.cands}
+    if len(dtypes) != 1 or not all(item.tfs[i].identity for i in item.cands):
+        return None
+    dtype = dtypes.pop()
+    return dtype if dtype in kernels.RAW else None
+
+
+def _update_mapped(acc: SlotAccumulator, views: list[ModelView], item: _PlanItem, dtype: str, a: int, b: int
+                   ) -> bool:
+    """Rows [a, b) of every model straight from the page cache into the fused kernel; False (nothing added) if a
+    window could not be mapped after all, and the caller reads the chunk the ordinary way."""
+    slots = [item.slot] + [item.tfs[i].slot for i in item.cands]
+    models = [views[0]] + [views[i] for i in item.cands]
+    with ExitStack() as stack:
+        arrs = [stack.enter_context(v.mapped(sl, a, b)) for v, sl in zip(models, slots, strict=True)]
+        if any(x is None for x in arrs):
+            return False
+        acc.update_raw(tuple(arrs), dtype, b - a)
+        del arrs
+    return True
 
 
 def _to_global(fit: SlotFit, cands: list[int]) -> SlotFit:
@@ -246,7 +305,8 @@ def _plan_item(views: list[ModelView], slot: Slot, tfs: dict[int, SlotTransform]
 
 def _stream(views: list[ModelView], base: int | None, sample: float | None, chunk_bytes: int,
             progress: ProgressFn | None, warnings: list[str], layer_matches: list,
-            alignments: list[Alignment | None] | None = None) -> list[SlotResult]:
+            alignments: list[Alignment | None] | None = None, dispatch: Dispatch | None = None
+            ) -> list[SlotResult]:
     s = views[0]
     alignments = alignments or []
     # Layers of the suspect that are exact copies of another layer of a candidate are compared with that layer.
@@ -292,7 +352,9 @@ def _stream(views: list[ModelView], base: int | None, sample: float | None, chun
         return _process_slot(views, item, base, sample, chunk_bytes, tick, alignments)
 
     workers = _threads(views)
-    if workers > 1:
+    if dispatch is not None:
+        results = _stream_elsewhere(views, plan, base, sample, chunk_bytes, alignments, dispatch, tick)
+    elif workers > 1:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             results = list(pool.map(work, plan))
     else:
@@ -305,3 +367,149 @@ def _stream(views: list[ModelView], base: int | None, sample: float | None, chun
     if progress:
         progress(total, total)
     return results
+
+
+# ---- the streaming pass over views already open, and elsewhere (local processes, Ray) ---------------------------
+def run_views(views: list[ModelView], base: int | None = None, sample: float | None = None,
+              chunk_bytes: int = DEFAULT_AUDIT_CHUNK, progress: ProgressFn | None = None,
+              layer_matches: list | None = None, alignments: list[Alignment | None] | None = None,
+              warnings: list[str] | None = None, dispatch: Dispatch | None = None) -> AuditRun:
+    """The audit's streaming pass over views that are already open (suspect first, then candidates; `base` indexes
+    them): model views, or any object that reads like one (identify's fingerprint views). The layer map is made
+    unless given; alignments (`align.disguise.discover`) are followed when given. Returns the AuditRun that
+    `verdict.decide` reads; the views stay open. `dispatch` runs the pass in local processes or on Ray, which
+    needs model views (they are opened again there from their specs)."""
+    t0 = time.perf_counter()
+    warnings = [] if warnings is None else warnings
+    matches = map_layers(views[0], views[1:]) if layer_matches is None else layer_matches
+    slots = _stream(views, base, sample, chunk_bytes, progress, warnings, matches, alignments, dispatch=dispatch)
+    bytes_read = sum(v.source.stats.bytes_read for v in views)
+    return AuditRun(views, base, slots, matches, warnings, bytes_read, time.perf_counter() - t0, sample,
+                    list(alignments or []))
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """Run the streaming pass as work items through `engine`: `workers` local processes, or Ray tasks (`ray`,
+    `address`). Items are the plan grouped by the suspect's weight file (a file with more than its share of the work
+    split in plan order), so each work item opens every model again from its spec (`allow_pickle` as given) and
+    streams its slots with `_process_slot`; results are merged back in plan order, and the bytes each model
+    streamed are added to its read statistics, so verdict and report equal a single-process audit's."""
+
+    workers: int | None = None
+    ray: bool = False
+    address: str | None = None
+    allow_pickle: bool = False
+
+
+@dataclass
+class SlotWork:
+    """One work item of a dispatched streaming pass (it pickles: specs, plan items, slim alignments)."""
+
+    specs: list[str]  # suspect first, as the views list; hf:// pinned to the commit the audit read
+    labels: list[str]
+    allow_pickle: bool
+    items: list[_PlanItem]
+    base: int | None
+    sample: float | None
+    chunk_bytes: int
+    alignments: list[Alignment | None]
+    record_ranges: bool = False  # record remote ranges with their hashes, as the caller does (report evidence)
+
+
+@dataclass
+class SlotWorkDone:
+    results: list[SlotResult]  # one per item, in order
+    reads: list[tuple[int, int, list]]  # per model: bytes, requests and remote-range digests of the streaming
+
+
+def run_slot_work(work: SlotWork) -> SlotWorkDone:
+    """What a worker runs: open the models from their specs, `_process_slot` each item, and report the reads made
+    after opening (the headers were read, and counted, by the caller)."""
+    from modeltrace.sources.base import recording_remote_ranges
+
+    with ExitStack() as stack:
+        if work.record_ranges:
+            stack.enter_context(recording_remote_ranges())
+        views: list[ModelView] = []
+        stack.callback(lambda: [v.close() for v in views])
+        for spec, label in zip(work.specs, work.labels, strict=True):
+            views.append(open_view(spec, label, allow_pickle=work.allow_pickle))
+        marks = [(v.source.stats.bytes_read, v.source.stats.requests, len(v.source.stats.digests)) for v in views]
+        results = [_process_slot(views, item, work.base, work.sample, work.chunk_bytes, _no_tick, work.alignments)
+                   for item in work.items]
+        reads = [(v.source.stats.bytes_read - b, v.source.stats.requests - r, list(v.source.stats.digests[d:]))
+                 for v, (b, r, d) in zip(views, marks, strict=True)]
+    return SlotWorkDone(results, reads)
+
+
+def _no_tick(n: int) -> None:
+    pass
+
+
+def _reopen_spec(view: ModelView) -> str:
+    """Where another process opens the same model: an absolute path, or hf:// pinned to the commit read here."""
+    from modeltrace.fingerprint.core import normalize_spec
+
+    store = getattr(view.source, "store", None)
+    repo, sha = getattr(store, "repo_id", None), getattr(store, "sha", None)
+    if view.spec.startswith("hf://") and repo and sha:
+        return f"hf://{repo}@{sha}"
+    return normalize_spec(view.spec)
+
+
+def _work_groups(views: list[ModelView], plan: list[_PlanItem], want: int) -> list[list[int]]:
+    """Plan indices grouped by the suspect's weight file; a group above 1/want of the work is split in plan order."""
+    s = views[0]
+    tensors = s.source.tensors()
+    by_file: dict[str, list[int]] = {}
+    for i, item in enumerate(plan):
+        by_file.setdefault(tensors[s.parts[item.slot].name].file, []).append(i)
+    cost = [max(1, item.rows * s.parts[item.slot].cols) for item in plan]
+    cap = -(-sum(cost) // max(1, want))
+    groups: list[list[int]] = []
+    for idx in by_file.values():
+        cur: list[int] = []
+        acc = 0
+        for i in idx:
+            if cur and acc + cost[i] > cap:
+                groups.append(cur)
+                cur, acc = [], 0
+            cur.append(i)
+            acc += cost[i]
+        groups.append(cur)
+    return groups
+
+
+def _stream_elsewhere(views: list[ModelView], plan: list[_PlanItem], base: int | None, sample: float | None,
+                      chunk_bytes: int, alignments: list[Alignment | None], dispatch: Dispatch,
+                      tick: Callable[[int], None]) -> list[SlotResult]:
+    from modeltrace import engine
+    from modeltrace.sources import base as sources_base
+
+    if not all(isinstance(v, ModelView) for v in views):
+        raise InputError("the streaming pass runs in other processes only on models opened from their specs")
+    specs = [_reopen_spec(v) for v in views]
+    labels = [v.label for v in views]
+    # _process_slot reads an alignment's match tests only (a selected transform's z); the maps travel in the items
+    slim = [None if al is None else Alignment(al.candidate, tests=list(al.tests)) for al in alignments]
+    record = sources_base._REMOTE_DIGESTS > 0
+    s = views[0]
+    results: list[SlotResult | None] = [None] * len(plan)
+    with engine.Runner(dispatch.workers, dispatch.ray, dispatch.address) as runner:
+        groups = _work_groups(views, plan, 2 * runner.parallel)
+        works = [SlotWork(specs, labels, dispatch.allow_pickle, [plan[i] for i in g], base, sample, chunk_bytes,
+                          slim, record) for g in groups]
+        for o in runner.map(run_slot_work, works):
+            if not o.ok:
+                raise engine.WorkError(o.error or "a work item failed")
+            done: SlotWorkDone = o.value
+            for i, res in zip(groups[o.index], done.results, strict=True):
+                results[i] = res
+            for v, (nbytes, nreq, digests) in zip(views, done.reads, strict=True):
+                st = v.source.stats
+                st.bytes_read += nbytes
+                st.requests += nreq
+                st.digests.extend(digests)
+            tick(sum(plan[i].rows * s.parts[plan[i].slot].cols for i in groups[o.index]))
+    return [r for r in results if r is not None]

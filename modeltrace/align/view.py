@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,12 @@ class ModelView:
         p = self.parts[slot]
         stop = p.rows if stop is None else min(stop, p.rows)
         return self.source.read_rows(p.name, p.row_start + start, p.row_start + stop)
+
+    def mapped(self, slot: Slot, start: int, stop: int) -> AbstractContextManager[np.ndarray | None]:
+        """Stored bytes of rows [start, stop) of a canonical part, mapped without a copy (None if not mappable)."""
+        p = self.parts[slot]
+        stop = min(stop, p.rows)
+        return self.source.mapped_rows(p.name, p.row_start + start, p.row_start + stop)
 
     def rows_per_chunk(self, slot: Slot, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
         return max(1, chunk_bytes // max(1, self.parts[slot].cols * 4))

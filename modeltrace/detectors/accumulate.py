@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from modeltrace.detectors import kernels
+
 #: log2|x| histogram bins for magnitude-vs-survival analysis of sparse merges (1/8 octave).
 HIST_EDGES = np.arange(-48.0, 16.0001, 0.125)
 NBINS = len(HIST_EDGES) - 1
@@ -21,6 +23,13 @@ _MANTISSA = {"BF16": 7, "F16": 10, "F8_E4M3": 3, "F8_E5M2": 2}
 #: squared ulp of a float32 exponent field e (0..255), per mantissa width, divided by 12 (uniform rounding error)
 _ULP2 = {m: np.where((np.arange(256) > 0) & (np.arange(256) < 255),
                      np.exp2(2.0 * (np.arange(256) - 127 - m)), 0.0) / 12.0 for m in _MANTISSA.values()}
+
+_NO_ULP = np.zeros(256)
+
+
+def _widen(raw: np.ndarray, shift: int) -> np.ndarray:
+    """Stored bf16 (uint16, shift 16) or f32 (uint32, shift 0) bits as a float32 copy."""
+    return (raw.astype(np.uint32) << np.uint32(shift)).view(np.float32)
 
 
 #: GGUF block quantization: (values per scale block, levels, symmetric around 0). The rounding step of a block is
@@ -165,6 +174,30 @@ class SlotAccumulator:
         rd = r if self.fraction >= 1 else max(1, int(np.ceil(r * self.fraction)))
         head = [c[:rd] for c in chunks]
         self._detail(head, g if rd == r else gram32(head))
+
+    def update_raw(self, arrs: tuple[np.ndarray, ...], dtype: str, r: int) -> None:
+        """Add one aligned chunk given as stored bytes (every model `dtype`, one of `kernels.RAW`, flat arrays of
+        r x cols elements), through the fused kernel. Same statistics as `update`; chunks with NaN/Inf, and the
+        sparsity statistics of the detail rows, go through the float32 path."""
+        view, shift = kernels.RAW[dtype]
+        arrs = tuple(a.view(view) for a in arrs)
+        rd = r if self.fraction >= 1 else max(1, int(np.ceil(r * self.fraction)))
+        mant = _MANTISSA.get(self.suspect_dtype)
+        ulp2 = _ULP2[mant] if mant is not None else _NO_ULP
+        g, gd, eq, rowsum, colsum, noise = kernels.chunk_stats(arrs, shift, self.cols, rd, ulp2)
+        if not np.all(np.isfinite(np.diag(g))):
+            self.update([_widen(a, shift).reshape(r, self.cols) for a in arrs])
+            return
+        self.G += g
+        self.equal += eq
+        self.rows += r
+        self.Gd += gd
+        self.RR += rowsum @ rowsum.T
+        self.K += colsum
+        self.detail_rows += rd
+        self.noise_floor += noise
+        if self.base is not None and self.sparse:
+            self._sparse([_widen(a[:rd * self.cols], shift).reshape(rd, self.cols) for a in arrs])
 
     def _detail(self, head: list[np.ndarray], g: np.ndarray) -> None:
         """Secondary statistics on the first rows of a chunk (float32 (rd, cols) per model) and their Gram."""

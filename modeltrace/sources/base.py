@@ -146,6 +146,17 @@ class Source(ABC):
         """Stored bytes of rows [start, stop), for hashing; formats without a byte layout may refuse."""
         raise InputError(f"{self.location}: raw bytes are not available for {self.format} tensors")
 
+    @property
+    def can_map(self) -> bool:
+        """Whether `mapped_rows` gives stored bytes in place (local safetensors) instead of None."""
+        return False
+
+    @contextmanager
+    def mapped_rows(self, name: str, start: int, stop: int) -> Iterator[np.ndarray | None]:
+        """Stored bytes of rows [start, stop) as a read-only uint8 array without a copy, valid inside the block;
+        None where the storage cannot be mapped (remote, pickles, GGUF): callers then use `read_rows`."""
+        yield None
+
     def info(self, name: str) -> TensorInfo:
         try:
             return self.tensors()[name]

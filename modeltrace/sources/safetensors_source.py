@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -78,6 +79,28 @@ class SafetensorsSource(Source):
 
     def _read_rows(self, info: TensorInfo, start: int, stop: int) -> np.ndarray:
         return fmt.read_rows(self.store, info, start, stop)
+
+    @property
+    def can_map(self) -> bool:
+        return self.store.can_map
+
+    @contextmanager
+    def mapped_rows(self, name: str, start: int, stop: int) -> Iterator[np.ndarray | None]:
+        info = self.info(name)
+        stop = min(stop, info.rows)
+        if not 0 <= start < stop:
+            yield None
+            return
+        off, length = fmt.row_span(info, start, stop)
+        with self.store.mapped(info.file, off, length) as mv:
+            if mv is None:
+                yield None
+                return
+            arr = np.frombuffer(mv, dtype=np.uint8)
+            try:
+                yield arr
+            finally:
+                del arr
 
     def read_raw(self, name: str, start: int = 0, stop: int | None = None) -> bytes:
         info = self.info(name)
