@@ -46,6 +46,10 @@ def main() -> None:
         print(f"max weight error (linear, task arithmetic): {max(werr):.4f} (target <= 0.01)")
     if perr:
         print(f"max SLERP t / density error: {max(perr):.4f} (target <= 0.05)")
+    sparse = [c for c in cases if c.sparse_weight_error is not None]
+    if sparse:
+        print("sparse merges, weight error against the normalised recipe (no target met for every method): "
+              + ", ".join(f"{c.name} {c.sparse_weight_error:.4f}" for c in sparse))
     pairs = independent_pairs(corpus)
     t1 = time.perf_counter()
     ps = np.array([independence_p(corpus, a, b)[0] for a, b in pairs])

@@ -308,7 +308,10 @@ def render_audit(v: dict) -> None:
 @app.command("audit")
 @guarded
 def audit_cmd(
-    suspect: Annotated[str, typer.Argument(help="The model to check (folder, file, or hf://owner/name[@rev]).")],
+    suspect: Annotated[list[str], typer.Argument(
+        metavar="[ADDRESS] SUSPECT", show_default=False,
+        help="The model to check (folder, file, or hf://owner/name[@rev]); with --ray, optionally preceded by the "
+             "Ray ADDRESS.")],
     candidate: Annotated[list[str], typer.Option("--candidate", "-c", help="A possible ancestor; repeat for more.")],
     base: Annotated[str | None, typer.Option(help="The common base of the candidates, if known (enables task "
                                              "arithmetic, TIES, DARE detection).")] = None,
@@ -328,22 +331,40 @@ def audit_cmd(
     fail_on: FailOnOpt = None,
     hashes: Annotated[bool, typer.Option("--hashes", help="Evidence: hash every local weight file of every model in "
                                          "full (default: the suspect in full, others sampled).")] = False,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Stream the weights in N local worker "
+                                                "processes, the suspect's shards spread over them (default, and "
+                                                "1: threads in this process). Same results.")] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Stream the weights as Ray tasks, grouped by the suspect's "
+                                      "shard: with no ADDRESS a private local instance, `auto` the cluster this "
+                                      "machine is part of, `ray://HEAD:10001` a remote one. Every node needs "
+                                      "modeltrace (same version) and must see the models (shared storage or "
+                                      "hf://). Same results.")] = False,
 ) -> None:
     """What was SUSPECT made from, and exactly how? Compares weights tensor by tensor, streaming.
 
     Answers copy, recast, finetune, merge (method, weights with 95% intervals, SLERP t, density), stack, partial
     or independent, with p-values for "independent of candidate X".
 
-    Example: modeltrace audit ./rio --candidate ./nex --candidate ./qwen
+    The streaming pass runs on this machine's threads by default; --workers N spreads it over N local processes
+    and --ray over a Ray cluster (one task per suspect shard, larger shards split). The verdict and the report
+    are the same either way; only the time differs.
+
+    Usage: modeltrace audit [--ray [ADDRESS]] SUSPECT -c CANDIDATE [-c ...]
+
+    Examples: modeltrace audit ./rio --candidate ./nex --candidate ./qwen;
+    modeltrace audit --ray auto hf://org/rio -c hf://org/nex -c hf://org/qwen --sample 0.05
     """
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 
     from modeltrace.audit import DEFAULT_AUDIT_CHUNK, run_audit
+    from modeltrace.engine import split_address
     from modeltrace.report.build import audit_parameters, audit_subject, new_report
     from modeltrace.report.gate import check_gates
     from modeltrace.sources.base import recording_remote_ranges
     from modeltrace.verdict import decide
 
+    address, suspect_spec = split_address(list(suspect), ray, "audit takes one SUSPECT (preceded by a Ray ADDRESS "
+                                          "only with --ray)")
     fmt = _report_format(fmt, json_out, output)
     gates = check_gates(fail_on)
     show = (fmt is None or output is not None) and err.is_terminal
@@ -355,8 +376,8 @@ def audit_cmd(
             bar.update(task, completed=done * 4, total=total * 4)
 
         with recording_remote_ranges():
-            run = run_audit(suspect, list(candidate), base=base, sample=sample, progress=progress,
-                            allow_pickle=allow_pickle)
+            run = run_audit(suspect_spec, list(candidate), base=base, sample=sample, progress=progress,
+                            allow_pickle=allow_pickle, workers=workers, ray=ray, address=address)
     verdict = decide(run)
     from modeltrace.recipe import replay, to_mergekit, to_yaml
 

@@ -23,6 +23,7 @@ from modeltrace.errors import InputError
 from modeltrace.fingerprint.compare import PairEvidence, compare, fit, gram_stack
 from modeltrace.fingerprint.core import Fingerprint
 from modeltrace.fingerprint.lineage import Explanation, centre, explain, merges_among, stack_sources
+from modeltrace.fingerprint.undisguise import Aligned, DisguiseEvidence, align_group, evidence
 from modeltrace.fingerprint.view import fingerprint_views
 from modeltrace.index.store import Index
 from modeltrace.stats import format_p, holm_log10
@@ -84,25 +85,43 @@ def _identify(suspect: Fingerprint, index: Index, top: int) -> dict[str, Any]:
     fps = dict(loaded)
     tested = list(fps)
     ev = {n: compare(suspect, fps[n]) for n in tested}
+    dv = {n: evidence(suspect, fps[n], ev[n]) for n in tested}  # disguise-robust evidence (v2 fingerprints)
     family = len(ids) - (1 if identical else 0)
-    adj = dict(zip(tested, holm_log10([ev[n].log10_p for n in tested], family), strict=True))
+    adj = dict(zip(tested, holm_log10([_log10_p(ev[n], dv[n]) for n in tested], family), strict=True))
     alpha = _alpha_log10()
-    strong = sorted((n for n in tested if adj[n] < alpha), key=lambda n: -ev[n].z)
+    zs = {n: max(ev[n].z, dv[n].z if dv[n] is not None else 0.0) for n in tested}
+    strong = sorted((n for n in tested if adj[n] < alpha), key=lambda n: -zs[n])
     related = _diverse(strong, {n: mat[row[n]] for n in strong})
     label = suspect.label if suspect.label not in fps else f"{suspect.label} (suspect)"
 
     verdict: dict[str, Any] | None = None
     merges: dict[str, Explanation] = {}
     chosen: list[str] = []
-    gnames = [label, *related]
+    al: Aligned | None = None
     if related:
-        gs = gram_stack([suspect, *(fps[n] for n in related)], [{}, *(ev[n].layer_map for n in related)], gnames)
+        al = align_group(suspect, fps, related, ev, dv, alpha)
+        if al.mode == "tokens":  # only candidates whose residual basis was recovered take part in the fits
+            related = [n for n in related if n in al.per_candidate]
+    gnames = [label, *related]
+    if related and al is not None:
+        layer_maps = [{}, *(ev[n].layer_map if al.mode == "coordinates" else {} for n in related)]
+        gs = gram_stack([al.suspect, *(al.fps[n] for n in related)], layer_maps, gnames)
         found = merges_among(gs, list(range(1, len(gnames))))
         merges = {gnames[i]: e for i, e in found.items()}
         pool = [i for i in range(1, len(gnames)) if i not in found]
-        verdict, picked = _lineage_verdict(suspect, label, fps, gs, pool, gnames)
+        if al.mode == "invariant":  # candidates are compared in their own basis; the suspect only by invariants
+            picked = sorted(pool, key=lambda i: -zs[gnames[i]])[:3]
+            verdict = _invariant_verdict([gnames[i] for i in picked], al, adj)
+        else:
+            verdict, picked = _lineage_verdict(al.suspect, label, al.fps, gs, pool, gnames,
+                                               _audit_tokens if al.mode == "tokens" else _audit_on)
         chosen = [gnames[i] for i in picked]
     hits = _rank(verdict, chosen, related, merges, gnames, tested, adj, ev, sims, fps)
+    if al is not None and al.notes:
+        for h in hits:
+            undone = al.per_candidate.get(h["model"]) or (al.notes if h["model"] in chosen else [])
+            if undone and h["role"] != "unrelated":
+                h["note"] = "; ".join(x for x in [h["note"], *undone] if x)
     out: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "suspect": {"label": suspect.label, "spec": suspect.spec, "content_hash": suspect.content_hash,
@@ -117,7 +136,8 @@ def _identify(suspect: Fingerprint, index: Index, top: int) -> dict[str, Any]:
         "parents": verdict["parents"] if verdict else [],
         "base": verdict.get("base") if verdict else None,
         "hits": hits[:top],
-        "summary": _summary(verdict, hits, adj, family, identical),
+        "summary": _summary(verdict, hits, adj, family, identical) + _disguise_text(al, verdict),
+        "disguise": {"evidence": al.mode, "undone": al.notes} if al is not None and al.notes else None,
         "verdict": verdict,
         "audit_command": _audit_command(suspect, verdict, fps) if verdict else None,
         "elapsed_s": round(time.perf_counter() - t0, 3),
@@ -126,6 +146,29 @@ def _identify(suspect: Fingerprint, index: Index, top: int) -> dict[str, Any]:
     if verdict and verdict["relation"] not in ("independent",) and not declared:
         out["undisclosed"] = "the model card names no base_model although ancestors were found"
     return out
+
+
+def _log10_p(e: PairEvidence, d: DisguiseEvidence | None) -> float:
+    """Coordinate evidence, or the disguise-robust tests where the fingerprints carry them (Bonferroni over both)."""
+    if d is None:
+        return e.log10_p
+    return min(0.0, min(e.log10_p, d.log10_p) + math.log10(2))
+
+
+def _invariant_verdict(parents: list[str], al: Aligned, adj: dict[str, float]) -> dict[str, Any]:
+    """What identify can say when only disguise-invariant evidence relates the suspect: who, not how."""
+    p = format_p(max(adj[n] for n in parents))
+    return {"relation": "related", "method": None, "base": None,
+            "parents": [{"model": n, "evidence": "invariant"} for n in parents],
+            "summary": f"derived from {', '.join(parents)} or their relatives through a disguise "
+                       f"({'; '.join(al.notes)}); {p}. Fingerprints hold no coordinates that survive it: run the "
+                       "`modeltrace audit` below for relation and recipe"}
+
+
+def _disguise_text(al: Aligned | None, verdict: dict[str, Any] | None) -> str:
+    if al is None or not al.notes or not verdict or verdict["relation"] in ("independent", "related"):
+        return ""
+    return f" (disguise undone: {'; '.join(al.notes)})"
 
 
 def _diverse(ordered: list[str], sketches: dict[str, np.ndarray]) -> list[str]:
@@ -147,23 +190,29 @@ def _diverse(ordered: list[str], sketches: dict[str, np.ndarray]) -> list[str]:
 def _audit_on(suspect: Fingerprint, label: str, fps: dict[str, Fingerprint], cands: list[str],
               base: str | None) -> dict[str, Any]:
     """The audit's layer map, streaming slot fits and verdict, on fingerprint samples."""
-    from modeltrace.align.layers import map_layers
-    from modeltrace.audit import DEFAULT_AUDIT_CHUNK, AuditRun, _stream
+    from modeltrace.audit import run_views
     from modeltrace.verdict import decide
 
     views = fingerprint_views([suspect, *(fps[c] for c in cands)], [label, *cands])
-    warnings: list[str] = []
-    matches = map_layers(views[0], views[1:])
     base_idx = cands.index(base) + 1 if base is not None else None
-    slots = _stream(views, base_idx, None, DEFAULT_AUDIT_CHUNK, None, warnings, matches)  # type: ignore[arg-type]
-    return decide(AuditRun(views, base_idx, slots, matches, warnings, 0, 0.0, None))  # type: ignore[arg-type]
+    return decide(run_views(views, base_idx))  # type: ignore[arg-type]
+
+
+def _audit_tokens(suspect: Fingerprint, label: str, fps: dict[str, Fingerprint], cands: list[str],
+                  base: str | None) -> dict[str, Any]:
+    """`_audit_on` for fingerprints reduced to token rows (a residual stream re-based): no layers to map."""
+    from modeltrace.audit import run_views
+    from modeltrace.verdict import decide
+
+    views = fingerprint_views([suspect, *(fps[c] for c in cands)], [label, *cands])
+    base_idx = cands.index(base) + 1 if base is not None else None
+    return decide(run_views(views, base_idx, layer_matches=[]))  # type: ignore[arg-type]
 
 
 def _lineage_verdict(suspect: Fingerprint, label: str, fps: dict[str, Fingerprint], gs, pool: list[int],
-                     gnames: list[str]) -> tuple[dict[str, Any] | None, list[int]]:
+                     gnames: list[str], audit=_audit_on) -> tuple[dict[str, Any] | None, list[int]]:
     def run(members: list[int], base: int | None) -> dict[str, Any]:
-        return _audit_on(suspect, label, fps, [gnames[m] for m in members],
-                         gnames[base] if base is not None else None)
+        return audit(suspect, label, fps, [gnames[m] for m in members], gnames[base] if base is not None else None)
 
     if not pool:
         return None, []

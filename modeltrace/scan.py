@@ -1,20 +1,27 @@
-"""`modeltrace scan`: fingerprint many models in parallel (one task each, local processes or Ray) and screen each
-against the index as it arrives.
+"""`modeltrace scan`: fingerprint many models in parallel (local processes or Ray) and screen each against the
+index as it arrives.
 
-Workers only read weights and return fingerprints (at most 16 MB each); the index stays on this machine, where each
-fingerprint is identified and, with `add`, stored. Results come back in input order, so a scan on Ray and a scan in
-local processes print the same thing.
+Each model is one task; a model whose sampled tensors sit in several safetensors shards is one planning task and
+then one task per shard (fingerprint/shards.py), assembled here into the very fingerprint one process would make.
+While a sharded model's shards run, the next models are already being planned on the same workers. A shard that
+fails fails its model (one line), and nothing of that model reaches the index.
+
+Workers only read weights and return fingerprints (at most 16 MB each) or sampled blocks; the index stays on this
+machine, where each fingerprint is identified and, with `add`, stored. Results come back in input order, so a scan
+on Ray and a scan in local processes print the same thing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 from modeltrace import engine
 from modeltrace.errors import InputError, ModelTraceError
 from modeltrace.fingerprint.core import Fingerprint, make_fingerprint
+from modeltrace.fingerprint.shards import ShardedFingerprint, assemble, plan_fingerprint, read_shard
 from modeltrace.index.store import Index
 
 MODEL_SUFFIXES = (".safetensors", ".gguf")
@@ -27,6 +34,43 @@ def fingerprint_job(job: tuple[str, bool]) -> tuple[bytes, float]:
     spec, allow_pickle = job
     fp = make_fingerprint(spec, allow_pickle=allow_pickle)
     return fp.to_bytes(), fp.elapsed
+
+
+def plan_job(job: tuple[str, bool]) -> tuple[bytes, float] | ShardedFingerprint:
+    """A model's first work item: its fingerprint (serialized, and seconds) when one task is enough, else the plan
+    whose shards become work items of their own."""
+    spec, allow_pickle = job
+    got = plan_fingerprint(spec, allow_pickle=allow_pickle)
+    if isinstance(got, Fingerprint):
+        return got.to_bytes(), got.elapsed
+    return got
+
+
+def fingerprints(specs: list[str], allow_pickle: bool = False, workers: int | None = None, ray: bool = False,
+                 address: str | None = None) -> Iterator[engine.Outcome]:
+    """One Outcome per spec, in order; its value is (fingerprint bytes, seconds of work, tasks it took)."""
+    with engine.Runner(workers, ray, address) as runner:
+        for o in runner.map(plan_job, [(s, allow_pickle) for s in specs]):
+            if not o.ok or not isinstance(o.value, ShardedFingerprint):
+                yield engine.Outcome(o.index, specs[o.index], (*o.value, 1) if o.ok else None, o.error)
+                continue
+            blocks, error = [], None
+            with closing(runner.map(read_shard, o.value.works)) as shards:
+                for so in shards:
+                    if not so.ok:
+                        error = so.error  # the model fails; its shards still queued are not read
+                        break
+                    blocks.append(so.value)
+            value = None
+            if error is None:
+                value, error = engine.call(_assembled, (o.value, blocks))
+            yield engine.Outcome(o.index, specs[o.index], value, error)
+
+
+def _assembled(args: tuple[ShardedFingerprint, list]) -> tuple[bytes, float, int]:
+    plan, blocks = args
+    fp = assemble(plan, blocks)
+    return fp.to_bytes(), fp.elapsed, 1 + len(plan.works)
 
 
 def _is_model_dir(path: Path) -> bool:
@@ -80,17 +124,16 @@ def scan(specs: list[str], index: Index, add: bool = False, top: int = 3, worker
     """One result per spec, in order: identification against the index (and the add status with `add`)."""
     from modeltrace.identify import identify
 
-    jobs = [(s, allow_pickle) for s in specs]
-    for outcome in engine.run(fingerprint_job, jobs, workers=workers, ray=ray, address=address):
+    for outcome in fingerprints(specs, allow_pickle, workers=workers, ray=ray, address=address):
         spec = specs[outcome.index]
         if not outcome.ok:
             yield {"model": spec, "ok": False, "error": outcome.error}
             continue
-        blob, _seconds = outcome.value
+        blob, _seconds, tasks = outcome.value
         fp = Fingerprint.from_bytes(blob)
         row: dict[str, Any] = {"model": spec, "ok": True, "name": fp.label, "content_hash": fp.content_hash,
                                "fingerprint_bytes": len(blob), "bytes_read": fp.bytes_read,
-                               "total_bytes": fp.model.get("total_bytes")}
+                               "total_bytes": fp.model.get("total_bytes"), "tasks": tasks}
         if index.count():
             res = identify(fp, index, top=top)
             row.update({"relation": res["relation"], "method": res["method"], "summary": res["summary"],

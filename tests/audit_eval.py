@@ -23,6 +23,8 @@ class Case:
     errors: list[str] = field(default_factory=list)
     weight_error: float | None = None
     param_error: float | None = None
+    #: sparse merges: reported weights against the normalised recipe weights (measured, not held to a target)
+    sparse_weight_error: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -103,6 +105,11 @@ def _score_params(case: Case, meta: dict, v: dict) -> None:
             case.param_error = abs(v["parameters"]["t"]["value"] - float(t_truth))
         if case.param_error > 0.05:
             case.errors.append(f"SLERP t error {case.param_error:.3f} > 0.05")
+    if method in ("ties", "dare_linear", "dare_ties", "della", "breadcrumbs"):
+        ws = {k: p["weight"] for k, p in (meta.get("parameters") or {}).items() if p.get("weight") is not None}
+        if ws and set(ws) <= set(got):
+            total = sum(ws.values())
+            case.sparse_weight_error = max(abs(got[k] - w / total) for k, w in ws.items())
     if method in ("ties", "dare_linear", "dare_ties", "della"):
         dens = [p.get("density") for p in (meta.get("parameters") or {}).values() if p.get("density") is not None]
         if dens:

@@ -177,32 +177,39 @@ def register(app: typer.Typer) -> None:
     def scan_cmd(
         targets: Annotated[list[str] | None, typer.Argument(
             metavar="[ADDRESS] LIST_OR_DIR", show_default=False,
-            help="A text file with one model per line, a folder of models, or one model; with --ray, optionally "
-                 "preceded by the Ray address.")] = None,
-        ray: Annotated[bool, typer.Option("--ray", help="Run the tasks on Ray: a private local instance, or the "
-                                          "cluster at ADDRESS (auto, or ray://head:10001).")] = False,
+            help="A text file with one model per line (paths or hf://owner/name, # comments), a folder of models, "
+                 "or one model; with --ray, optionally preceded by the Ray ADDRESS.")] = None,
+        ray: Annotated[bool, typer.Option("--ray", help="Run the tasks on Ray: with no ADDRESS a private local "
+                                          "instance; `auto` the cluster this machine is part of; "
+                                          "`ray://HEAD:10001` a remote cluster through the Ray client. Every node "
+                                          "needs modeltrace (same version) and must see the models (shared "
+                                          "storage or hf://).")] = False,
         index: IndexOpt = None,
         add: Annotated[bool, typer.Option("--add", help="Also add every scanned model to the index.")] = False,
-        workers: Annotated[int | None, typer.Option(help="Parallel tasks (default: CPUs, at most 8).")] = None,
+        workers: Annotated[int | None, typer.Option(help="Parallel tasks: local processes (default: CPUs, at "
+                                                    "most 8), or the CPUs of a private Ray instance.")] = None,
         top: Annotated[int, typer.Option("--top", min=1, max=100, help="Matches to keep per model.")] = 3,
         json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object per model (JSON lines).")]
         = False,
         allow_pickle: PickleOpt = False,
     ) -> None:
-        """Fingerprint and screen many models in parallel, each one a task (local processes, or Ray with --ray).
+        """Fingerprint and screen many models in parallel (local processes, or Ray tasks with --ray).
+
+        Each model is a task; a model in several safetensors shards is a planning task plus one task per shard,
+        assembled into the same fingerprint one process would make. Results print in input order, the same with
+        or without Ray; a model that fails (a bad shard included) prints one error line and is not indexed.
 
         Usage: modeltrace scan [--ray [ADDRESS]] LIST_OR_DIR
 
-        Example: modeltrace scan --ray ray://head:10001 uploads.txt --add
+        Examples: modeltrace scan uploads.txt --add;  modeltrace scan --ray auto uploads.txt;
+        modeltrace scan --ray ray://head:10001 /shared/models --json
         """
+        from modeltrace.engine import split_address
         from modeltrace.scan import expand, scan
 
-        targets = targets or []
-        if not targets or len(targets) > 2 or (len(targets) == 2 and not ray):
-            raise InputError("scan takes one LIST_OR_DIR: a list file, a folder of models, or one model (preceded "
-                             "by a Ray ADDRESS only with --ray)")
-        address = targets[0] if len(targets) == 2 else None
-        list_or_dir = targets[-1]
+        address, list_or_dir = split_address(targets or [], ray, "scan takes one LIST_OR_DIR: a list file, a "
+                                             "folder of models, or one model (preceded by a Ray ADDRESS only "
+                                             "with --ray)")
         specs = expand(list_or_dir)
         failed = 0
         with _open(index, create=add) as ix:

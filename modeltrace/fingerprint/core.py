@@ -1,8 +1,10 @@
 """A fingerprint: the sampled coordinates of every canonical tensor, their summary vector and a content hash.
 
-Binary format "MTFP" version 1 (documented in docs/index.md): `MTFP`, u32 version, u32 header length, a JSON
+Binary format "MTFP" version 2 (documented in docs/index.md): `MTFP`, u32 version, u32 header length, a JSON
 header, then each slot's sample in header order as little-endian float16 (`f2`, values divided by 2**exp, exact for
-bf16/fp16/fp8 weights) or float32 (`f4`). Everything identify needs is in here; no weights are needed again.
+bf16/fp16/fp8 weights) or float32 (`f4`), then the disguise-robust section's arrays (robust.py: token rows keyed by
+token string, reader products, norm gains). Version 1 (no robust section) is still read. Everything identify needs
+is in here; no weights are needed again.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ import numpy as np
 
 from modeltrace.architectures import Slot
 from modeltrace.errors import InputError, ModelTraceError
+from modeltrace.fingerprint.robust import Collector, RobustSection
+from modeltrace.fingerprint.robust import decode as decode_robust
+from modeltrace.fingerprint.robust import encode as encode_robust
 from modeltrace.fingerprint.sampling import HALF_EXACT, KEEP_COLS, SlotPlan, column_order, plan, seeded
 from modeltrace.sources.base import Source
 
@@ -30,7 +35,7 @@ if TYPE_CHECKING:
     from modeltrace.align.view import ModelView
 
 MAGIC = b"MTFP"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 #: Length of the summary vector used to rank an index before any sample is compared.
 SKETCH_DIM = 1024
 #: A fingerprint larger than this is refused on load (16 MB budget plus generous slack for the header).
@@ -68,6 +73,8 @@ class Fingerprint:
     requests: int
     slots: dict[Slot, SlotSample]
     elapsed: float = 0.0
+    #: disguise-robust content (token rows, reader products, gains); None in version-1 fingerprints
+    robust: RobustSection | None = None
     #: derived arrays (summary vector, centred unit samples), computed once per fingerprint
     cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -96,6 +103,9 @@ class Fingerprint:
         header = {"format": "modeltrace-fingerprint", "version": FORMAT_VERSION, "model": self.model,
                   "content_hash": self.content_hash, "bytes_read": self.bytes_read, "requests": self.requests,
                   "slots": rows}  # no timings: the same model gives the same bytes on any machine
+        if self.robust is not None:
+            header["robust"], extra = encode_robust(self.robust)
+            payload.append(extra)
         hb = json.dumps(header, separators=(",", ":"), default=str).encode()
         return b"".join([MAGIC, struct.pack("<II", FORMAT_VERSION, len(hb)), hb, *payload])
 
@@ -151,10 +161,13 @@ def _decode(buf: memoryview) -> Fingerprint:
         slot = Slot(str(role), int(layer), int(expert))
         slots[slot] = SlotSample(slot, int(rows), int(cols), str(dtype), int(row0), bool(structured), values,
                                  tuple(float(x) for x in st[:3]))  # type: ignore[arg-type]
+    robust = None
+    if header.get("robust") is not None:
+        robust, off = decode_robust(header["robust"], buf, off)
     if off != len(buf):
         raise ValueError("trailing bytes")
     return Fingerprint(dict(header["model"]), str(header["content_hash"]), int(header["bytes_read"]),
-                       int(header.get("requests", 0)), slots)
+                       int(header.get("requests", 0)), slots, robust=robust)
 
 
 # ---- summary vector -------------------------------------------------------------------------------------------
@@ -247,9 +260,9 @@ def _view_of(source: Source, label: str) -> ModelView:
 def make_fingerprint(spec: str | Source, label: str | None = None, allow_pickle: bool = False,
                      threads: int | None = None) -> Fingerprint:
     """Fingerprint a model wherever it lives (a spec, or an open Source), reading one block of rows per sampled
-    tensor: one ranged read each, in parallel for remote models."""
+    tensor: one ranged read each, in parallel for remote models. (fingerprint/shards.py makes the same fingerprint,
+    byte for byte, with each shard's blocks read by a separate work item.)"""
     from modeltrace.align.view import label_for, open_view
-    from modeltrace.card import parse_card
 
     t0 = time.perf_counter()
     owned = not isinstance(spec, Source)  # a source handed in stays open for its owner
@@ -260,45 +273,99 @@ def make_fingerprint(spec: str | Source, label: str | None = None, allow_pickle:
         spec = normalize_spec(spec)
         view = open_view(spec, label or label_for(spec), allow_pickle=allow_pickle)
     try:
-        tensors = view.source.tensors()
-        dtypes = {slot: tensors[p.name].dtype for slot, p in view.parts.items()}
-        plans = plan(view.parts, dtypes)
-        if not plans:
-            raise InputError(f"{spec}: no tensors with a canonical role to fingerprint")
-        remote = spec.startswith("hf://")
-        n_threads = threads or (8 if remote else 2)
-        h = hashlib.sha256()
-        for name in sorted(tensors):
-            t = tensors[name]
-            h.update(f"{name}|{t.dtype}|{t.shape}\n".encode())
-
-        def read(p: SlotPlan) -> np.ndarray:
-            return view.read(p.slot, p.row0, p.row0 + p.nrows)
-
-        slots: dict[Slot, SlotSample] = {}
-        for p, block in zip(plans, _window_map(read, plans, n_threads), strict=True):
-            h.update(p.slot.key.encode())
-            h.update(np.ascontiguousarray(block, dtype=np.float32).tobytes())
-            values = np.ascontiguousarray(block[:, column_order(p.part.rows, p.part.cols)[:p.ncols]]
-                                          if p.part.cols > 1 else block, dtype=np.float32)
-            slots[p.slot] = SlotSample(p.slot, p.part.rows, p.part.cols, p.dtype, p.row0, p.structured, values,
-                                       _moments(values))
-        try:
-            card = parse_card(view.source.card_text())
-        except ModelTraceError:
-            card = parse_card(None)
-        cfg = view.config
-        model = {
-            "label": view.label, "spec": spec, "location": view.source.location, "format": view.source.format,
-            "family": view.family.name, "model_type": cfg.get("model_type"), "layers": view.n_layers,
-            "parameters": int(sum(t.numel for t in tensors.values())),
-            "total_bytes": int(sum(t.nbytes for t in tensors.values())), "tensors": len(tensors),
-            "dtypes": sorted({t.dtype for t in tensors.values()}),
-            "card": {"base_model": card["base_model"], "base_model_relation": card["base_model_relation"],
-                     "license": card["license"]},
-        }
-        stats = view.source.stats
-        return Fingerprint(model, h.hexdigest(), stats.bytes_read, stats.requests, slots, time.perf_counter() - t0)
+        return fingerprint_view(view, spec, threads, t0)
     finally:
         if owned:
             view.close()
+
+
+def fingerprint_view(view: ModelView, spec: str, threads: int | None = None, t0: float | None = None
+                     ) -> Fingerprint:
+    """The fingerprint of an open view (`spec` as normalized), all in this process."""
+    t0 = time.perf_counter() if t0 is None else t0
+    job = begin_fingerprint(view, spec)
+    n_threads = threads or (8 if spec.startswith("hf://") else 2)
+
+    def read(p: SlotPlan) -> np.ndarray:
+        return view.read(p.slot, p.row0, p.row0 + p.nrows)
+
+    h = hashlib.sha256(job.prefix)
+    slots: dict[Slot, SlotSample] = {}
+    for p, block in zip(job.plans, _window_map(read, job.plans, n_threads), strict=True):
+        add_block(job, h, slots, p, block)
+    stats = view.source.stats
+    return finish_fingerprint(job, h, slots, stats.bytes_read, stats.requests, time.perf_counter() - t0)
+
+
+class _Tape:
+    """Stands in for the content hash while a fingerprint is begun: keeps what was fed, so the hash can be
+    continued later, in another process if need be (hash objects do not pickle)."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def update(self, data: bytes | memoryview) -> None:
+        self.parts.append(bytes(data))
+
+    def getvalue(self) -> bytes:
+        return b"".join(self.parts)
+
+
+@dataclass
+class FingerprintJob:
+    """A fingerprint before its sampled blocks are read: the plan, the model facts, what the content hash covers
+    before the first block, and the robust-section collector. Every read but the blocks' is done."""
+
+    spec: str
+    plans: list[SlotPlan]
+    model: dict[str, Any]
+    prefix: bytes
+    robust: Collector
+
+
+def begin_fingerprint(view: ModelView, spec: str) -> FingerprintJob:
+    """Plan the samples and read all but the sampled blocks (headers, token rows, gains, card)."""
+    from modeltrace.card import parse_card
+
+    tensors = view.source.tensors()
+    dtypes = {slot: tensors[p.name].dtype for slot, p in view.parts.items()}
+    plans = plan(view.parts, dtypes)
+    if not plans:
+        raise InputError(f"{spec}: no tensors with a canonical role to fingerprint")
+    h = _Tape()
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}|{t.dtype}|{t.shape}\n".encode())
+    robust = Collector(view, plans, h)  # token rows and gains first; products from the blocks below
+    try:
+        card = parse_card(view.source.card_text())
+    except ModelTraceError:
+        card = parse_card(None)
+    cfg = view.config
+    model = {
+        "label": view.label, "spec": spec, "location": view.source.location, "format": view.source.format,
+        "family": view.family.name, "model_type": cfg.get("model_type"), "layers": view.n_layers,
+        "parameters": int(sum(t.numel for t in tensors.values())),
+        "total_bytes": int(sum(t.nbytes for t in tensors.values())), "tensors": len(tensors),
+        "dtypes": sorted({t.dtype for t in tensors.values()}),
+        "card": {"base_model": card["base_model"], "base_model_relation": card["base_model_relation"],
+                 "license": card["license"]},
+    }
+    return FingerprintJob(spec, plans, model, h.getvalue(), robust)
+
+
+def add_block(job: FingerprintJob, h: Any, slots: dict[Slot, SlotSample], p: SlotPlan, block: np.ndarray) -> None:
+    """One sampled block (float32, full rows) into the content hash, the robust section and the samples. Blocks
+    go in plan order."""
+    h.update(p.slot.key.encode())
+    h.update(np.ascontiguousarray(block, dtype=np.float32).tobytes())
+    job.robust.observe(p, block)
+    values = np.ascontiguousarray(block[:, column_order(p.part.rows, p.part.cols)[:p.ncols]]
+                                  if p.part.cols > 1 else block, dtype=np.float32)
+    slots[p.slot] = SlotSample(p.slot, p.part.rows, p.part.cols, p.dtype, p.row0, p.structured, values,
+                               _moments(values))
+
+
+def finish_fingerprint(job: FingerprintJob, h: Any, slots: dict[Slot, SlotSample], bytes_read: int, requests: int,
+                       elapsed: float) -> Fingerprint:
+    return Fingerprint(job.model, h.hexdigest(), bytes_read, requests, slots, elapsed, robust=job.robust.finish())

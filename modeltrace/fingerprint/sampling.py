@@ -28,8 +28,9 @@ MIN_ROWS = 8
 MAX_EXPERTS = 8
 #: Fewest columns a shrunk fingerprint keeps per row.
 MIN_COLS = 16
-#: Bytes of samples a fingerprint may hold; the header and summary vector stay well under 1 MB on top.
-SAMPLE_BUDGET = 15 * 1024 * 1024
+#: Bytes of samples a fingerprint may hold; the disguise-robust section (robust.py, <= 3.5 MB) and the header
+#: stay within the 16 MB budget on top.
+SAMPLE_BUDGET = 12 * 1024 * 1024
 #: Storage dtypes whose values float16 holds exactly after a power-of-two scale.
 HALF_EXACT = frozenset({"BF16", "F16", "F8_E4M3", "F8_E5M2"})
 

@@ -30,6 +30,7 @@ class _FingerprintSource:
     """The little of a Source the audit machinery asks for."""
 
     format = "fingerprint"
+    can_map = False  # samples live in memory: the audit reads them, never maps stored bytes
 
     def __init__(self, location: str) -> None:
         self.location = location

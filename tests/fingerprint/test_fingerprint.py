@@ -81,7 +81,11 @@ def test_397b_class_moe_fingerprint_is_small_and_reads_little():
     assert sum(t.numel for t in tensors.values()) > 390e9
     assert fp.nbytes <= 16 * 2**20
     assert fp.bytes_read <= 0.005 * total
-    assert fp.requests == len(fp.slots)  # one ranged read per sampled tensor
+    r = fp.robust
+    assert r is not None and len(r.ids) >= 32 and r.products
+    # one ranged read per sampled tensor, plus the robust section's: a row per kept token of each vocabulary
+    # matrix, and one read per norm gain vector
+    assert fp.requests == len(fp.slots) + len(r.ids) * len(r.rows) + len(r.gains)
     experts = {k.expert for k in fp.slots if k.role == "expert_gate" and k.layer == 7}
     assert len(experts) == 8  # a fixed subset of the 512 routed experts per layer
     # ... the same subset in every model with that many experts
@@ -95,9 +99,11 @@ def test_shrunk_fingerprints_still_compare(monkeypatch):
 
     tensors, cfg = moe_tensors(layers=4, experts=16, hidden=512, moe_inter=256, vocab=4096, shards=2)
     full = make_fingerprint(HeaderOnlySource(tensors, cfg), "full")
-    monkeypatch.setattr(core, "plan", lambda parts, dtypes: plan(parts, dtypes, budget=full.nbytes // 3))
+    samples = full.nbytes - full.robust.nbytes
+    monkeypatch.setattr(core, "plan", lambda parts, dtypes: plan(parts, dtypes, budget=samples // 3))
     shrunk = make_fingerprint(HeaderOnlySource(tensors, cfg), "shrunk")
-    assert shrunk.nbytes < full.nbytes // 2
+    # the samples shrink; the disguise-robust section has its own fixed budget (robust.py)
+    assert shrunk.nbytes - shrunk.robust.nbytes < samples // 2
     assert max(s.values.shape[1] for s in shrunk.slots.values() if s.cols > 1) < 256
     ev = compare(full, shrunk)
     assert ev.corr > 0.999 and ev.log10_p < -100
