@@ -72,6 +72,14 @@ def data_dir() -> Path:
 
 
 def rss_mb() -> float:
+    """Peak resident memory of this process since it started (VmHWM). Not ru_maxrss: on Linux that survives
+    fork and exec, so a child started by a large parent reports the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

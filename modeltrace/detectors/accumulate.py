@@ -24,7 +24,11 @@ _MANTISSA = {"BF16": 7, "F16": 10, "F8_E4M3": 3, "F8_E5M2": 2}
 _ULP2 = {m: np.where((np.arange(256) > 0) & (np.arange(256) < 255),
                      np.exp2(2.0 * (np.arange(256) - 127 - m)), 0.0) / 12.0 for m in _MANTISSA.values()}
 
-_NO_ULP = np.zeros(256)
+
+
+def _ulp_scale(mant: int | None) -> float:
+    """_ULP2[mant][e] / 2**(2 * (e - 127)): what the fused kernel multiplies squared powers of two by."""
+    return 0.0 if mant is None else 2.0 ** (-2 * mant) / 12.0
 
 
 def _widen(raw: np.ndarray, shift: int) -> np.ndarray:
@@ -183,8 +187,7 @@ class SlotAccumulator:
         arrs = tuple(a.view(view) for a in arrs)
         rd = r if self.fraction >= 1 else max(1, int(np.ceil(r * self.fraction)))
         mant = _MANTISSA.get(self.suspect_dtype)
-        ulp2 = _ULP2[mant] if mant is not None else _NO_ULP
-        g, gd, eq, rowsum, colsum, noise = kernels.chunk_stats(arrs, shift, self.cols, rd, ulp2)
+        g, gd, eq, rowsum, colsum, noise = kernels.chunk_stats(arrs, self.cols, rd, _ulp_scale(mant))
         if not np.all(np.isfinite(np.diag(g))):
             self.update([_widen(a, shift).reshape(r, self.cols) for a in arrs])
             return
