@@ -89,7 +89,8 @@ def _identify(suspect: Fingerprint, index: Index, top: int) -> dict[str, Any]:
     family = len(ids) - (1 if identical else 0)
     adj = dict(zip(tested, holm_log10([_log10_p(ev[n], dv[n]) for n in tested], family), strict=True))
     alpha = _alpha_log10()
-    zs = {n: max(ev[n].z, dv[n].z if dv[n] is not None else 0.0) for n in tested}
+    # how close, for ranking related models (the disguise tests' calibrated z saturates for any close relative)
+    zs = {n: max(ev[n].z, dv[n].strength if dv[n] is not None else 0.0) for n in tested}
     strong = sorted((n for n in tested if adj[n] < alpha), key=lambda n: -zs[n])
     related = _diverse(strong, {n: mat[row[n]] for n in strong})
     label = suspect.label if suspect.label not in fps else f"{suspect.label} (suspect)"
@@ -113,8 +114,9 @@ def _identify(suspect: Fingerprint, index: Index, top: int) -> dict[str, Any]:
             picked = sorted(pool, key=lambda i: -zs[gnames[i]])[:3]
             verdict = _invariant_verdict([gnames[i] for i in picked], al, adj)
         else:
+            layered = any(k.layer >= 0 for k in al.suspect.slots)  # else every layer was disguised beyond use
             verdict, picked = _lineage_verdict(al.suspect, label, al.fps, gs, pool, gnames,
-                                               _audit_tokens if al.mode == "tokens" else _audit_on)
+                                               _audit_on if al.mode != "tokens" and layered else _audit_tokens)
         chosen = [gnames[i] for i in picked]
     hits = _rank(verdict, chosen, related, merges, gnames, tested, adj, ev, sims, fps)
     if al is not None and al.notes:
@@ -139,7 +141,7 @@ def _identify(suspect: Fingerprint, index: Index, top: int) -> dict[str, Any]:
         "summary": _summary(verdict, hits, adj, family, identical) + _disguise_text(al, verdict),
         "disguise": {"evidence": al.mode, "undone": al.notes} if al is not None and al.notes else None,
         "verdict": verdict,
-        "audit_command": _audit_command(suspect, verdict, fps) if verdict else None,
+        "audit_command": _audit_command(suspect, verdict, fps, chosen) if verdict else None,
         "elapsed_s": round(time.perf_counter() - t0, 3),
     }
     declared = out["suspect"]["card_base_model"]
@@ -315,12 +317,14 @@ def _summary(verdict: dict | None, hits: list[dict], adj: dict[str, float], fami
     return prefix + verdict.get("summary", rel)
 
 
-def _audit_command(suspect: Fingerprint, verdict: dict, fps: dict[str, Fingerprint]) -> str | None:
-    """The exact `modeltrace audit` that confirms the finding on the full weights."""
+def _audit_command(suspect: Fingerprint, verdict: dict, fps: dict[str, Fingerprint], chosen: list[str] | None = None
+                   ) -> str | None:
+    """The exact `modeltrace audit` that confirms the finding on the full weights (against the models the verdict
+    was worked out from where it names no parents, as a partial one does)."""
     if verdict["relation"] == "independent":
         return None
     base = verdict.get("base")
-    parents = [p["model"] for p in verdict["parents"] if p["model"] != base]
+    parents = [p["model"] for p in verdict["parents"] if p["model"] != base] or [c for c in chosen or [] if c != base]
     if not parents:
         return None
     cmd = ["modeltrace", "audit", suspect.spec]

@@ -14,8 +14,10 @@ section keeps three things that do not depend on those positions:
   gate, up, router, experts), the products `e_t / rms(e_t) * g @ W_block.T` of the first `PRODUCT_TOKENS` sampled
   token embeddings through the layer's norm gain `g`. They are unchanged by any orthogonal map of the residual
   stream (a permutation, a rotation) and by folding gains into the matrices, yet they sit in the matrix's own unit
-  basis, which independent models do not share: their double-centred correlation has the same null as the
-  coordinate test (calibrated in tests/fingerprint/test_disguised_identify.py);
+  basis, which independent models do not share. Their tokens are shared, though, and models trained on alike data
+  have alike token structure, so they are tested against the permutation distribution of the candidate's units
+  (undisguise.exchangeable_z), not with the coordinate test's Fisher z (calibrated in
+  tests/fingerprint/test_disguised_identify.py);
 - norm gains at the columns the coordinate samples keep (to fold a candidate's gains when the suspect's are 1).
 
 Memory and reads: `k` rows of one or two vocabulary matrices (scattered ranged reads), one read per gain vector;

@@ -1,12 +1,12 @@
 """`identify` on an index of 20 corpus models (independent families, fine-tunes, merges): true parents in the top 3
 for every derived suspect, linear and task-arithmetic weights within 0.02 from fingerprints alone, no ancestor for
-independent models left out of the index, and an answer within 2 s over 10,000 indexed fingerprints."""
+independent models left out of the index, and the same answer over 10,000 indexed fingerprints (its time: benchmarks/
+bench_index.py)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import time
 
 import numpy as np
 import pytest
@@ -134,7 +134,7 @@ def _fillers(n: int, template: Fingerprint):
         yield fp
 
 
-def test_identify_over_10000_fingerprints_within_2_s(fps, tmp_path):
+def test_identify_over_10000_fingerprints(fps, tmp_path):
     ix = Index(tmp_path / "big.sqlite", create=True)
     ix.add_many([fps[n] for n in INDEXED])
     batch: list[Fingerprint] = []
@@ -145,9 +145,6 @@ def test_identify_over_10000_fingerprints_within_2_s(fps, tmp_path):
             batch = []
     ix.add_many(batch)
     assert ix.count() == 10_000
-    identify(fps["m_linear_rio"], ix)  # warm caches
-    t0 = time.perf_counter()
-    res = identify(fps["m_linear_rio"], ix)
-    elapsed = time.perf_counter() - t0
+    res = identify(fps["m_linear_rio"], ix)  # how long it takes is measured by benchmarks/bench_index.py
     assert res["summary"].startswith("0.60 × ft_a1 + 0.40 × ft_a2, linear")
-    assert elapsed <= 2.0, f"{elapsed:.2f} s"
+    assert [h["model"] for h in res["hits"][:2]] == ["ft_a1", "ft_a2"]
