@@ -20,6 +20,7 @@ import numpy as np
 
 from modeltrace.architectures import Part, Slot, is_structured
 from modeltrace.fingerprint.core import Fingerprint, SlotSample, _moments
+from modeltrace.fingerprint.robust import RobustSection, _splitmix
 from modeltrace.fingerprint.sampling import plan
 from modeltrace.sources.base import FileInfo, Source, TensorInfo
 
@@ -155,18 +156,29 @@ def _bf16(x: np.ndarray) -> np.ndarray:
 
 
 class SampleFamily:
-    """Models as dicts slot -> float32 sample, combined linearly exactly as merges combine weights."""
+    """Models as dicts slot -> float32 sample, combined linearly exactly as merges combine weights.
 
-    def __init__(self, parts: dict[Slot, Part], dtypes: dict[Slot, str]) -> None:
+    With `robust`, each model also carries a disguise-robust section (fingerprint/robust.py) of the size the real
+    collector makes for these parts (token rows, reader products, norm gains; one tokenizer, so every model shares
+    its tokens): its arrays ride in the same dict under `robust:` keys and combine linearly like the samples."""
+
+    def __init__(self, parts: dict[Slot, Part], dtypes: dict[Slot, str], robust: bool = False) -> None:
         self.plans = plan(parts, dtypes)
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        if robust:
+            self.shapes, self.gain_idx, self.kp = _robust_layout(parts, self.plans)
 
-    def random(self, rng: np.random.Generator, scale: float = 0.02) -> dict[Slot, np.ndarray]:
-        out = {}
+    def random(self, rng: np.random.Generator, scale: float = 0.02) -> dict:
+        out: dict = {}
         for p in self.plans:
             if p.structured and p.part.cols == 1:
                 out[p.slot] = _bf16(1.0 + 0.05 * rng.standard_normal((p.nrows, p.ncols), dtype=np.float32))
             else:
                 out[p.slot] = _bf16(scale * rng.standard_normal((p.nrows, p.ncols), dtype=np.float32))
+        for key, shape in self.shapes.items():
+            gain = key.startswith("robust:gain:")
+            out[key] = ((1.0 if gain else 0.0) + (0.05 if gain else scale) * rng.standard_normal(shape)
+                        ).astype(np.float32)
         return out
 
     def finetune(self, base: dict[Slot, np.ndarray], rng: np.random.Generator, rel: float = 0.1
@@ -185,7 +197,55 @@ class SampleFamily:
                                        is_structured(p.slot, p.part), v, _moments(v))
         model = {"label": label, "spec": spec or f"synthetic://{label}", "family": "llama", "model_type": "llama",
                  "layers": 32, "parameters": 8_030_000_000, "total_bytes": 16_060_000_000, "card": {}}
-        return Fingerprint(model, h.hexdigest(), 0, 0, slots)
+        return Fingerprint(model, h.hexdigest(), 0, 0, slots, robust=self._robust(values) if self.shapes else None)
+
+    def _robust(self, values: dict) -> RobustSection:
+        k = self.shapes["robust:rows:embed"][0]
+        keys = np.sort(_splitmix(np.arange(k, dtype=np.uint64)))
+        rows = {r: values[f"robust:rows:{r}"] for r in ("embed", "lm_head")}
+        gains, products = {}, {}
+        for key in self.shapes:
+            kind, _, rest = key.partition(":")[2].partition(":")
+            if kind == "gain":
+                role, layer = rest.rsplit(":", 1)
+                gains[Slot(role, int(layer))] = values[key]
+            elif kind == "prod":
+                role, layer, expert = rest.rsplit(":", 2)
+                products[Slot(role, int(layer), int(expert))] = values[key]
+        return RobustSection("string", keys, np.arange(k, dtype=np.int64), rows, {"embed": "BF16", "lm_head": "BF16"},
+                             self.gain_idx, gains, products, self.kp)
+
+
+def _robust_layout(parts: dict[Slot, Part], plans: list) -> tuple[dict[str, tuple[int, ...]], np.ndarray, int]:
+    """(array shapes, gain columns, product tokens) of the robust section that the collector
+    (fingerprint/robust.py) makes for `parts` (bf16)."""
+    from modeltrace.fingerprint.robust import (
+        GAIN_OF,
+        GAIN_ROLES,
+        MIN_PRODUCT_TOKENS,
+        PRODUCT_BYTES,
+        PRODUCT_TOKENS,
+        READER_ROLES,
+        n_tokens,
+    )
+    from modeltrace.fingerprint.sampling import KEEP_COLS, column_order
+
+    emb = parts[Slot("embed")]
+    hidden, vocab = emb.cols, emb.rows
+    k = n_tokens(hidden, 2, True, vocab)
+    readers = [p for p in plans if p.slot.role in READER_ROLES and p.part.cols == hidden]
+    kp = min(k, PRODUCT_TOKENS, max(MIN_PRODUCT_TOKENS, PRODUCT_BYTES // max(2 * sum(p.nrows for p in readers), 1)))
+    idx: set[int] = set()
+    for p in plans:
+        if p.part.cols == hidden and p.slot.role in GAIN_OF:
+            idx.update(int(c) for c in column_order(p.part.rows, p.part.cols)[:KEEP_COLS])
+    shapes: dict[str, tuple[int, ...]] = {"robust:rows:embed": (k, hidden), "robust:rows:lm_head": (k, hidden)}
+    for s in parts:
+        if s.role in GAIN_ROLES:
+            shapes[f"robust:gain:{s.role}:{s.layer}"] = (hidden,) if s.role == "final_norm" else (len(idx),)
+    for p in readers:
+        shapes[f"robust:prod:{p.slot.role}:{p.slot.layer}:{p.slot.expert}"] = (kp, p.nrows)
+    return shapes, np.array(sorted(idx), dtype=np.int64), kp
 
 
 def family_fingerprints(n: int, family: SampleFamily, seed: int = 0) -> Iterator[Fingerprint]:

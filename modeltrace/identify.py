@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shlex
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -84,8 +86,7 @@ def _identify(suspect: Fingerprint, index: Index, top: int) -> dict[str, Any]:
     sims = {names[i]: float(sim[i]) for i in order}
     fps = dict(loaded)
     tested = list(fps)
-    ev = {n: compare(suspect, fps[n]) for n in tested}
-    dv = {n: evidence(suspect, fps[n], ev[n]) for n in tested}  # disguise-robust evidence (v2 fingerprints)
+    ev, dv = _pair_evidence(suspect, fps, tested)
     family = len(ids) - (1 if identical else 0)
     adj = dict(zip(tested, holm_log10([_log10_p(ev[n], dv[n]) for n in tested], family), strict=True))
     alpha = _alpha_log10()
@@ -148,6 +149,25 @@ def _identify(suspect: Fingerprint, index: Index, top: int) -> dict[str, Any]:
     if verdict and verdict["relation"] not in ("independent",) and not declared:
         out["undisclosed"] = "the model card names no base_model although ancestors were found"
     return out
+
+
+def _pair_evidence(suspect: Fingerprint, fps: dict[str, Fingerprint], names: list[str]
+                   ) -> tuple[dict[str, PairEvidence], dict[str, DisguiseEvidence | None]]:
+    """Coordinate and disguise-robust evidence (v2 fingerprints) of the suspect against each shortlisted model, on
+    two threads: the work is numpy products of a few MB that release the GIL, and the suspect's side of each test is
+    computed once (undisguise._memo)."""
+    def one(n: str) -> tuple[PairEvidence, DisguiseEvidence | None]:
+        e = compare(suspect, fps[n])
+        return e, evidence(suspect, fps[n], e)
+
+    workers = min(2, os.cpu_count() or 1, max(1, len(names)))
+    if workers > 1:
+        got = [one(names[0])]  # fills the suspect's memo before the threads share it
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            got += pool.map(one, names[1:])
+    else:
+        got = [one(n) for n in names]
+    return ({n: g[0] for n, g in zip(names, got, strict=True)}, {n: g[1] for n, g in zip(names, got, strict=True)})
 
 
 def _log10_p(e: PairEvidence, d: DisguiseEvidence | None) -> float:

@@ -286,6 +286,8 @@ _WIDTH = {"u8": ("<u8", 8), "u4": ("<u4", 4), "f2": ("<f2", 2), "f4": ("<f4", 4)
 
 
 def decode(head: dict[str, Any], buf: memoryview, off: int) -> tuple[RobustSection, int]:
+    from modeltrace.fingerprint.core import widen_scaled  # core imports this module
+
     arrays: dict[str, np.ndarray] = {}
     order: list[str] = []
     for name, store, shape, exp in head["arrays"]:
@@ -297,7 +299,7 @@ def decode(head: dict[str, Any], buf: memoryview, off: int) -> tuple[RobustSecti
         a = np.frombuffer(buf[off:off + size * width], dtype=dt).reshape(shape)
         off += size * width
         if store in ("f2", "f4"):
-            a = np.ldexp(a.astype(np.float32), int(exp))
+            a = widen_scaled(a, int(exp))
         arrays[str(name)] = a
         order.append(str(name))
     rows, gains, products = {}, {}, {}

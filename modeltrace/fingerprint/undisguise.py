@@ -59,6 +59,12 @@ ACCEPT_LOG10P = -6.0
 DECISIVE_LOG10P = -20.0
 #: Suspect dimensions matched for the agreement test in wide models (all of them once accepted).
 TEST_DIMS = 512
+#: Wide models are screened first on this many of the tested dimensions: the full test is run only when at least
+#: SCREEN_MIN_SHARE of them agree. A true share of MIN_AGREE_SHARE (0.5) gives fewer than 0.2 x 64 agreements with
+#: probability < 1e-6 (binomial), so the screen costs no power to speak of, and skipping a test can only withhold
+#: evidence, never make it: the null stays valid. It spares identify the full matchings of every unrelated model.
+SCREEN_DIMS = 64
+SCREEN_MIN_SHARE = 0.2
 #: Token-row identity (same columns) taken as "residual stream in place" above this z.
 Z_IDENTITY = 8.0
 #: An orthogonal map of the residual stream is fitted only with at least this many token rows per hidden dimension.
@@ -149,13 +155,28 @@ def _double_centred(x: np.ndarray) -> np.ndarray:
     return x - x.mean(axis=-1, keepdims=True) - x.mean(axis=-2, keepdims=True) + x.mean(axis=(-2, -1), keepdims=True)
 
 
-def _exchangeable(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`exchangeable_z`'s (z, r) for stacks (g, n, m) of double-centred matrices (one test per stacked pair)."""
+def _memo(fp: Fingerprint, key: tuple, make):  # noqa: ANN001, ANN202
+    """`make()` once per fingerprint and key: identify tests one suspect against a whole shortlist, and the
+    suspect's side of every test (centred token rows, their Gram, matching features) is the same each time."""
+    got = fp.cache.get(key)  # type: ignore[call-overload]
+    if got is None:
+        got = fp.cache.setdefault(key, make())  # type: ignore[call-overload]
+    return got
+
+
+def _gram(x: np.ndarray) -> np.ndarray:
+    """x x^T per stacked matrix when that is the smaller Gram (rows < columns), else None."""
+    return x @ x.swapaxes(-1, -2) if x.shape[-2] < x.shape[-1] else None
+
+
+def _exchangeable(x: np.ndarray, y: np.ndarray, xx: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`exchangeable_z`'s (z, r) for stacks (g, n, m) of double-centred matrices (one test per stacked pair);
+    `xx`: `_gram(x)`, when already known."""
     n, m = x.shape[-2:]
     t = np.einsum("gij,gij->g", x, y)
     na, nb = np.einsum("gij,gij->g", x, x), np.einsum("gij,gij->g", y, y)
     if n < m:  # sum C^2 = <x x^T, y y^T>: the smaller Gram
-        c2 = np.einsum("gij,gij->g", x @ x.swapaxes(-1, -2), y @ y.swapaxes(-1, -2))
+        c2 = np.einsum("gij,gij->g", _gram(x) if xx is None else xx, _gram(y))
     else:
         c = x.swapaxes(-1, -2) @ y
         c2 = np.einsum("gij,gij->g", c, c)
@@ -184,8 +205,8 @@ def exchangeable_z(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, f
     return float(z[0]), float(r[0]), sum(max(a.shape[0] - 1, 0) for a, _ in pairs) * max(m - 1, 0)
 
 
-def product_evidence(a: RobustSection, b: RobustSection, ia: np.ndarray, ib: np.ndarray
-                     ) -> tuple[PairEvidence, float] | None:
+def product_evidence(a: RobustSection, b: RobustSection, ia: np.ndarray, ib: np.ndarray,
+                     memo: Fingerprint | None = None) -> tuple[PairEvidence, float] | None:
     """Reader products at product tokens `ia` / `ib` (the same tokens), slot by slot (unit groups as one):
     `exchangeable_z` per group, combined over groups both by Stouffer (evidence spread over the model) and as the
     best group (Šidák over groups: a disguise that permutes most units leaves a few matrices in place), Bonferroni
@@ -199,8 +220,12 @@ def product_evidence(a: RobustSection, b: RobustSection, ia: np.ndarray, ib: np.
     by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for i, (_, p, _) in enumerate(shared):
         by_shape[p.shape].append(i)
-    for idx in by_shape.values():  # centred in one batch per shape
-        x = _double_centred(np.stack([shared[i][1][ia] for i in idx]))
+    for idx in by_shape.values():  # centred in one batch per shape (the suspect's once per identify, `memo`)
+        def suspect_side(idx: list[int] = idx) -> np.ndarray:
+            return _double_centred(np.stack([shared[i][1][ia] for i in idx]))
+
+        key = ("products", ia.tobytes(), tuple(shared[i][0] for i in idx))
+        x = suspect_side() if memo is None else _memo(memo, key, suspect_side)
         y = _double_centred(np.stack([shared[i][2][ib] for i in idx]))
         for j, i in enumerate(idx):
             centred[shared[i][0]] = (x[j], y[j])
@@ -271,10 +296,12 @@ def _dims_features(x: np.ndarray) -> np.ndarray:
     return standardize(y - y.mean(axis=1, keepdims=True))
 
 
-def residual_map(xs: np.ndarray, xc: np.ndarray, full: bool = True) -> ResidualMap:
+def residual_map(xs: np.ndarray, xc: np.ndarray, full: bool = True, memo: Fingerprint | None = None
+                 ) -> ResidualMap:
     """Residual dimensions of the suspect's token rows `xs` matched to the candidate's `xc` (rows: the same tokens).
     Two matchings on disjoint halves of the tokens must agree on at least MIN_AGREE_SHARE of the (tested)
-    dimensions; then the permutation comes from a matching on all tokens (`full`)."""
+    dimensions; then the permutation comes from a matching on all tokens (`full`). Wide models are screened first
+    on SCREEN_DIMS of the tested dimensions (see there). `memo`: the suspect's fingerprint, to keep its features."""
     from modeltrace.align.match import agreements, match
 
     n, h = xs.shape
@@ -286,8 +313,21 @@ def residual_map(xs: np.ndarray, xc: np.ndarray, full: bool = True) -> ResidualM
 
         dims = np.sort(seeded("residual-test", h).permutation(h)[:TEST_DIMS])
     ev, od = slice(0, None, 2), slice(1, None, 2)
-    m1 = match([_dims_features(xs[ev])[dims]], [_dims_features(xc[ev])])
-    m2 = match([_dims_features(xs[od])[dims]], [_dims_features(xc[od])])
+
+    def suspect_features() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return xs, _dims_features(xs[ev])[dims], _dims_features(xs[od])[dims]
+
+    got = None if memo is None else _memo(memo, ("residual", id(xs), dims.tobytes()), suspect_features)
+    _, fs_ev, fs_od = got if got is not None and got[0] is xs else suspect_features()  # kept with the very `xs`
+    fc_ev, fc_od = _dims_features(xc[ev]), _dims_features(xc[od])
+    if len(dims) > 2 * SCREEN_DIMS:
+        s1 = match([fs_ev[:SCREEN_DIMS]], [fc_ev])
+        s2 = match([fs_od[:SCREEN_DIMS]], [fc_od])
+        agree, _ = agreements(s1.perm, s2.perm)
+        if agree < SCREEN_MIN_SHARE * SCREEN_DIMS:
+            return ResidualMap("none", None, agree, SCREEN_DIMS)
+    m1 = match([fs_ev], [fc_ev])
+    m2 = match([fs_od], [fc_od])
     agree, both = agreements(m1.perm, m2.perm)
     out = ResidualMap("none", None, agree, len(dims))
     lp = poisson_log10_sf(agree, both / h)
@@ -302,6 +342,13 @@ def residual_map(xs: np.ndarray, xc: np.ndarray, full: bool = True) -> ResidualM
     return out
 
 
+def _token_side(a: RobustSection, ia: np.ndarray, roles: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The suspect's token rows at `ia`, double-centred (as a stack of one) and their Gram."""
+    xs = _token_matrix(a, ia, roles)
+    xdc = _double_centred(xs)[None]
+    return xs, xdc, _gram(xdc)
+
+
 def evidence(s: Fingerprint, c: Fingerprint, coord: PairEvidence | None = None) -> DisguiseEvidence | None:
     """Disguise-robust evidence between a suspect and a candidate (None when either lacks a robust section).
     The residual-permutation test runs only when nothing else already shows the relation decisively (`coord` and
@@ -314,20 +361,24 @@ def evidence(s: Fingerprint, c: Fingerprint, coord: PairEvidence | None = None) 
     tz, tcorr, tstrength = 0.0, 0.0, 0.0
     res = ResidualMap("none")
     if len(ia) >= 8 and roles:
-        xs, xc = _token_matrix(a, ia, roles), _token_matrix(b, ib, roles)
-        tz, tcorr, dof = exchangeable_z([(xs, xc)])
-        tstrength = fisher_z(tcorr, dof)
+        key = ("tokens", tuple(roles), ia.tobytes())
+        xs, xdc, xx = _memo(s, key, lambda: _token_side(a, ia, roles))
+        xc = _token_matrix(b, ib, roles)
+        if xc.shape == xs.shape:
+            z, r = _exchangeable(xdc, _double_centred(xc)[None], xx)
+            tz, tcorr = float(z[0]), float(r[0])
+            tstrength = fisher_z(tcorr, max(xs.shape[0] - 1, 0) * max(xs.shape[1] - 1, 0))
     prod, pstrength = None, 0.0
     if a.token_kind == b.token_kind:
         _, pa, pb = np.intersect1d(a.keys[:a.product_tokens], b.keys[:b.product_tokens], assume_unique=True,
                                    return_indices=True)
         if len(pa) >= 8:
-            got = product_evidence(a, b, pa.astype(np.int64), pb.astype(np.int64))
+            got = product_evidence(a, b, pa.astype(np.int64), pb.astype(np.int64), memo=s)
             if got is not None:
                 prod, pstrength = got
     known = min(coord.log10_p if coord else 0.0, prod.log10_p if prod else 0.0)
     if len(ia) >= 16 and roles and tz < Z_IDENTITY and known > DECISIVE_LOG10P:
-        res = residual_map(xs, xc, full=False)
+        res = residual_map(xs, xc, full=False, memo=s)
     tests = [log10_sf(tz) if len(ia) >= 8 else 0.0, prod.log10_p if prod else 0.0, res.log10_p]
     lp = min(0.0, min(tests) + math.log10(len(tests)))
     return DisguiseEvidence(len(ia), tcorr, tz, res, prod, lp, strength=max(tstrength, pstrength,
