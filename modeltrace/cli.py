@@ -21,6 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from modeltrace.engine import RAY_ADDRESS_HELP
 from modeltrace.errors import InputError, ModelTraceError
 
 app = typer.Typer(
@@ -335,10 +336,7 @@ def audit_cmd(
                                                 "processes, the suspect's shards spread over them (default, and "
                                                 "1: threads in this process). Same results.")] = None,
     ray: Annotated[bool, typer.Option("--ray", help="Stream the weights as Ray tasks, grouped by the suspect's "
-                                      "shard: with no ADDRESS a private local instance, `auto` the cluster this "
-                                      "machine is part of, `ray://HEAD:10001` a remote one. Every node needs "
-                                      "modeltrace (same version) and must see the models (shared storage or "
-                                      "hf://). Same results.")] = False,
+                                      "shard: " + RAY_ADDRESS_HELP + " Same results.")] = False,
 ) -> None:
     """What was SUSPECT made from, and exactly how? Compares weights tensor by tensor, streaming.
 

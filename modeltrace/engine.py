@@ -31,6 +31,10 @@ from typing import Any
 from modeltrace.errors import InputError, ModelTraceError
 
 RAY_PIN = "ray==2.60.0"
+#: What --ray's optional ADDRESS means, for every command that takes it.
+RAY_ADDRESS_HELP = ("with no ADDRESS a private local instance; `auto` the cluster this machine is part of; "
+                    "`ray://HEAD:10001` a remote cluster through the Ray client. Every node needs modeltrace (same "
+                    "version) and must see the models (shared storage or hf://).")
 #: Lines that mean a bug or a lost worker rather than bad input (see `WorkError`).
 _INTERNAL = ("internal error", "Ray task failed")
 

@@ -22,3 +22,12 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
             base = base.parent
         root = base / "modeltrace-corpus"
     return build_corpus(root)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A real local Ray instance (Ray 2.60 has no local mode), started per test module and shut down after it."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -71,14 +71,6 @@ def sharded(corpus, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def index_path(corpus, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ix") / "ix.sqlite"
     with Index(path, create=True) as ix:

@@ -12,6 +12,7 @@ import typer
 from rich.table import Table
 
 from modeltrace.cli import _human_bytes, err, guarded, out, print_json
+from modeltrace.engine import RAY_ADDRESS_HELP
 from modeltrace.errors import InputError
 
 IndexOpt = Annotated[Path | None, typer.Option("--index", help="Index file (default: $MODELTRACE_INDEX, else "
@@ -179,11 +180,7 @@ def register(app: typer.Typer) -> None:
             metavar="[ADDRESS] LIST_OR_DIR", show_default=False,
             help="A text file with one model per line (paths or hf://owner/name, # comments), a folder of models, "
                  "or one model; with --ray, optionally preceded by the Ray ADDRESS.")] = None,
-        ray: Annotated[bool, typer.Option("--ray", help="Run the tasks on Ray: with no ADDRESS a private local "
-                                          "instance; `auto` the cluster this machine is part of; "
-                                          "`ray://HEAD:10001` a remote cluster through the Ray client. Every node "
-                                          "needs modeltrace (same version) and must see the models (shared "
-                                          "storage or hf://).")] = False,
+        ray: Annotated[bool, typer.Option("--ray", help="Run the tasks on Ray: " + RAY_ADDRESS_HELP)] = False,
         index: IndexOpt = None,
         add: Annotated[bool, typer.Option("--add", help="Also add every scanned model to the index.")] = False,
         workers: Annotated[int | None, typer.Option(help="Parallel tasks: local processes (default: CPUs, at "

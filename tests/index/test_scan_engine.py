@@ -38,14 +38,6 @@ def index_path(corpus, tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def test_ray_results_equal_single_process_results(corpus, index_path, ray_local, tmp_path):
     specs = [str(corpus.path(n)) for n in MODELS] + [str(tmp_path / "missing")]
     jobs = [(s, False) for s in specs]
