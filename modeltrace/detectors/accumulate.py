@@ -82,6 +82,22 @@ def rounding_variance(x: np.ndarray, dtype: str) -> float:
     return float(np.bincount(e.ravel(), minlength=256) @ _ULP2[mant])
 
 
+#: A delta within the suspect's storage rounding plus this many ulps of c_i tau_i counts as parent i's lone survivor
+#: (DELLA, SlotAccumulator._kept_by_all). Measured on the corpus DELLA merge: weights within 0.0003 for 4 to 16.
+DELLA_TOL = 8
+
+
+def _ratio_mode(r: np.ndarray) -> float:
+    """The most common value of positive ratios, on a log2 grid of 0.005 (0 when there are none): where DELLA's
+    lone survivors pile up."""
+    r = r[np.isfinite(r) & (r > 0)]
+    if r.size == 0:
+        return 0.0
+    h, e = np.histogram(np.log2(r), bins=2000, range=(-4.0, 6.0))
+    i = int(h.argmax())
+    return float(2.0 ** ((e[i] + e[i + 1]) / 2))
+
+
 #: Quantile levels of |task vector| at which agreement Grams are kept (see SlotAccumulator._sparse).
 TOP_LEVELS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9)
 OUTLIER_LEVEL = 0.99
@@ -157,6 +173,10 @@ class SlotAccumulator:
         self._qs: list[np.ndarray] | None = None
         # ... where parent i alone is in its top 1% (breadcrumbs drops exactly these outliers)
         self.G_outlier = np.zeros((k, k + 1, k + 1))
+        # DELLA (two parents): where both task vectors agree and survived, i.e. the suspect's delta is neither
+        # parent's rescaled task vector alone (see _kept_by_all); the rescale of each parent, from the first chunk
+        self.G_kept = np.zeros((k + 1, k + 1))
+        self._rescale: list[float] | None = None
         self.fraction = 1.0 if self.total_rows * self.cols <= DETAIL_ALL_BELOW else DETAIL_FRACTION
 
     def update(self, chunks: list[np.ndarray]) -> None:
@@ -255,6 +275,11 @@ class SlotAccumulator:
             for j, (a, q) in enumerate(zip(absd, self._qs, strict=True)):
                 vo = v[:, a >= q[-1]]
                 self.G_outlier[j] += vo @ vo.T
+            if len(taus) == 2:
+                kept = self._kept_by_all(v, ~conflict & active.ravel() & ~zero.ravel(), chunks[0].ravel())
+                if kept is not None:
+                    vk = v[:, kept]
+                    self.G_kept += vk @ vk.T
         for i, t in zip(parents, taus, strict=True):
             nz = t != 0
             lg = np.log2(np.abs(t[nz]).astype(np.float64))
@@ -262,6 +287,31 @@ class SlotAccumulator:
             self.hist_all[i] += np.histogram(lg, HIST_EDGES)[0]
             self.hist_dropped[i] += np.histogram(lg[z], HIST_EDGES)[0]
             self.hist_kept[i] += np.histogram(lg[~z], HIST_EDGES)[0]
+
+    def _kept_by_all(self, v: np.ndarray, cand: np.ndarray, stored: np.ndarray) -> np.ndarray | None:
+        """Among entries `cand` (both task vectors non-zero, same sign, suspect delta non-zero), those that neither
+        parent explains alone. A DELLA merge (mergekit: magnitude-ranked random drops, survivors rescaled by one
+        factor c_i per tensor, sign election, sum divided by the weights present) gives delta = c_i tau_i exactly
+        where only parent i survived, and (w_1 c_1 tau_1 + w_2 c_2 tau_2) / (w_1 + w_2) where both did: the
+        weights show only there. c_i is the mode of delta / tau_i (the lone survivors pile up on it), taken from the
+        first chunk as the TOP_LEVELS quantiles are. `stored`: the suspect's values (its storage rounding)."""
+        if not cand.any():
+            return None
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratios = [v[0] / v[j] for j in (1, 2)]
+        if self._rescale is None:
+            self._rescale = [_ratio_mode(r[cand]) for r in ratios]
+        # how far a lone survivor's delta may sit from c_i tau_i: the suspect's storage rounding (half an ulp of the
+        # stored value, which for a small delta can exceed it) plus the merge's own rounding in that precision
+        # (mergekit computes bf16 merges in bf16), DELLA_TOL ulps of c_i tau_i
+        mant = _MANTISSA.get(self.suspect_dtype, 23)
+        ulp = np.ldexp(1.0, np.frexp(stored)[1] - 1 - mant)
+        out = cand.copy()
+        for j, c in zip((1, 2), self._rescale, strict=True):
+            if c > 0:
+                lone_tol = ulp + DELLA_TOL * 2.0**-mant * np.abs(c * v[j])
+                out &= ~(np.abs(v[0] - c * v[j]) <= lone_tol)
+        return out
 
     def finish(self) -> SlotStats:
         numel = self.rows * self.cols
@@ -279,7 +329,7 @@ class SlotAccumulator:
                          self.hist_kept, self.hist_dropped, self.hist_all, detail_numel=dn,
                          detail_noise_floor=self.noise_floor, Gd=self.Gd, G_agree=self.G_agree,
                          G_conflict=self.G_conflict, G_top=self.G_top, G_outlier=self.G_outlier,
-                         cand_noise=self.cand_noise * scale)
+                         cand_noise=self.cand_noise * scale, G_kept=self.G_kept, rescale=self._rescale)
 
 
 @dataclass
@@ -311,6 +361,8 @@ class SlotStats:
     G_top: np.ndarray | None = None
     G_outlier: np.ndarray | None = None
     cand_noise: np.ndarray | None = None  # expected squared storage error of each (lossy) candidate
+    G_kept: np.ndarray | None = None  # [delta, tau_1, tau_2] where both parents survived a DELLA merge
+    rescale: list[float] | None = None  # the mode of delta / tau_i per parent (DELLA's survivor rescale)
 
     def corr(self, i: int, j: int = 0) -> float:
         d = self.Gc[i, i] * self.Gc[j, j]

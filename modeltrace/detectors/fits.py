@@ -299,6 +299,22 @@ def _sign_election(st: SlotStats, k: int) -> tuple[dict[int, float], float]:
     return {i: float(w) for i, w in zip(idx, wa, strict=True)}, float(excess + float(np.abs(wc - wa).max()))
 
 
+def _della_weights(st: SlotStats, parents: list[int]) -> dict[int, float] | None:
+    """DELLA's weights (normalised, as mergekit's della merges) from the entries both parents kept: there
+    delta = sum_i w_i c_i tau_i / sum_i w_i, so the fitted coefficient a_i over the survivor rescale c_i is
+    w_i / sum w. None for other than two parents, too few such entries, or coefficients that do not sum to about 1
+    (not a normalised DELLA merge: its weights are not identifiable this way)."""
+    if len(parents) != 2 or st.G_kept is None or not st.rescale or st.G_kept[0, 0] <= 0:
+        return None
+    if min(st.rescale) <= 0 or min(st.G_kept[1, 1], st.G_kept[2, 2]) <= 0:
+        return None
+    a, _ = _solve(st.G_kept, [1, 2])
+    w = [float(a[j] / st.rescale[j]) for j in range(2)]
+    if abs(sum(w) - 1) > 0.15:
+        return None
+    return {c: w[j] / sum(w) for j, c in enumerate(parents)}
+
+
 def _sparse_fit(st: SlotStats, parents: list[int], base: int, free: dict[int, float], rss_free: float,
                 zero_active: float, r2_delta: float) -> SlotFit:
     k = len(parents)
@@ -328,6 +344,9 @@ def _sparse_fit(st: SlotStats, parents: list[int], base: int, free: dict[int, fl
     elif ratio >= 0.2:
         method = "della"
         params["density"] = float(1 - zero_active ** (1 / k))
+        della = _della_weights(st, parents)
+        if della is not None:
+            lam = della
     else:
         method = "sparse"
     g00 = st.G[0, 0]
