@@ -179,6 +179,7 @@ def fit_slot(st: SlotStats, cands: list[int], base: int | None) -> SlotFit:
         if r2_delta > 0.8 and outliers is not None and outliers < 0.3:
             fit = _sparse_fit(st, parents, base, free, rss_free, zero_active, r2_delta)
             fit.method = "breadcrumbs"
+            fit.weights = _kept_weights(st, parents, normalized=False) or fit.weights
             fit.params["outlier_weight_ratio"] = outliers
             return fit
     # 6. Not a recipe over these candidates: a fine-tune (one dominant candidate), a merge under noise or further
@@ -299,17 +300,20 @@ def _sign_election(st: SlotStats, k: int) -> tuple[dict[int, float], float]:
     return {i: float(w) for i, w in zip(idx, wa, strict=True)}, float(excess + float(np.abs(wc - wa).max()))
 
 
-def _della_weights(st: SlotStats, parents: list[int]) -> dict[int, float] | None:
-    """DELLA's weights (normalised, as mergekit's della merges) from the entries both parents kept: there
-    delta = sum_i w_i c_i tau_i / sum_i w_i, so the fitted coefficient a_i over the survivor rescale c_i is
-    w_i / sum w. None for other than two parents, too few such entries, or coefficients that do not sum to about 1
-    (not a normalised DELLA merge: its weights are not identifiable this way)."""
+def _kept_weights(st: SlotStats, parents: list[int], normalized: bool = True) -> dict[int, float] | None:
+    """Weights of a two-parent sparse merge from the entries both parents kept (accumulate._kept_by_all), where
+    delta = sum_i w_i c_i tau_i / sum_i w_i with sign election and normalisation (TIES: c_i = 1; DELLA: c_i its
+    survivor rescale) or sum_i w_i tau_i without (breadcrumbs: lone survivors carry w_i tau_i, so c_i = w_i).
+    Normalised, the fitted coefficient a_i over c_i is w_i / sum w; else a_i is w_i and a_i / c_i is 1. None for
+    other than two parents, too few such entries, or coefficients not of that form."""
     if len(parents) != 2 or st.G_kept is None or not st.rescale or st.G_kept[0, 0] <= 0:
         return None
     if min(st.rescale) <= 0 or min(st.G_kept[1, 1], st.G_kept[2, 2]) <= 0:
         return None
     a, _ = _solve(st.G_kept, [1, 2])
     w = [float(a[j] / st.rescale[j]) for j in range(2)]
+    if not normalized:
+        return {c: float(a[j]) for j, c in enumerate(parents)} if max(abs(x - 1) for x in w) <= 0.15 else None
     if abs(sum(w) - 1) > 0.15:
         return None
     return {c: w[j] / sum(w) for j, c in enumerate(parents)}
@@ -338,15 +342,17 @@ def _sparse_fit(st: SlotStats, parents: list[int], base: int, free: dict[int, fl
             if st.G_top[level, 0, 0] > 0:
                 wt, _ = _solve(st.G_top[level], list(range(1, k + 1)))
                 lam = {c: float(wt[j]) for j, c in enumerate(parents)}
+        # ... and with two parents, every entry both kept says the same, far more of them (_kept_weights)
+        lam = _kept_weights(st, parents) or lam
     elif ratio >= 0.75:
         method = "dare_ties" if elected else "dare_linear"
         params["density"] = float(1 - zero_active ** (1 / k))
     elif ratio >= 0.2:
         method = "della"
         params["density"] = float(1 - zero_active ** (1 / k))
-        della = _della_weights(st, parents)
-        if della is not None:
-            lam = della
+        kept = _kept_weights(st, parents)
+        if kept is not None:
+            lam = kept
     else:
         method = "sparse"
     g00 = st.G[0, 0]
