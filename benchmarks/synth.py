@@ -20,7 +20,7 @@ import numpy as np
 
 from modeltrace.architectures import Part, Slot, is_structured
 from modeltrace.fingerprint.core import Fingerprint, SlotSample, _moments
-from modeltrace.fingerprint.robust import RobustSection, _splitmix
+from modeltrace.fingerprint.robust import RobustSection, _splitmix, from_names
 from modeltrace.fingerprint.sampling import plan
 from modeltrace.sources.base import FileInfo, Source, TensorInfo
 
@@ -202,16 +202,7 @@ class SampleFamily:
     def _robust(self, values: dict) -> RobustSection:
         k = self.shapes["robust:rows:embed"][0]
         keys = np.sort(_splitmix(np.arange(k, dtype=np.uint64)))
-        rows = {r: values[f"robust:rows:{r}"] for r in ("embed", "lm_head")}
-        gains, products = {}, {}
-        for key in self.shapes:
-            kind, _, rest = key.partition(":")[2].partition(":")
-            if kind == "gain":
-                role, layer = rest.rsplit(":", 1)
-                gains[Slot(role, int(layer))] = values[key]
-            elif kind == "prod":
-                role, layer, expert = rest.rsplit(":", 2)
-                products[Slot(role, int(layer), int(expert))] = values[key]
+        rows, gains, products = from_names({key.removeprefix("robust:"): values[key] for key in self.shapes})
         return RobustSection("string", keys, np.arange(k, dtype=np.int64), rows, {"embed": "BF16", "lm_head": "BF16"},
                              self.gain_idx, gains, products, self.kp)
 

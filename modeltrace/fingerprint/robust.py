@@ -258,6 +258,24 @@ def _arrays(sec: RobustSection) -> list[tuple[str, np.ndarray]]:
     return named
 
 
+def from_names(named: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[Slot, np.ndarray],
+                                                       dict[Slot, np.ndarray]]:
+    """(token rows, gains, products) from arrays named as `_arrays` names them (rows:ROLE, gain:ROLE:LAYER,
+    prod:ROLE:LAYER:EXPERT); other names are ignored."""
+    rows, gains, products = {}, {}, {}
+    for name, v in named.items():
+        kind, _, rest = name.partition(":")
+        if kind == "rows":
+            rows[rest] = v
+        elif kind == "gain":
+            role, layer = rest.rsplit(":", 1)
+            gains[Slot(role, int(layer))] = v
+        elif kind == "prod":
+            role, layer, expert = rest.rsplit(":", 2)
+            products[Slot(role, int(layer), int(expert))] = v
+    return rows, gains, products
+
+
 def _store(name: str, v: np.ndarray, dtypes: dict[str, str]) -> tuple[str, int, bytes]:
     if name == "keys":
         return "u8", 0, v.astype("<u8").tobytes()
@@ -302,17 +320,7 @@ def decode(head: dict[str, Any], buf: memoryview, off: int) -> tuple[RobustSecti
             a = widen_scaled(a, int(exp))
         arrays[str(name)] = a
         order.append(str(name))
-    rows, gains, products = {}, {}, {}
-    for name in order:
-        kind, _, rest = name.partition(":")
-        if kind == "rows":
-            rows[rest] = arrays[name]
-        elif kind == "gain":
-            role, layer = rest.rsplit(":", 1)
-            gains[Slot(role, int(layer))] = arrays[name]
-        elif kind == "prod":
-            role, layer, expert = rest.rsplit(":", 2)
-            products[Slot(role, int(layer), int(expert))] = arrays[name]
+    rows, gains, products = from_names({name: arrays[name] for name in order})
     sec = RobustSection(str(head["tokens"]), arrays["keys"].astype(np.uint64), arrays["ids"].astype(np.int64), rows,
                         {str(k): str(v) for k, v in head.get("dtypes", {}).items()},
                         arrays["gain_idx"].astype(np.int64), gains, products, int(head.get("product_tokens", 0)))
