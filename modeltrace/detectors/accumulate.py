@@ -297,8 +297,6 @@ class SlotAccumulator:
         first chunk as the TOP_LEVELS quantiles are. `stored`: the suspect's values (its storage rounding)."""
         if not cand.any():
             return None
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratios = [v[0] / v[j] for j in (1, 2)]
         # how far a lone survivor's delta may sit from c_i tau_i: the suspect's storage rounding (half an ulp of the
         # stored value, which for a small delta can exceed it) plus the merge's own rounding in that precision
         # (mergekit computes bf16 merges in bf16), DELLA_TOL ulps of c_i tau_i
@@ -308,7 +306,7 @@ class SlotAccumulator:
             # the mode only over entries whose ratio means something: deltas of a few ulps quantise it to 1, and
             # entries both parents changed alike pile up on sum(w) c
             clear = cand & (v[1] != v[2]) & (np.abs(v[1]) > DELLA_TOL * ulp) & (np.abs(v[2]) > DELLA_TOL * ulp)
-            self._rescale = [_ratio_mode(r[clear]) for r in ratios]
+            self._rescale = [_ratio_mode(v[0][clear] / v[j][clear]) for j in (1, 2)]  # tau_j != 0 there
         out = cand.copy()
         for j, c in zip((1, 2), self._rescale, strict=True):
             if c > 0:
