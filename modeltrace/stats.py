@@ -113,6 +113,40 @@ def mean_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, 
     return m, m - half, m + half
 
 
+def pooled_interval(values: Sequence[float], ses: Sequence[float], level: float = 0.95,
+                    floor: float = 2.0**-23) -> tuple[float, float, float]:
+    """Precision-weighted mean of per-tensor estimates with standard errors, and its interval.
+
+    Random effects (DerSimonian-Laird), so that weights that truly differ between tensors (per-layer gradients,
+    or per-tensor rounding the fits did not model) widen the interval instead of being averaged away; the
+    Hartung-Knapp t-interval is used when it is wider (better coverage with few tensors). Estimates with an
+    infinite standard error (the tensor cannot tell the weights apart) are left out; with none left, the plain
+    t-interval of the values. `floor`: the smallest half-width, the resolution weights are applied at (float32).
+    """
+    x = np.asarray(values, dtype=float)
+    se = np.asarray(ses, dtype=float)
+    keep = np.isfinite(x) & np.isfinite(se)
+    x, se = x[keep], np.maximum(se[keep], 1e-300)
+    if x.size == 0:
+        return mean_interval(values, level)
+    w = 1 / se**2
+    m_fe = float((w * x).sum() / w.sum())
+    if x.size == 1:
+        half = float(sps.norm.ppf(0.5 + level / 2) * se[0])
+        half = max(half, floor * max(1.0, abs(m_fe)))
+        return m_fe, m_fe - half, m_fe + half
+    q = float((w * (x - m_fe) ** 2).sum())
+    c = float(w.sum() - (w**2).sum() / w.sum())
+    tau2 = max(0.0, (q - (x.size - 1)) / c) if c > 0 else 0.0
+    ws = 1 / (se**2 + tau2)
+    m = float((ws * x).sum() / ws.sum())
+    z_half = float(sps.norm.ppf(0.5 + level / 2) / math.sqrt(ws.sum()))
+    hk = float((ws * (x - m) ** 2).sum() / ((x.size - 1) * ws.sum()))
+    t_half = float(sps.t.ppf(0.5 + level / 2, x.size - 1) * math.sqrt(hk))
+    half = max(z_half, t_half, floor * max(1.0, abs(m)))
+    return m, m - half, m + half
+
+
 def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float, float]:
     if n == 0:
         return 0.0, 0.0, 1.0

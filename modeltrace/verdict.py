@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
 from typing import Any
 
@@ -10,7 +11,7 @@ import numpy as np
 from modeltrace.align.layers import stack_map
 from modeltrace.audit import AuditRun, SlotResult
 from modeltrace.detectors.registry import METHODS
-from modeltrace.stats import fisher_log10, format_p, log10_sf, mean_interval, stouffer
+from modeltrace.stats import fisher_log10, format_p, log10_sf, mean_interval, pooled_interval, stouffer
 
 #: A candidate is called related when its combined independence p-value is below this.
 ALPHA = 1e-6
@@ -58,6 +59,16 @@ def _weights(results: list[SlotResult], key: str = "weights") -> dict[int, list[
         for c, v in getattr(r.fit, key).items():
             w[c].append(v)
     return w
+
+
+def _ses(results: list[SlotResult]) -> dict[int, list[float]]:
+    """Per candidate, the standard error of its weight on each slot, aligned with `_weights` (inf where the slot
+    cannot tell the weights apart; nan where the fit gave none, so the pooled interval falls back to the spread)."""
+    out: dict[int, list[float]] = defaultdict(list)
+    for r in results:
+        for c in r.fit.weights:
+            out[c].append(r.fit.se.get(c, float("nan")))
+    return out
 
 
 def _layer_table(run: AuditRun, matrix: list[SlotResult]) -> list[dict[str, Any]]:
@@ -190,7 +201,8 @@ def _decide(run: AuditRun) -> dict[str, Any]:
             out["relation"] = "merge"
             out["method"] = _method_name(method, agree)
             out["method_info"] = _info(out["method"])
-            out["parents"] = [_parent(names[c], ws[c]) for c in parents]
+            ses = _ses(agree)
+            out["parents"] = [_parent(names[c], ws[c], ses[c]) for c in parents]
             out["parameters"] = _params(agree, method)
             out["by_role"] = _role_table(run, matrix, method)
             out["method_share"] = round(share, 4)
@@ -233,6 +245,11 @@ def _absorb_copies(results: list[SlotResult], method: str) -> None:
             continue
         r.fit.method = method
         r.fit.weights = {n: (1.0 if n == c else 0.0) for n in names}
+        # a copy of c says w_c = 1 exactly where the others differ from c there, and nothing where they are equal
+        e = r.stats.sqdist()
+        lc = r.cands.index(c) + 1
+        same = any(n in r.cands and e[lc, r.cands.index(n) + 1] == 0 for n in names if n != c)
+        r.fit.se = {n: (float("inf") if same else 2.0**-23) for n in names}
         if method == "slerp":
             r.fit.params["t"] = 0.0 if c == pair0 else 1.0
 
@@ -252,9 +269,17 @@ def _ranges(smap: list[tuple[int, int, int]], names: dict[int, str]) -> str:
     return "; ".join(parts)
 
 
-def _parent(model: str, values: list[float]) -> dict[str, Any]:
-    m, lo, hi = mean_interval(values)
-    return {"model": model, "weight": round(m, 4), "interval": [round(lo, 4), round(hi, 4)]}
+def _parent(model: str, values: list[float], ses: list[float] | None = None) -> dict[str, Any]:
+    """A parent with its weight pooled over tensors and a 95% interval (rounded outwards, so that display rounding
+    never excludes what the interval contains)."""
+    if ses is not None and any(np.isfinite(x) for x in ses):
+        m, lo, hi = pooled_interval(values, [x if np.isfinite(x) or x == np.inf else np.inf for x in ses])
+    else:
+        m, lo, hi = mean_interval(values)
+    if not np.isfinite(m):
+        return {"model": model, "weight": None, "interval": None}
+    return {"model": model, "weight": round(m, 4),
+            "interval": [math.floor(lo * 1e6) / 1e6, math.ceil(hi * 1e6) / 1e6]}
 
 
 def _params(agree: list[SlotResult], method: str) -> dict[str, Any]:

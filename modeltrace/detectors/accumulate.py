@@ -112,6 +112,40 @@ DETAIL_FRACTION = 0.125
 DOT_BLOCK = 1 << 16
 
 
+def sqdiff64(chunks: list[np.ndarray]) -> np.ndarray:
+    """E[i, j] = sum (x_i - x_j)^2 of float32 chunks, differences and squares in float64 (both exact for float32
+    inputs), so a residual read off E does not cancel: 0 for a copy, the rounding error for a recast."""
+    n = len(chunks)
+    flats = [np.ascontiguousarray(c).reshape(-1) for c in chunks]
+    e = np.zeros((n, n))
+    for k in range(0, flats[0].size, DOT_BLOCK):
+        blk = [f[k:k + DOT_BLOCK].astype(np.float64) for f in flats]
+        for i in range(n):
+            for j in range(i + 1, n):
+                d = blk[i] - blk[j]
+                e[i, j] += float(d @ d)
+    return e + e.T
+
+
+#: numpy/ml_dtypes types for rounding a wider candidate to the suspect's storage (recast evidence).
+def _round_to(x: np.ndarray, dtype: str) -> np.ndarray | None:
+    import ml_dtypes
+
+    t = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F8_E4M3": ml_dtypes.float8_e4m3fn,
+         "F8_E5M2": ml_dtypes.float8_e5m2}.get(dtype)
+    if t is None:
+        return None
+    with np.errstate(over="ignore", invalid="ignore"):
+        return x.astype(t).astype(np.float32)
+
+
+#: bits of mantissa per storage dtype, to tell which of two float dtypes is the narrower
+_PRECISION = {"F64": 52, "F32": 23, "BF16": 7, "F16": 10, "F8_E4M3": 3, "F8_E5M2": 2}
+#: Elements per slot kept for the rounding-aware weight fit (detectors.rounding): 64k resolve a weight to ~1e-4
+#: where parents differ by a few ulps, and cost 64k x models x 4 bytes while the slot is open.
+ROUNDING_SAMPLE = 1 << 16
+
+
 def gram32(chunks: list[np.ndarray]) -> np.ndarray:
     """Gram matrix of float32 chunks with float64 accumulation across short float32 BLAS dots.
 
@@ -151,6 +185,7 @@ class SlotAccumulator:
     def __post_init__(self) -> None:
         n = self.n
         self.G = np.zeros((n, n))
+        self.E = np.zeros((n, n))
         self.Gd = np.zeros((n, n))
         self.RR = np.zeros((n, n))
         self.K = np.zeros((n, self.cols))
@@ -159,6 +194,12 @@ class SlotAccumulator:
         self.cand_noise = np.zeros(n)
         self._lossy = [i + 1 for i, d in enumerate(self.cand_dtypes or []) if is_lossy(d)]
         self.equal = np.zeros(n, dtype=np.int64)
+        # equal after rounding a wider candidate to the suspect's storage dtype (what a re-encoding leaves)
+        self.requal = np.zeros(n, dtype=np.int64)
+        self._narrower = [i + 1 for i, d in enumerate(self.cand_dtypes or [])
+                          if _PRECISION.get(d, -1) > _PRECISION.get(self.suspect_dtype, 99)]
+        self._sample: list[list[np.ndarray]] = [[] for _ in range(n)]
+        self._sampled = 0
         self.nonfinite = np.zeros(n, dtype=np.int64)
         self.zero_delta = self.active_all = self.zero_active_all = 0
         self.hist_kept = np.zeros((n, NBINS), dtype=np.int64)
@@ -191,9 +232,14 @@ class SlotAccumulator:
                     chunks[i] = np.where(bad, np.float32(0), c)
             g = gram32(chunks)
         self.G += g
+        self.E += sqdiff64(chunks)
         s = chunks[0]
         for i in range(1, self.n):
-            self.equal[i] += int(np.count_nonzero(s == chunks[i]))
+            eq = int(np.count_nonzero(s == chunks[i]))
+            self.equal[i] += eq
+            rounded = _round_to(chunks[i], self.suspect_dtype) if i in self._narrower else None
+            self.requal[i] += eq if rounded is None else int(np.count_nonzero(s == rounded))
+        self._keep_sample(chunks, r)
         self.rows += r
         rd = r if self.fraction >= 1 else max(1, int(np.ceil(r * self.fraction)))
         head = [c[:rd] for c in chunks]
@@ -207,12 +253,18 @@ class SlotAccumulator:
         arrs = tuple(a.view(view) for a in arrs)
         rd = r if self.fraction >= 1 else max(1, int(np.ceil(r * self.fraction)))
         mant = _MANTISSA.get(self.suspect_dtype)
-        g, gd, eq, rowsum, colsum, noise = kernels.chunk_stats(arrs, self.cols, rd, _ulp_scale(mant))
+        g, gd, e, eq, rowsum, colsum, noise = kernels.chunk_stats(arrs, self.cols, rd, _ulp_scale(mant))
         if not np.all(np.isfinite(np.diag(g))):
             self.update([_widen(a, shift).reshape(r, self.cols) for a in arrs])
             return
         self.G += g
+        self.E += e
         self.equal += eq
+        self.requal += eq  # the kernel runs only when every model stores the slot in one dtype
+        want = self._sample_size(r)
+        if want:
+            step = max(1, (r * self.cols) // want)
+            self._keep([_widen(a[::step][:want], shift) for a in arrs])
         self.rows += r
         self.Gd += gd
         self.RR += rowsum @ rowsum.T
@@ -221,6 +273,25 @@ class SlotAccumulator:
         self.noise_floor += noise
         if self.base is not None and self.sparse:
             self._sparse([_widen(a[:rd * self.cols], shift).reshape(rd, self.cols) for a in arrs])
+
+    def _sample_size(self, r: int) -> int:
+        """Elements to keep from a chunk of r rows: a share of ROUNDING_SAMPLE proportional to its rows."""
+        left = ROUNDING_SAMPLE - self._sampled
+        if left <= 0:
+            return 0
+        total = max(self.total_rows, r)
+        return int(min(left, max(1, -(-ROUNDING_SAMPLE * r // total)), r * self.cols))
+
+    def _keep_sample(self, chunks: list[np.ndarray], r: int) -> None:
+        want = self._sample_size(r)
+        if want:
+            step = max(1, (r * self.cols) // want)
+            self._keep([np.ascontiguousarray(c).reshape(-1)[::step][:want] for c in chunks])
+
+    def _keep(self, flats: list[np.ndarray]) -> None:
+        for i, f in enumerate(flats):
+            self._sample[i].append(np.array(f, dtype=np.float32))
+        self._sampled += flats[0].size
 
     def _detail(self, head: list[np.ndarray], g: np.ndarray) -> None:
         """Secondary statistics on the first rows of a chunk (float32 (rd, cols) per model) and their Gram."""
@@ -330,7 +401,10 @@ class SlotAccumulator:
                          self.hist_kept, self.hist_dropped, self.hist_all, detail_numel=dn,
                          detail_noise_floor=self.noise_floor, Gd=self.Gd, G_agree=self.G_agree,
                          G_conflict=self.G_conflict, G_top=self.G_top, G_outlier=self.G_outlier,
-                         cand_noise=self.cand_noise * scale, G_kept=self.G_kept, rescale=self._rescale)
+                         cand_noise=self.cand_noise * scale, G_kept=self.G_kept, rescale=self._rescale,
+                         E=self.E, requal=self.requal, suspect_dtype=self.suspect_dtype,
+                         cand_dtypes=list(self.cand_dtypes or []),
+                         sample=np.stack([np.concatenate(x) for x in self._sample]) if self._sampled else None)
 
 
 @dataclass
@@ -364,6 +438,18 @@ class SlotStats:
     cand_noise: np.ndarray | None = None  # expected squared storage error of each (lossy) candidate
     G_kept: np.ndarray | None = None  # [delta, tau_1, tau_2] where both parents survived a DELLA merge
     rescale: list[float] | None = None  # the mode of delta / tau_i per parent (DELLA's survivor rescale)
+    E: np.ndarray | None = None  # E[i, j] = sum (x_i - x_j)^2, exact (see sqdiff64)
+    requal: np.ndarray | None = None  # elements equal to the suspect's once a wider candidate is rounded to its dtype
+    suspect_dtype: str = "F32"
+    cand_dtypes: list[str] = field(default_factory=list)
+    sample: np.ndarray | None = None  # (models, m) float32: a spread sample of aligned elements, suspect first
+
+    def sqdist(self) -> np.ndarray:
+        """Squared distances between models: E when streamed, else from the Gram (which may cancel)."""
+        if self.E is not None:
+            return self.E
+        d = np.diag(self.G)
+        return np.maximum(d[:, None] + d[None, :] - 2 * self.G, 0.0)
 
     def corr(self, i: int, j: int = 0) -> float:
         d = self.Gc[i, i] * self.Gc[j, j]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from modeltrace.detectors import lsq, rounding
 from modeltrace.detectors.accumulate import SlotStats
 
 #: A recipe "explains" a tensor when its residual is within this factor of the storage rounding floor
@@ -36,6 +37,8 @@ class SlotFit:
     params: dict[str, float] = field(default_factory=dict)
     free_weights: dict[int, float] = field(default_factory=dict)
     free_rel_rss: float = 1.0
+    #: standard error of each weight on this slot (inf: not identifiable here, e.g. the parents are equal)
+    se: dict[int, float] = field(default_factory=dict)
 
 
 def _solve(G: np.ndarray, idx: list[int]) -> tuple[np.ndarray, float]:
@@ -45,22 +48,6 @@ def _solve(G: np.ndarray, idx: list[int]) -> tuple[np.ndarray, float]:
     A = G[np.ix_(idx, idx)]
     b = G[idx, 0]
     w = np.linalg.lstsq(A, b, rcond=1e-12)[0]
-    rss = float(G[0, 0] - 2 * w @ b + w @ A @ w)
-    return w, max(rss, 0.0)
-
-
-def _solve_sum1(G: np.ndarray, idx: list[int]) -> tuple[np.ndarray, float]:
-    """Least squares with weights summing to one (a normalized linear merge)."""
-    k = len(idx)
-    A = G[np.ix_(idx, idx)]
-    b = G[idx, 0]
-    kkt = np.zeros((k + 1, k + 1))
-    kkt[:k, :k] = A
-    kkt[:k, k] = 1
-    kkt[k, :k] = 1
-    rhs = np.concatenate([b, [1.0]])
-    sol = np.linalg.lstsq(kkt, rhs, rcond=1e-12)[0]
-    w = sol[:k]
     rss = float(G[0, 0] - 2 * w @ b + w @ A @ w)
     return w, max(rss, 0.0)
 
@@ -80,19 +67,18 @@ def slerp_coefficients(g: np.ndarray, ia: int, ib: int, t: np.ndarray | float) -
     return np.sin((1 - t) * theta) / math.sin(theta), np.sin(t * theta) / math.sin(theta)
 
 
-def slerp_rss(g: np.ndarray, ia: int, ib: int, ts: np.ndarray) -> np.ndarray:
-    ca, cb = slerp_coefficients(g, ia, ib, ts)
-    return (g[0, 0] - 2 * (ca * g[0, ia] + cb * g[0, ib]) + ca * ca * g[ia, ia] + 2 * ca * cb * g[ia, ib]
-            + cb * cb * g[ib, ib])
+def slerp_rss(st: SlotStats, ia: int, ib: int, ts: np.ndarray) -> np.ndarray:
+    ca, cb = slerp_coefficients(st.G, ia, ib, ts)
+    return lsq.rss(st, [{ia: float(a), ib: float(b)} for a, b in zip(ca, cb, strict=True)])
 
 
 def fit_slerp(st: SlotStats, ia: int, ib: int) -> tuple[float, float]:
     """Best t in [0, 1] and its residual (coarse grid, then refined)."""
     ts = np.linspace(0, 1, 101)
-    r = slerp_rss(st.G, ia, ib, ts)
+    r = slerp_rss(st, ia, ib, ts)
     i = int(np.argmin(r))
     ts2 = np.linspace(ts[max(i - 1, 0)], ts[min(i + 1, len(ts) - 1)], 201)
-    r2 = slerp_rss(st.G, ia, ib, ts2)
+    r2 = slerp_rss(st, ia, ib, ts2)
     j = int(np.argmin(r2))
     return float(ts2[j]), max(float(r2[j]), 0.0)
 
@@ -114,9 +100,19 @@ def magnitude_threshold_density(st: SlotStats, i: int) -> float:
 def fit_slot(st: SlotStats, cands: list[int], base: int | None) -> SlotFit:
     """Choose the simplest recipe that explains suspect slot `st` from candidates `cands` (indices into st)."""
     g00 = st.G[0, 0]
+    # 1. An exact copy of one candidate (byte-level equality of values; all-zero and constant tensors included:
+    #    equal values are the evidence they are, whatever their information), or a re-encoding of one: every value
+    #    equal to the candidate's rounded to the suspect's storage dtype.
+    for c in cands:
+        if st.equal[c] == st.numel:
+            return SlotFit("copy", {c: 1.0}, 0.0, True, {}, {c: 1.0}, 0.0)
+    for c in cands:
+        if st.requal is not None and st.numel and st.requal[c] == st.numel:
+            rel_c = float(st.sqdist()[0, c]) / g00 if g00 > 0 else 0.0
+            return SlotFit("copy", {c: 1.0}, rel_c, True, {"rounded": 1.0}, {c: 1.0}, rel_c)
     if g00 <= 0:
         return SlotFit("empty", {}, 0.0, True)
-    w_free, rss_free = _solve(st.G, cands)
+    w_free, rss_free = lsq.solve(st, cands)
     free = {c: float(w) for c, w in zip(cands, w_free, strict=True)}
     # storage noise of the suspect, plus that of quantized candidates as the fit carries it (weight^2 x noise);
     # their noise also attenuates the weights (errors in variables: see the verdict's warning)
@@ -128,15 +124,11 @@ def fit_slot(st: SlotStats, cands: list[int], base: int | None) -> SlotFit:
     def result(method: str, weights: dict[int, float], rss: float, **params: float) -> SlotFit:
         return SlotFit(method, weights, rss / g00, rss <= floor, params, free, rel)
 
-    # 1. An exact copy of one candidate (byte-level equality of values).
-    for c in cands:
-        if st.equal[c] == st.numel:
-            return result("copy", {c: 1.0}, 0.0)
     # 2. A single candidate re-encoded (values equal up to rounding), unless the candidates together fit
     #    significantly better: coarse storage (fp8, 4-bit) can hide a merge's parents' difference below its floor,
     #    yet over many elements the improvement of a real second parent stands far above chance (~ k / numel).
     for c in cands:
-        rss_c = float(st.G[0, 0] - 2 * st.G[0, c] + st.G[c, c])
+        rss_c = float(st.sqdist()[0, c])
         gain = (rss_c - rss_free) / max(rss_free, 1e-300)
         if rss_c <= floor and gain <= COPY_GAIN_FACTOR * len(cands) / max(st.numel, 1):
             return result("copy", {c: 1.0}, rss_c)
@@ -148,7 +140,7 @@ def fit_slot(st: SlotStats, cands: list[int], base: int | None) -> SlotFit:
         if base in pair:  # orient as mergekit does: t = 0 is the base model
             pair = [base] + [c for c in pair if c != base]
         t, rss_s = fit_slerp(st, pair[0], pair[1])
-        w_n, rss_n = _solve_sum1(st.G, list(pair))
+        w_n, rss_n = lsq.solve(st, list(pair), sum1=True)
         if rss_s <= floor and rss_s < 0.5 * rss_n:
             return result("slerp", {pair[0]: 1 - t, pair[1]: t}, rss_s, t=t)
     # 4. The linear family, when the free fit explains the suspect.
@@ -162,12 +154,14 @@ def fit_slot(st: SlotStats, cands: list[int], base: int | None) -> SlotFit:
                     return result("model_stock", lam, rss_free, t=ms)
                 return result("task_arithmetic", lam, rss_free, sum_weights=s)
             return result("linear", free, rss_free, sum_weights=s)
-        used = [c for c in cands if abs(free[c]) > 1e-3]
-        w_n, rss_n = _solve_sum1(st.G, used or cands)
+        used = [c for c in cands if abs(free[c]) > 1e-3] or cands
+        w_n, rss_n, se_n = lsq.solve_se(st, used, sum1=True)
         if rss_n <= floor:
-            return result("linear", {c: float(w) for c, w in zip(used or cands, w_n, strict=True)}, rss_n,
-                          sum_weights=1.0, normalized=1.0)
-        return result("linear", free, rss_free, sum_weights=sum(free.values()), normalized=0.0)
+            return _rounded(st, result("linear", {c: float(w) for c, w in zip(used, w_n, strict=True)}, rss_n,
+                                       sum_weights=1.0, normalized=1.0), used, se_n)
+        _, _, se_f = lsq.solve_se(st, cands)
+        return _rounded(st, result("linear", free, rss_free, sum_weights=sum(free.values()), normalized=0.0),
+                        cands, se_f)
     # 5. Sparse task-vector merges: suspect == base exactly where every parent changed the weight, and the
     #    suspect's delta is still mostly a combination of the parents' task vectors.
     if base is not None and parents and st.active_all > 1000:
@@ -190,12 +184,40 @@ def fit_slot(st: SlotStats, cands: list[int], base: int | None) -> SlotFit:
     heavy = [c for c in cands if abs(free[c]) >= NOISY_MIN_WEIGHT]
     if base is None and len(heavy) >= 2 and _centred_r2(st, cands) >= NOISY_MIN_R2:
         used = [c for c in cands if abs(free[c]) > 1e-3]
-        w_n, rss_n = _solve_sum1(st.G, used)
+        w_n, rss_n = lsq.solve(st, used, sum1=True)
         if abs(sum(free.values()) - 1) < 0.05 and rss_n <= 1.05 * rss_free:
             return result("linear", {c: float(w) for c, w in zip(used, w_n, strict=True)}, rss_n, sum_weights=1.0,
                           normalized=1.0, noisy=1.0)
         return result("linear", free, rss_free, sum_weights=sum(free.values()), normalized=0.0, noisy=1.0)
     return result("unexplained", free, rss_free)
+
+
+#: Standard errors never go below this: weights are applied in float32 (float32(0.7) = 0.69999999), so a recipe
+#: weight is resolved to about 2^-23 of its size, however many elements agree.
+SE_FLOOR = 2.0**-23
+
+
+def _rounded(st: SlotStats, fit: SlotFit, used: list[int], se: np.ndarray) -> SlotFit:
+    """Attach standard errors, and where the suspect's storage rounding biases least squares (bf16/fp16/fp8 and
+    two or more parents), replace the weights with the rounding-aware fit (detectors.rounding)."""
+    fit.se = {c: max(float(v), SE_FLOOR * max(1.0, abs(fit.weights.get(c, 0.0)))) for c, v in zip(used, se,
+                                                                                                  strict=True)}
+    if len(used) < 2 or st.sample is None or st.suspect_dtype not in rounding.ROUNDED:
+        return fit
+    start = np.array([fit.weights.get(c, 0.0) for c in used])
+    rf = rounding.fit(st.sample, used, st.suspect_dtype, start)
+    if rf is None or not np.all(np.isfinite(rf.weights)):
+        return fit
+    w = {c: float(v) for c, v in zip(used, rf.weights, strict=True)}
+    if fit.params.get("normalized"):
+        total = sum(w.values())
+        if abs(total - 1) > 0.05:  # the rounding fit disagrees with the normalised recipe: keep least squares
+            return fit
+    fit.weights = w
+    fit.se = {c: max(float(v), SE_FLOOR * max(1.0, abs(w[c]))) for c, v in zip(used, rf.se, strict=True)}
+    fit.params["rounding_fit"] = 1.0
+    fit.params["rounding_sigma"] = rf.sigma
+    return fit
 
 
 def _centred_r2(st: SlotStats, cands: list[int]) -> float:
@@ -210,10 +232,14 @@ def _model_stock(st: SlotStats, parents: list[int], base: int, lam: dict[int, fl
     """Model Stock's t = k cos / (1 + (k - 1) cos), cos the mean angle between task vectors; None if no match."""
     if len(parents) < 2:
         return None
-    G = st.G
+    combos = np.zeros((st.n, st.n))
+    for i in range(st.n):
+        combos[i, i] += 1
+        combos[i, base] -= 1
+    D = lsq.gram_of(st, combos)
 
     def tau_dot(i: int, j: int) -> float:
-        return G[i, j] - G[i, base] - G[j, base] + G[base, base]
+        return float(D[i, j])
 
     coss = []
     for a in range(len(parents)):
@@ -239,7 +265,7 @@ def _delta_r2(st: SlotStats, parents: list[int], base: int) -> float:
     for r, i in enumerate(idx):
         T[r, i] = 1
         T[r, base] -= 1
-    D = T @ st.G @ T.T
+    D = lsq.gram_of(st, T)
     if D[0, 0] <= 0:
         return 0.0
     _, rss = _solve(D, list(range(1, len(idx))))

@@ -99,11 +99,13 @@ _ONE, _ZERO = np.float32(1.0), np.float32(0.0)
 
 
 @njit
-def fused3(x, y, z, lo, hi, g, eq):  # noqa: ANN001, ANN202
-    """Gram and equality counts of elements [lo, hi) of three arrays in one pass: each element loaded and widened
-    once (2x faster than pairwise dots, for the common audit of a suspect against two candidates). float32 sums
-    within blocks of BLOCK elements, float64 across them, all in registers."""
+def fused3(x, y, z, lo, hi, g, e, eq):  # noqa: ANN001, ANN202
+    """Gram, squared pairwise differences and equality counts of elements [lo, hi) of three arrays in one pass: each
+    element loaded and widened once (2x faster than pairwise dots, for the common audit of a suspect against two
+    candidates). Gram: float32 sums within blocks of BLOCK elements, float64 across them. Differences: taken and
+    squared in float64, where both are exact (see `e` in `chunk_stats`)."""
     t00 = t01 = t02 = t11 = t12 = t22 = 0.0
+    q01 = q02 = q12 = 0.0
     n1 = n2 = 0
     for b0 in range(lo, hi, BLOCK):
         b1 = min(b0 + BLOCK, hi)
@@ -117,6 +119,10 @@ def fused3(x, y, z, lo, hi, g, eq):  # noqa: ANN001, ANN202
             s11 += b * b
             s12 += b * c
             s22 += c * c
+            da, db, dc = np.float64(a), np.float64(b), np.float64(c)
+            q01 += (da - db) * (da - db)
+            q02 += (da - dc) * (da - dc)
+            q12 += (db - dc) * (db - dc)
             e1 += _ONE if a == b else _ZERO
             e2 += _ONE if a == c else _ZERO
         t00 += s00
@@ -133,14 +139,18 @@ def fused3(x, y, z, lo, hi, g, eq):  # noqa: ANN001, ANN202
     g[1, 1] += t11
     g[1, 2] += t12
     g[2, 2] += t22
+    e[0, 1] += q01
+    e[0, 2] += q02
+    e[1, 2] += q12
     eq[1] += n1
     eq[2] += n2
 
 
 @njit
-def fused2(x, y, lo, hi, g, eq):  # noqa: ANN001, ANN202
+def fused2(x, y, lo, hi, g, e, eq):  # noqa: ANN001, ANN202
     """`fused3` for two arrays (a suspect against one candidate)."""
     t00 = t01 = t11 = 0.0
+    q01 = 0.0
     n1 = 0
     for b0 in range(lo, hi, BLOCK):
         b1 = min(b0 + BLOCK, hi)
@@ -151,6 +161,8 @@ def fused2(x, y, lo, hi, g, eq):  # noqa: ANN001, ANN202
             s00 += a * a
             s01 += a * b
             s11 += b * b
+            da, db = np.float64(a), np.float64(b)
+            q01 += (da - db) * (da - db)
             e1 += _ONE if a == b else _ZERO
         t00 += s00
         t01 += s01
@@ -159,13 +171,15 @@ def fused2(x, y, lo, hi, g, eq):  # noqa: ANN001, ANN202
     g[0, 0] += t00
     g[0, 1] += t01
     g[1, 1] += t11
+    e[0, 1] += q01
     eq[1] += n1
 
 
 @njit
-def fused4(w, x, y, z, lo, hi, g, eq):  # noqa: ANN001, ANN202
+def fused4(w, x, y, z, lo, hi, g, e, eq):  # noqa: ANN001, ANN202
     """`fused3` for four arrays (a suspect, two parents and their base)."""
     t00 = t01 = t02 = t03 = t11 = t12 = t13 = t22 = t23 = t33 = 0.0
+    q01 = q02 = q03 = q12 = q13 = q23 = 0.0
     n1 = n2 = n3 = 0
     for b0 in range(lo, hi, BLOCK):
         b1 = min(b0 + BLOCK, hi)
@@ -183,6 +197,13 @@ def fused4(w, x, y, z, lo, hi, g, eq):  # noqa: ANN001, ANN202
             s22 += c * c
             s23 += c * d
             s33 += d * d
+            fa, fb, fc, fd = np.float64(a), np.float64(b), np.float64(c), np.float64(d)
+            q01 += (fa - fb) * (fa - fb)
+            q02 += (fa - fc) * (fa - fc)
+            q03 += (fa - fd) * (fa - fd)
+            q12 += (fb - fc) * (fb - fc)
+            q13 += (fb - fd) * (fb - fd)
+            q23 += (fc - fd) * (fc - fd)
             e1 += _ONE if a == b else _ZERO
             e2 += _ONE if a == c else _ZERO
             e3 += _ONE if a == d else _ZERO
@@ -209,6 +230,12 @@ def fused4(w, x, y, z, lo, hi, g, eq):  # noqa: ANN001, ANN202
     g[2, 2] += t22
     g[2, 3] += t23
     g[3, 3] += t33
+    e[0, 1] += q01
+    e[0, 2] += q02
+    e[0, 3] += q03
+    e[1, 2] += q12
+    e[1, 3] += q13
+    e[2, 3] += q23
     eq[1] += n1
     eq[2] += n2
     eq[3] += n3
@@ -216,8 +243,8 @@ def fused4(w, x, y, z, lo, hi, g, eq):  # noqa: ANN001, ANN202
 
 @njit
 def pair(x, y, lo, hi):  # noqa: ANN001, ANN202
-    """Dot product and equality count of elements [lo, hi) of two arrays."""
-    t = 0.0
+    """Dot product, squared difference and equality count of elements [lo, hi) of two arrays."""
+    t = q = 0.0
     n = 0
     for b0 in range(lo, hi, BLOCK):
         b1 = min(b0 + BLOCK, hi)
@@ -226,30 +253,33 @@ def pair(x, y, lo, hi):  # noqa: ANN001, ANN202
         for k in range(xs.shape[0]):
             a, b = f32(xs[k]), f32(ys[k])
             s += a * b
+            da, db = np.float64(a), np.float64(b)
+            q += (da - db) * (da - db)
             e += _ONE if a == b else _ZERO
         t += s
         n += np.int64(e)
-    return t, n
+    return t, q, n
 
 
 @njit
-def span(arrs, lo, hi, g, eq):  # noqa: ANN001, ANN202
-    """Add the Gram and equality counts of elements [lo, hi) of every array (float32 partial sums over BLOCK
-    elements stay exact to ~5e-8 relative)."""
+def span(arrs, lo, hi, g, e, eq):  # noqa: ANN001, ANN202
+    """Add the Gram, squared differences and equality counts of elements [lo, hi) of every array (float32 partial
+    sums over BLOCK elements stay exact to ~5e-8 relative; differences are exact)."""
     m = len(arrs)
     if m == 2:
-        fused2(arrs[0], arrs[1], lo, hi, g, eq)
+        fused2(arrs[0], arrs[1], lo, hi, g, e, eq)
     elif m == 3:
-        fused3(arrs[0], arrs[1], arrs[2], lo, hi, g, eq)
+        fused3(arrs[0], arrs[1], arrs[2], lo, hi, g, e, eq)
     elif m == 4:
-        fused4(arrs[0], arrs[1], arrs[2], arrs[3], lo, hi, g, eq)
+        fused4(arrs[0], arrs[1], arrs[2], arrs[3], lo, hi, g, e, eq)
     else:
         for i in range(m):
             for j in range(i, m):
-                s, e = pair(arrs[i], arrs[j], lo, hi)
+                s, q, c = pair(arrs[i], arrs[j], lo, hi)
                 g[i, j] += s
+                e[i, j] += q
                 if i == 0 and j > 0:
-                    eq[j] += e
+                    eq[j] += c
 
 
 #: float32 bits of the exponent field: masked off, they are the float 2**(e - 127) of a normal number, 0 for zeros
@@ -258,7 +288,7 @@ _EXP_MASK = np.uint32(0x7F800000)
 
 
 @njit
-def chunk(arrs, cols, head_rows, ulp_scale, g, gd, eq, rowsum, colsum):  # noqa: ANN001, ANN202
+def chunk(arrs, cols, head_rows, ulp_scale, g, gd, e, eq, rowsum, colsum):  # noqa: ANN001, ANN202
     """Statistics of one chunk: the first `head_rows` rows row by row (Gram into gd and g, row and column sums,
     the suspect's rounding floor), the rest in flat blocks (Gram and equality only). Returns the floor:
     sum over the suspect's head elements of ulp(x)**2 / 12 = (2**(e - 127))**2 * ulp_scale."""
@@ -269,7 +299,7 @@ def chunk(arrs, cols, head_rows, ulp_scale, g, gd, eq, rowsum, colsum):  # noqa:
         base = r * cols
         for c0 in range(0, cols, BLOCK):
             c1 = min(c0 + BLOCK, cols)
-            span(arrs, base + c0, base + c1, gd, eq)
+            span(arrs, base + c0, base + c1, gd, e, eq)
             for i in range(m):
                 x = arrs[i][base + c0:base + c1]
                 cs = colsum[i][c0:c1]
@@ -285,7 +315,7 @@ def chunk(arrs, cols, head_rows, ulp_scale, g, gd, eq, rowsum, colsum):  # noqa:
                 p = np.float64(_as_f32(_bits(x[k]) & _EXP_MASK))
                 q += p * p
             noise += q * ulp_scale
-    span(arrs, head_rows * cols, size, g, eq)
+    span(arrs, head_rows * cols, size, g, e, eq)
     for i in range(m):
         for j in range(i, m):
             g[i, j] += gd[i, j]
@@ -293,8 +323,12 @@ def chunk(arrs, cols, head_rows, ulp_scale, g, gd, eq, rowsum, colsum):  # noqa:
 
 
 def chunk_stats(arrs: tuple[np.ndarray, ...], cols: int, head_rows: int, ulp_scale: float
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
-    """(G, Gd, equal, row sums of the head rows, column sums of the head rows, rounding floor) of one chunk.
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+    """(G, Gd, E, equal, row sums of the head rows, column sums of the head rows, rounding floor) of one chunk.
+
+    E[i, j] = sum (x_i - x_j)^2, taken in float64 where the difference of two float32 values and its square are
+    exact: a residual read off E cannot cancel away (a copy gives exactly 0, a recast its rounding error), unlike
+    G_ii - 2 G_ij + G_jj, whose error is that of G's largest entry.
 
     `arrs`: the same rows of one slot in every model (suspect first), raw 1-D uint16 (bf16) or uint32 (f32).
     `ulp_scale`: 2**(-2 * mantissa bits) / 12 of the suspect's storage dtype (0 for float32: no floor).
@@ -303,13 +337,14 @@ def chunk_stats(arrs: tuple[np.ndarray, ...], cols: int, head_rows: int, ulp_sca
     m = len(arrs)
     g = np.zeros((m, m))
     gd = np.zeros((m, m))
+    e = np.zeros((m, m))
     eq = np.zeros(m, dtype=np.int64)
     rowsum = np.zeros((m, head_rows))
     colsum = np.zeros((m, cols))
-    noise = chunk(tuple(arrs), cols, head_rows, float(ulp_scale), g, gd, eq, rowsum, colsum)
-    for x in (g, gd):
+    noise = chunk(tuple(arrs), cols, head_rows, float(ulp_scale), g, gd, e, eq, rowsum, colsum)
+    for x in (g, gd, e):
         x += np.triu(x, 1).T
-    return g, gd, eq, rowsum, colsum, float(noise)
+    return g, gd, e, eq, rowsum, colsum, float(noise)
 
 
 __all__ = ["available", "chunk_stats", "itemsize", "RAW", "BLOCK"]
