@@ -66,6 +66,7 @@ class AuditRun:
     elapsed: float
     sample: float | None
     alignments: list[Alignment | None] = field(default_factory=list)  # per candidate (views[1:])
+    base_inferred: bool = False  # the base was not named but found as the candidate the others meet at
 
 
 ProgressFn = Callable[[int, int], None]
@@ -151,6 +152,10 @@ def run_audit(
         if views[0].source.location in {v.source.location for v in cand_views}:
             warnings.append("the suspect is also listed as a candidate; it will match itself exactly")
         layer_matches = map_layers(views[0], views[1:])
+        inferred = False
+        if base_idx is None and len(views) >= 4:  # three candidates or more: one may be the others' base
+            base_idx = _infer_base(views)
+            inferred = base_idx is not None
         alignments = discover(views, layer_matches, warnings)
         dispatch = Dispatch(workers, ray, address, allow_pickle) if ray or (workers or 0) > 1 else None
         slots = _stream(views, base_idx, sample, chunk_bytes, progress, warnings, layer_matches, alignments,
@@ -163,7 +168,16 @@ def run_audit(
     for v in views:
         v.close()
     return AuditRun(views, base_idx, slots, layer_matches, warnings, bytes_read, time.perf_counter() - t0, sample,
-                    alignments)
+                    alignments, inferred)
+
+
+def _infer_base(views: list[ModelView]) -> int | None:
+    """The candidate the other candidates are fine-tunes of (relatives.infer_base over a fixed sample of rows), so
+    that task-vector methods are named without --base."""
+    from modeltrace.relatives import infer_base, sample_distances
+
+    D, norms = sample_distances(views)
+    return infer_base(D, norms, list(range(1, len(views))))
 
 
 def _aligned_slot(views: list[ModelView], i: int, slot: Slot, layer_source: dict[tuple[int, int], int]) -> Slot:

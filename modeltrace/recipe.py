@@ -37,8 +37,12 @@ def _per_layer(verdict: dict, key: str, model: str | None = None) -> list[float]
     if not vals:
         return None
     if max(vals) - min(vals) < 0.01:
-        return round(float(np.mean(vals)), 4)
+        return None if model is not None else round(float(np.mean(vals)), 4)  # a parent: its pooled weight
     return [round(v, 4) for v in vals]
+
+
+#: mergekit's name for the suspect's storage dtype (what the recipe must write to reproduce the bytes)
+MERGEKIT_DTYPE = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
 def to_mergekit(verdict: dict, specs: dict[str, str]) -> dict[str, Any] | None:
@@ -48,11 +52,13 @@ def to_mergekit(verdict: dict, specs: dict[str, str]) -> dict[str, Any] | None:
         slices = []
         for run in _runs(verdict["layer_map"]):
             slices.append({"sources": [{"model": _ref(specs[run[0]]), "layer_range": [run[1], run[2] + 1]}]})
-        return {"merge_method": "passthrough", "slices": slices, "dtype": "bfloat16"}
+        return {"merge_method": "passthrough", "slices": slices,
+                "dtype": MERGEKIT_DTYPE.get(verdict.get("suspect_dtype", ""), "bfloat16")}
     if rel != "merge" or not method:
         return None
     parents = [p["model"] for p in verdict["parents"]]
-    cfg: dict[str, Any] = {"merge_method": method, "dtype": "bfloat16"}
+    cfg: dict[str, Any] = {"merge_method": method,
+                           "dtype": MERGEKIT_DTYPE.get(verdict.get("suspect_dtype", ""), "bfloat16")}
     models = []
     for p in verdict["parents"]:
         params: dict[str, Any] = {}

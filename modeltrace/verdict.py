@@ -11,6 +11,7 @@ import numpy as np
 from modeltrace.align.layers import stack_map
 from modeltrace.audit import AuditRun, SlotResult
 from modeltrace.detectors.registry import METHODS
+from modeltrace.relatives import place
 from modeltrace.stats import fisher_log10, format_p, log10_sf, mean_interval, pooled_interval, stouffer
 
 #: A candidate is called related when its combined independence p-value is below this.
@@ -83,7 +84,8 @@ def _layer_table(run: AuditRun, matrix: list[SlotResult]) -> list[dict[str, Any]
         method, share = _majority(rs)
         agree = [r for r in rs if r.fit.method == method]
         entry: dict[str, Any] = {"layer": layer, "method": method, "share": round(share, 4)}
-        entry["weights"] = {names[c]: round(float(np.mean(v)), 4) for c, v in _weights(agree).items()}
+        ses = _ses(agree)
+        entry["weights"] = {names[c]: _pooled(v, ses[c]) for c, v in _weights(agree).items()}
         entry["r2_min"] = round(float(min(1 - r.fit.rel_rss for r in agree)), 6) if agree else None
         ts = [r.fit.params["t"] for r in agree if "t" in r.fit.params]
         if ts and method == "slerp":
@@ -145,6 +147,7 @@ def _decide(run: AuditRun) -> dict[str, Any]:
         "suspect": names[0],
         "candidates": [names[i] for i in range(1, len(run.views))],
         "base": names[run.base] if run.base else None,
+        "base_inferred": run.base_inferred,
         "relation": "independent",
         "method": None,
         "parents": [],
@@ -155,6 +158,7 @@ def _decide(run: AuditRun) -> dict[str, Any]:
         "elapsed_s": round(run.elapsed, 3),
         "sample": run.sample,
         "sources": {v.label: v.spec for v in run.views},
+        "suspect_dtype": _dominant_dtype(run, 0),
     }
     smap = stack_map(run.layer_matches)
     all_copy = all(r.fit.method == "copy" for r in run.slots)
@@ -167,9 +171,17 @@ def _decide(run: AuditRun) -> dict[str, Any]:
         exact = all(r.stats.equal[r.cands.index(c) + 1] == r.stats.numel for r in run.slots)
         out["relation"] = "copy" if (same_dtype and exact) else "recast"
         out["parents"] = [{"model": names[c], "weight": 1.0, "interval": [1.0, 1.0]}]
-        out["summary"] = (f"{names[0]} is a {'byte-identical copy' if out['relation'] == 'copy' else 're-encoded copy'}"
-                          f" of {names[c]}: every one of {len(run.slots)} tensors matches"
-                          + ("" if out["relation"] == "copy" else " up to rounding of the new dtype") + ".")
+        if out["relation"] == "copy":
+            out["summary"] = (f"{names[0]} is a byte-identical copy of {names[c]}: every one of {len(run.slots)} "
+                              "tensors matches.")
+        else:
+            sd, cd = _dominant_dtype(run, 0), _dominant_dtype(run, c)
+            out["encoding"] = {"suspect": sd, "parent": cd}
+            wider = _BITS.get(sd, 0) > _BITS.get(cd, 0)
+            out["summary"] = (f"{names[0]} is {_article(_word(sd))} {_word(sd)} re-encoding of {names[c]} (stored "
+                              f"{_word(cd)}): every one of {len(run.slots)} tensors "
+                              + ("holds the same values, widened." if wider else
+                                 f"equals {names[c]}'s rounded to {_word(sd)}."))
         return out
     if smap is not None and not _identity(smap):
         out["relation"] = "stack"
@@ -195,7 +207,10 @@ def _decide(run: AuditRun) -> dict[str, Any]:
         return out
     agree = [r for r in matrix if r.fit.method == method]
     ws = _weights(agree)
-    if method in MERGE_METHODS:
+    # A merge involves no training: a linear-family recipe that leaves a residual above the storage rounding in most
+    # tensors is training on top of something (a merge then trained, or a relative through a common ancestor).
+    noisy = sum(r.stats.numel for r in agree if r.fit.params.get("noisy")) > 0.5 * sum(r.stats.numel for r in agree)
+    if method in MERGE_METHODS and not noisy:
         parents = [c for c, v in ws.items() if abs(float(np.mean(v))) >= 0.02]
         if len(parents) >= 2 or method in ("task_arithmetic", "model_stock", *SPARSE_METHODS):
             out["relation"] = "merge"
@@ -209,20 +224,114 @@ def _decide(run: AuditRun) -> dict[str, Any]:
             n_layers = sum(1 for e in layers if e["layer"] >= 0)
             out["summary"] = _merge_summary(out, names[0], agree, n_layers, logp, names)
             return out
-        method = "finetune"
-    if method in ("finetune", "unexplained", "linear", "copy"):
-        dom = min(related, key=lambda i: logp[i])
-        fts = [r for r in matrix if r.fit.method == "finetune"]
-        w = [r.fit.free_weights.get(dom, np.nan) for r in matrix]
+    return _trained(out, run, matrix, related, logp, ws if method in MERGE_METHODS else {})
+
+
+def _distances(run: AuditRun, matrix: list[SlotResult]) -> tuple[np.ndarray, np.ndarray]:
+    """Exact squared distances between all models, summed over the slots on which every model was compared."""
+    n = len(run.views)
+    D, norms = np.zeros((n, n)), np.zeros(n)
+    full = [r for r in matrix if len(r.cands) == n - 1] or matrix
+    for r in full:
+        idx = [0] + list(r.cands)
+        e = r.stats.sqdist()
+        D[np.ix_(idx, idx)] += e
+        norms[idx] += np.diag(r.stats.G)
+    return D, norms
+
+
+def _trained(out: dict[str, Any], run: AuditRun, matrix: list[SlotResult], related: list[int],
+             logp: dict[int, float], merge_weights: dict[int, list[float]]) -> dict[str, Any]:
+    """Training is involved (no recipe explains the suspect down to its storage rounding). A parent is named only
+    when the base of the family is known (given, or inferred) and says which way the line of descent runs
+    (relatives.place); otherwise the nearest relatives are named with the direction left open."""
+    names = {i: v.label for i, v in enumerate(run.views)}
+    s = names[0]
+    D, norms = _distances(run, matrix)
+    pl = place(D, norms, [c for c in range(1, len(run.views)) if c in related], run.base)
+    heavy = [c for c, v in merge_weights.items() if c != run.base and float(np.mean(v)) >= 0.1]
+    p_of = {c: format_p(logp[c]) for c in related}
+    if run.base is not None and len(heavy) >= 2 and _delta_share(D, heavy, run.base) >= 0.8:
         out["relation"] = "finetune"
-        out["method"] = None
-        out["parents"] = [_parent(names[dom], w)]
-        r2 = [r.corr.get(dom, 0.0) for r in matrix]
-        out["summary"] = (f"{names[0]} is a fine-tune of {names[dom]}: the weights are {names[dom]}'s plus a training "
-                          f"delta (median centred correlation {np.median(r2):.3f}; independent of {names[dom]}: "
-                          f"{format_p(logp[dom])})." + ("" if len(fts) >= len(matrix) / 2 else
-                                                         " No merge recipe over the candidates explains it."))
+        out["chain"] = [{"step": "merge", "parents": [names[c] for c in heavy], "base": names[run.base]},
+                        {"step": "finetune"}]
+        terms = " + ".join(f"{float(np.mean(merge_weights[c])):.2f}·{names[c]}" for c in heavy)
+        out["parents"] = [_parent(names[c], merge_weights[c]) for c in heavy]
+        out["summary"] = (f"{s} is a fine-tune of a merge: {terms} over base {names[run.base]}, then trained (a "
+                          "residual above storage rounding remains in most tensors).")
+        return out
+    if pl.parent is not None:
+        out["relation"] = "finetune"
+        out["direction"] = "parent-to-suspect"
+        w = [r.fit.free_weights.get(pl.parent, np.nan) for r in matrix]
+        out["parents"] = [_parent(names[pl.parent], w)]
+        how = "the base" + (" (inferred: the other candidates meet at it)" if run.base_inferred else "")
+        chain = f", itself a fine-tune of {names[run.base]}" if pl.parent != run.base else ""
+        text = (f"{s} is a fine-tune of {names[pl.parent]}{chain} (independent of {names[pl.parent]}: "
+                f"{p_of.get(pl.parent, '?')}); direction from {names[run.base]}, {how}.")
+        if pl.siblings:
+            out["siblings"] = [names[c] for c in pl.siblings]
+            text += f" Siblings (fine-tunes of {names[run.base]} too): {', '.join(out['siblings'])}."
+        if pl.descendants:
+            out["descendants"] = [names[c] for c in pl.descendants]
+            text += f" Derived from {s} in turn: {', '.join(out['descendants'])}."
+        out["summary"] = text
+        return out
+    near = pl.nearest if pl.nearest is not None else min(related, key=lambda i: logp[i])
+    rel = sorted(related, key=lambda c: D[0, c])
+    out["relation"] = "related"
+    out["direction"] = "unknown"
+    out["parents"] = [{"model": names[c], "weight": None, "interval": None} for c in rel]
+    if len(heavy) >= 2:
+        hint = [_parent(names[c], merge_weights[c]) for c in heavy]
+        out["recipe_hint"] = hint
+        terms = " + ".join(f"{p['weight']:.2f}·{p['model']}" for p in hint)
+        out["summary"] = (f"{s} is related to {', '.join(names[c] for c in heavy)}: the best merge recipe, {terms}, "
+                          "leaves a residual above storage rounding in most tensors, and a merge involves no "
+                          "training: a merge of them then trained or perturbed, or a relative through a common "
+                          "ancestor not among the candidates (offer it as a candidate or with --base).")
+        return out
+    others = [names[c] for c in rel if c != near]
+    out["summary"] = (f"{s} is related to {names[near]} through training ({p_of.get(near, '?')})"
+                      + (f", and to {', '.join(others)}" if others else "")
+                      + f": a parent, a sibling or a child of {names[near]} cannot be told apart without their common "
+                      "base; offer it as a candidate or with --base.")
     return out
+
+
+def _delta_share(D: np.ndarray, parents: list[int], base: int) -> float:
+    """Share of ||S - M||^2 that the parents' task vectors explain together (Gram of differences from distances)."""
+    idx = [0] + parents
+    G = np.array([[0.5 * (D[i, base] + D[j, base] - D[i, j]) for j in idx] for i in idx])
+    if G[0, 0] <= 0:
+        return 0.0
+    A, b = G[1:, 1:], G[1:, 0]
+    w = np.linalg.lstsq(A, b, rcond=1e-12)[0]
+    return float(b @ w / G[0, 0])
+
+
+#: storage dtype names as people say them, and their precision (mantissa bits) to tell widening from rounding
+_WORDS = {"F32": "float32", "F16": "fp16", "BF16": "bf16", "F8_E4M3": "fp8 (e4m3)", "F8_E5M2": "fp8 (e5m2)",
+          "F64": "float64"}
+_BITS = {"F64": 52, "F32": 23, "F16": 10, "BF16": 7, "F8_E4M3": 3, "F8_E5M2": 2}
+
+
+def _word(dtype: str) -> str:
+    return _WORDS.get(dtype, dtype)
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aefhilmnorsx" and not word.startswith("u") else "a"
+
+
+def _dominant_dtype(run: AuditRun, model: int) -> str:
+    """The storage dtype holding most of a model's compared elements."""
+    count: Counter[str] = Counter()
+    for r in run.slots:
+        view = run.views[model]
+        if r.slot in view.parts:
+            count[view.dtype(r.slot)] += r.stats.numel
+    return count.most_common(1)[0][0] if count else "?"
 
 
 def _absorb_copies(results: list[SlotResult], method: str) -> None:
@@ -267,6 +376,13 @@ def _ranges(smap: list[tuple[int, int, int]], names: dict[int, str]) -> str:
             parts.append(f"layers {sl0}-{sl1} = {names[c + 1]} layers {j0}-{j1}")
             start = k
     return "; ".join(parts)
+
+
+def _pooled(values: list[float], ses: list[float]) -> float | None:
+    """One weight from per-tensor estimates: precision-weighted where standard errors exist (tensors that cannot
+    tell the parents apart drop out), else the mean."""
+    m = _parent("", values, ses)["weight"]
+    return None if m is None else round(float(m), 4)
 
 
 def _parent(model: str, values: list[float], ses: list[float] | None = None) -> dict[str, Any]:

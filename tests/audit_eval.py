@@ -41,7 +41,7 @@ def audit_case(corpus: Any, name: str, **kw: Any) -> tuple[dict, list[str], str 
     meta = corpus[name]
     base = meta.get("base")
     if meta["kind"] == "finetune":
-        cands, base = [meta["parent"]], None
+        cands, base = [meta["parent"]], meta["parent"]  # the user names the base: direction comes from it
     else:
         cands = [p for p in meta["parents"] if p != base]
     v = decide(run_audit(str(corpus.path(name)), [str(corpus.path(c)) for c in cands],

@@ -52,9 +52,8 @@ def pkg_dir(root: Path) -> Path:
 
 
 def _load(path: Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
     import ml_dtypes  # noqa: F401  (bf16 files)
+    from safetensors.numpy import load_file
 
     return {k: np.asarray(v).astype(np.float32) for k, v in load_file(str(path / "model.safetensors")).items()}
 

@@ -191,6 +191,11 @@ class SlotAccumulator:
         self.K = np.zeros((n, self.cols))
         self.detail_rows = 0
         self.noise_floor = 0.0
+        # a suspect stored wider than bf16 whose every value is a bf16 value was rounded to bf16 before it was
+        # re-encoded (a bf16 merge saved as fp16 or f32): its effective rounding floor is bf16's
+        self._coarser = "BF16" if self.suspect_dtype in ("F16", "F32") else None
+        self._off_grid = 0
+        self.noise_floor_coarse = 0.0
         self.cand_noise = np.zeros(n)
         self._lossy = [i + 1 for i, d in enumerate(self.cand_dtypes or []) if is_lossy(d)]
         self.equal = np.zeros(n, dtype=np.int64)
@@ -301,6 +306,9 @@ class SlotAccumulator:
         self.K += np.stack([h.sum(axis=0, dtype=np.float64) for h in head])
         self.detail_rows += head[0].shape[0]
         self.noise_floor += rounding_variance(head[0], self.suspect_dtype)
+        if self._coarser is not None and not self._off_grid:
+            self._off_grid += int(np.count_nonzero(_round_to(head[0], self._coarser) != head[0]))
+            self.noise_floor_coarse += rounding_variance(head[0], self._coarser)
         for i in self._lossy:
             self.cand_noise[i] += rounding_variance(head[i], self.cand_dtypes[i - 1])  # type: ignore[index]
         if self.base is not None and self.sparse:
@@ -386,6 +394,8 @@ class SlotAccumulator:
         return out
 
     def finish(self) -> SlotStats:
+        if self._coarser is not None and not self._off_grid and self.detail_rows and self.noise_floor_coarse > 0:
+            self.noise_floor, self.suspect_dtype = self.noise_floor_coarse, self._coarser
         numel = self.rows * self.cols
         dn = self.detail_rows * self.cols
         T = self.K.sum(axis=1)

@@ -19,9 +19,11 @@ from modeltrace.report.model import Ancestor, CardInfo, Finding, Verdict
 ALPHA = 1e-6
 #: what base_model_relation should say for each relation the weights show
 EXPECTED_RELATION = {"merge": ("merge",), "stack": ("merge",), "finetune": ("finetune", "adapter"),
-                     "recast": ("quantized", "finetune"), "copy": (), "partial": ("merge", "finetune")}
+                     "recast": ("quantized", "finetune"), "copy": (), "partial": ("merge", "finetune"),
+                     "related": ("finetune", "adapter", "merge", "quantized")}
 UNDISCLOSED_CODE = {"merge": "undisclosed-merge", "stack": "undisclosed-merge", "finetune": "undisclosed-finetune",
-                    "copy": "undisclosed-copy", "recast": "undisclosed-copy", "partial": "undisclosed-derivation"}
+                    "copy": "undisclosed-copy", "recast": "undisclosed-copy", "partial": "undisclosed-derivation",
+                    "related": "undisclosed-relation"}
 CLAIMS_ORIGINAL = re.compile(r"\bfrom scratch\b|\bour own (?:original )?model\b|\boriginal model\b|"
                              r"\btrained (?:entirely )?in[- ]house\b|\bhome[- ]grown\b", re.I)
 _COMMON_SPDX = ("apache-2.0", "mit", "bsd-3-clause", "bsd-2-clause", "cc-by-4.0", "cc-by-sa-4.0", "cc-by-nc-4.0",
@@ -102,7 +104,7 @@ def ancestors_from(verdict: Verdict) -> list[Ancestor]:
     """The models the verdict says the suspect derives from, with how (before their cards are read)."""
     rel = verdict.relation
     kind = {"merge": "merge-parent", "stack": "stack-source", "finetune": "finetune-parent", "copy": "copy-source",
-            "recast": "copy-source", "partial": "merge-parent"}.get(rel)
+            "recast": "copy-source", "partial": "merge-parent", "related": "relative"}.get(rel)
     out: list[Ancestor] = []
     if kind is None:
         return out
@@ -124,7 +126,8 @@ def _describe_relation(verdict: Verdict) -> str:
                                       else "") for p in verdict.parents)
     what = {"merge": f"a {verdict.method or ''} merge of".replace("  ", " "), "stack": "a layer stack of",
             "finetune": "a fine-tune of", "copy": "a byte copy of", "recast": "a re-encoded copy of",
-            "partial": "partly derived from"}.get(verdict.relation, verdict.relation)
+            "partial": "partly derived from", "related": "related (direction unknown) to"
+            }.get(verdict.relation, verdict.relation)
     return f"{what} {terms}".strip()
 
 
@@ -143,14 +146,17 @@ def disclosure_findings(subject: str, card: CardInfo, body: str, verdict: Verdic
         p_text = "; ".join(f"independent of {a.model}: {a.p_text}" for a in parents if a.p_text)
         if not any(named.values()):
             mentioned = [m for m, hit in in_text.items() if hit]
-            severity = "critical" if rel in ("copy", "recast") else ("medium" if mentioned else "high")
+            severity = ("critical" if rel in ("copy", "recast") else "medium" if mentioned or rel == "related"
+                        else "high")
             where = ("it has no model card" if not card.present else "the card's base_model "
                      + ("is missing" if not declared else f"names only {', '.join(declared)}"))
             detail = (f"the weights show {subject} is {what} ({p_text}), but {where}"
                       + (f"; the card text mentions {', '.join(mentioned)} but the Hub's model tree will not show it"
                          if mentioned else "") + ".")
             out.append(Finding(code=UNDISCLOSED_CODE[rel], severity=severity, category="disclosure", subject=subject,
-                               title=f"Undisclosed {'derivation' if rel == 'partial' else _noun(rel)}",
+                               title=f"Undisclosed {'derivation' if rel == 'partial' else _noun(rel)}"
+                                     + (" (the weights do not say which model came first)" if rel == "related"
+                                        else ""),
                                detail=detail, data={"relation": rel, "method": verdict.method,
                                                     "parents": [a.model for a in parents]}))
         else:

@@ -68,7 +68,8 @@ class Verdict(Loose):
     suspect: str
     candidates: list[str] = []
     base: str | None = None
-    relation: str = Field(description="copy, recast, finetune, merge, stack, partial or independent")
+    relation: str = Field(description="copy, recast, finetune, merge, stack, partial, related (a relative through "
+                                      "training whose direction the weights cannot give) or independent")
     method: str | None = None
     summary: str = ""
     parents: list[Parent] = []
@@ -159,7 +160,8 @@ class Ancestor(BaseModel):
 
     model: str
     location: str | None = None
-    relation: str = Field(description="merge-parent, finetune-parent, stack-source, copy-source or base")
+    relation: str = Field(description="merge-parent, finetune-parent, stack-source, copy-source, relative "
+                                      "(direction unknown) or base")
     weight: float | None = None
     interval: Pair | None = None
     layers: int | None = None

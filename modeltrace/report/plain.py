@@ -11,6 +11,7 @@ HEADLINES = {
     "merge": "Merge of existing models",
     "stack": "Layers stacked from existing models",
     "partial": "Partly derived from an existing model",
+    "related": "Related to an existing model (which came first is not known)",
     "independent": "No relation found",
 }
 #: verdict tone for colour: derived findings are what a reader must act on
@@ -34,7 +35,13 @@ def plain_verdict(v: Verdict) -> str:
     elif v.relation == "recast":
         text = f"{s} is {names[0]} saved in a different number format; the values match up to rounding."
     elif v.relation == "finetune":
-        text = f"{s} is {names[0]} with further training on top: its weights are {names[0]}'s plus a small change."
+        chain = getattr(v, "chain", None)
+        if chain:
+            text = (f"{s} was made by mixing {_and(names)} and then training the result further: its weights are "
+                    "such a mix plus a change that no mixing explains.")
+        else:
+            text = (f"{s} is {names[0]} with further training on top: its weights are {names[0]}'s plus a small "
+                    "change.")
     elif v.relation == "merge":
         if v.method in ("task_arithmetic", "ties", "dare_linear", "dare_ties", "della", "breadcrumbs", "sparse",
                         "model_stock"):
@@ -57,6 +64,10 @@ def plain_verdict(v: Verdict) -> str:
     elif v.relation == "stack":
         text = (f"{s} was assembled by stacking whole layers taken from {_and(names)}. It is not an original "
                 "model.")
+    elif v.relation == "related":
+        text = (f"{s} and {_and(names)} share their training history: one was trained from the other, or both from "
+                "a common model that was not among those compared. The weights alone cannot say which came first; "
+                "compare against their common base to settle it.")
     elif v.relation == "partial":
         text = f"Some layers of {s} come from {', '.join(_related(v)) or 'a candidate'}; the others show no relation."
     else:

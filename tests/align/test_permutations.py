@@ -64,7 +64,7 @@ def test_task_arithmetic_with_base_permuted(corpus, tmp_path):
 
 def test_permuted_finetune_names_its_parent(corpus, tmp_path):
     _, v = _audit(corpus, tmp_path, "ft_a1", "mlp+heads+residual", ["base_a"])
-    assert v["relation"] == "finetune" and v["parents"][0]["model"] == "base_a"
+    assert v["relation"] == "related" and v["parents"][0]["model"] == "base_a"
     assert v["p_values"]["base_a"]["log10_p"] < -10
 
 
@@ -88,7 +88,7 @@ def test_permuted_moe_merge(corpus, tmp_path, name, cands):
 
 def test_permuted_moe_finetune_per_expert_layout(corpus, tmp_path):
     _, v = _audit(corpus, tmp_path, "mix_ft1", "experts+mlp", ["mix_base"], seed=5)
-    assert v["relation"] == "finetune" and v["parents"][0]["model"] == "mix_base"
+    assert v["relation"] == "related" and v["parents"][0]["model"] == "mix_base"
 
 
 @pytest.mark.parametrize("name, parent", [("moe_ft1", "moe_base"), ("mix_ft1", "mix_base")])
@@ -97,7 +97,7 @@ def test_experts_permuted_with_expert_zero_in_place(corpus, tmp_path, name, pare
     m = D.permute_experts(D.load(corpus.path(name)), np.random.default_rng(0), order=[0, 2, 3, 1])
     run = run_audit(str(D.save(m, tmp_path / "s")), [str(corpus.path(parent))])
     v = decide(run)
-    assert v["relation"] == "finetune" and "experts permuted in 2 of 2 layers" in v["summary"]
+    assert v["relation"] == "related" and "experts permuted in 2 of 2 layers" in v["summary"]
     assert all(r.fit.method == "finetune" for r in run.slots if r.slot.role.startswith("expert_"))
 
 

@@ -47,7 +47,7 @@ def test_rotated_permuted_quantized_finetune(corpus, tmp_path):
     m = D.permute_mlp(D.rotate_residual(D.fold_norms(D.load(corpus.path("ft_b1"))), rng), rng)
     g = D.write_gguf(m, tmp_path / "x.gguf", "Q8_0")
     v = decide(run_audit(str(g), [str(corpus.path("base_b"))]))
-    assert v["relation"] == "finetune" and v["parents"][0]["model"] == "base_b"
+    assert v["relation"] == "related" and v["parents"][0]["model"] == "base_b"
     assert v["p_values"]["base_b"]["log10_p"] < -10
 
 

@@ -28,7 +28,7 @@ def _undone(v):
 ])
 def test_layer_surgery_on_a_finetune(corpus, tmp_path, order, note):
     v = _verdict(tmp_path, D.relayer(D.load(corpus.path("ft_a1")), order), [corpus.path("base_a")])
-    assert v["relation"] == "finetune" and v["parents"][0]["model"] == "base_a", v["summary"]
+    assert v["relation"] == "related" and v["parents"][0]["model"] == "base_a", v["summary"]
     assert v["p_values"]["base_a"]["log10_p"] < -10
     assert note in _undone(v)
 
@@ -61,7 +61,7 @@ def test_pruned_mlp_child_of_a_larger_parent(corpus, tmp_path):
 
 def test_pruned_heads(corpus, tmp_path):
     v = _verdict(tmp_path, D.prune_heads(D.load(corpus.path("ft_a1")), 1), [corpus.path("base_a")])
-    assert v["relation"] == "finetune" and v["parents"][0]["model"] == "base_a"
+    assert v["relation"] == "related" and v["parents"][0]["model"] == "base_a"
     assert "attention heads pruned (suspect keeps 2 of 4) in 4 layers" in _undone(v)
     assert not any("no same-shape counterpart" in w for w in v["warnings"])
 
@@ -90,7 +90,7 @@ def test_vocabulary_reordered_without_tokenizers(corpus, tmp_path):
     run = run_audit(str(D.save(D.revocab(D.load(corpus.path("ft_a1")), order), tmp_path / "s")),
                     [str(corpus.path("base_a"))])
     v = decide(run)
-    assert v["relation"] == "finetune"
+    assert v["relation"] == "related"
     assert "vocabulary rows re-ordered (matched by embedding)" in _undone(v)
     emb = next(r for r in run.slots if r.slot.role == "embed")
     assert emb.fit.method == "finetune" and emb.corr[1] > 0.9
