@@ -48,7 +48,7 @@ from modeltrace.sources.bytestore import ByteStore
 from modeltrace.sources.planner import Prefetcher
 from modeltrace.sources.remote import RETRY_EXCEPTIONS, RETRY_STATUS, describe_exc, status_error
 
-__all__ = ["HubStore", "open_hub", "parse_spec", "cache_root"]
+__all__ = ["HubStore", "open_hub", "parse_spec", "cache_root", "sample_for_budget"]
 
 DEFAULT_REVISION = "main"
 
@@ -391,6 +391,27 @@ def _write_atomic(path: Path, data: bytes) -> None:
             raise
     except OSError:
         pass
+
+
+def sample_for_budget(specs: list[str], budget: int, share: float = 0.8) -> float | None:
+    """The fraction of rows (`--sample`) that keeps an audit of `specs` within `budget` remote bytes: `share` of
+    the budget for the streaming pass over the remote models' weights, the rest for headers and the layer map.
+    None when nothing is remote or everything fits. Headers read here are cached, so the audit re-reads none."""
+    remote = [s for s in specs if str(s).startswith("hf://")]
+    total = 0
+    for spec in remote:
+        src = open_hub(spec)
+        try:
+            total += sum(t.nbytes for t in src.tensors().values())
+        finally:
+            src.close()
+    if total == 0 or total <= budget * share:
+        return None
+    frac = budget * share / total
+    if frac < 1e-6:
+        raise InputError(f"--budget {budget} bytes is too small for {total} bytes of remote weights; give at least "
+                         f"{int(total * 1e-6 / share) + 1} bytes or an explicit --sample")
+    return frac
 
 
 def open_hub(spec: str) -> Source:

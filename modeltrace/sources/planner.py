@@ -45,8 +45,9 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 def coalesce(spans: Iterable[tuple[str, int, int]], gap: int = DEFAULT_GAP, max_request: int = DEFAULT_MAX_REQUEST
              ) -> list[tuple[str, int, int, int]]:
     """(file, offset, length, spans merged) requests covering every (file, offset, length) span, in file order.
-    Spans are merged when the gap between them is at most `gap` and the merged request stays within `max_request`
-    (a single span longer than that is one request of its own)."""
+    Spans are merged when the gap between them is at most `gap`, and no larger than the bytes wanted so far plus
+    the next span (so at most about half of what is fetched is unwanted), and the merged request stays within
+    `max_request` (a single span longer than that is one request of its own)."""
     by_file: dict[str, list[tuple[int, int]]] = {}
     for f, off, n in spans:
         if n > 0:
@@ -55,14 +56,16 @@ def coalesce(spans: Iterable[tuple[str, int, int]], gap: int = DEFAULT_GAP, max_
     for f, items in by_file.items():
         items.sort()
         start, end = items[0]
-        count = 1
+        count, useful = 1, end - start
         for a, b in items[1:]:
-            if a - end <= gap and max(end, b) - start <= max_request:
+            hole = a - end
+            if hole <= gap and hole <= useful + (b - a) and max(end, b) - start <= max_request:
+                useful += max(0, b - max(a, end))
                 end = max(end, b)
                 count += 1
             else:
                 out.append((f, start, end - start, count))
-                start, end, count = a, b, 1
+                start, end, count, useful = a, b, 1, b - a
         out.append((f, start, end - start, count))
     return out
 

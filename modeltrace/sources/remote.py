@@ -37,7 +37,7 @@ from modeltrace.errors import InputError, RemoteError
 from modeltrace.sources.base import ReadStats
 
 __all__ = ["RemoteSettings", "PinnedFiles", "configure", "settings", "spent_bytes", "reset_run", "status_error",
-           "describe_exc", "sleep_before_retry", "run_deadline_left", "RETRY_STATUS", "RETRY_EXCEPTIONS"]
+           "describe_exc", "sleep_before_retry", "run_deadline_left", "parse_bytes", "RETRY_STATUS", "RETRY_EXCEPTIONS"]
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_READ_TIMEOUT = 30.0
@@ -68,6 +68,23 @@ class RemoteSettings:
     def request_limit(self, length: int) -> float:
         """Seconds one request of `length` bytes may take in all."""
         return self.read_timeout + length / MIN_RATE
+
+
+_UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9, "T": 1e12, "TB": 1e12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """`4G`, `500MB`, `1.5GiB`, `4e9` or `123` -> bytes; InputError otherwise."""
+    m = re.fullmatch(r"\s*([0-9.]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", text or "")
+    unit = m.group(2).upper() if m else ""
+    try:
+        value = float(m.group(1)) * _UNITS[unit] if m else -1.0
+    except (KeyError, ValueError):
+        value = -1.0
+    if not value >= 1:
+        raise InputError(f"--budget {text!r}: expected a number of bytes, e.g. 4G, 500MB or 4e9")
+    return int(value)
 
 
 def _env_float(var: str, what: str) -> float | None:
