@@ -166,6 +166,8 @@ class HubServer(ThreadingHTTPServer):
         self._swaps: list[list] = []  # [reads left, repo id, revision, files]
         self.trickle_rate: float | None = None
         self.trickle_api = False
+        self.in_flight = 0  # file requests being answered now
+        self.max_in_flight = 0  # the most at once since the last `clear`
 
     @property
     def url(self) -> str:
@@ -195,6 +197,12 @@ class HubServer(ThreadingHTTPServer):
     def clear(self) -> None:
         with self._lock:
             self.log.clear()
+            self.max_in_flight = self.in_flight
+
+    def enter(self, delta: int) -> None:
+        with self._lock:
+            self.in_flight += delta
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
 
     def requests(self, method: str | None = None, contains: str = "") -> list[Request]:
         with self._lock:
@@ -281,6 +289,16 @@ class _Handler(BaseHTTPRequestHandler):
         self._upath = unquote(parts.path)
         self._query = parts.query
         self._range_header = self.headers.get("Range")
+        counted = "/resolve/" in parts.path
+        if counted:
+            self.server.enter(1)
+        try:
+            self._answer(parts)
+        finally:
+            if counted:
+                self.server.enter(-1)
+
+    def _answer(self, parts) -> None:
         if self.server.link is not None:
             time.sleep(self.server.link.latency)
         delay = self.server.take_delay()

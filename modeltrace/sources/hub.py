@@ -393,25 +393,35 @@ def _write_atomic(path: Path, data: bytes) -> None:
         pass
 
 
-def sample_for_budget(specs: list[str], budget: int, share: float = 0.8) -> float | None:
-    """The fraction of rows (`--sample`) that keeps an audit of `specs` within `budget` remote bytes: `share` of
-    the budget for the streaming pass over the remote models' weights, the rest for headers and the layer map.
-    None when nothing is remote or everything fits. Headers read here are cached, so the audit re-reads none."""
-    remote = [s for s in specs if str(s).startswith("hf://")]
-    total = 0
-    for spec in remote:
+def sample_for_budget(specs: list[str], budget: int, share: float = 0.5) -> float | None:
+    """The fraction of rows (`--sample`) that keeps an audit of `specs` within `budget` remote bytes: the sampled
+    rows of every matrix (at least one row each) and every vector in full fit in `share` of the budget; the rest
+    is left for headers, the layer map and the gaps that coalesced requests carry. None when nothing is remote or
+    everything fits. The headers read here are cached on disk, so the audit does not read them again."""
+    shapes: list[tuple[int, int]] = []  # (rows, bytes per row) of every remote tensor; vectors as one row
+    for spec in [s for s in specs if str(s).startswith("hf://")]:
         src = open_hub(spec)
         try:
-            total += sum(t.nbytes for t in src.tensors().values())
+            for t in src.tensors().values():
+                rows = t.rows if len(t.shape) >= 2 else 1
+                shapes.append((rows, t.nbytes // max(1, rows)))
         finally:
             src.close()
+    total = sum(r * b for r, b in shapes)
     if total == 0 or total <= budget * share:
         return None
-    frac = budget * share / total
-    if frac < 1e-6:
-        raise InputError(f"--budget {budget} bytes is too small for {total} bytes of remote weights; give at least "
-                         f"{int(total * 1e-6 / share) + 1} bytes or an explicit --sample")
-    return frac
+
+    def cost(frac: float) -> int:
+        return sum(b * (r if r == 1 else max(1, round(r * frac))) for r, b in shapes)
+
+    if cost(1e-9) > budget * share:
+        raise InputError(f"--budget {budget} bytes cannot hold one row of every remote tensor "
+                         f"({cost(1e-9)} bytes at least, within half the budget); raise it")
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cost(mid) <= budget * share else (lo, mid)
+    return max(lo, 1e-9)
 
 
 def open_hub(spec: str) -> Source:

@@ -121,7 +121,8 @@ def settings() -> RemoteSettings:
             raise InputError(f"MODELTRACE_HTTP_RETRIES={raw!r}: expected a whole number of attempts") from None
     conns = _env_float("MODELTRACE_CONNECTIONS", "a whole number of connections, e.g. 16")
     if conns is not None and conns != int(conns):
-        raise InputError(f"MODELTRACE_CONNECTIONS={conns!r}: expected a whole number of connections, e.g. 16")
+        raw = os.environ.get("MODELTRACE_CONNECTIONS", "").strip()
+        raise InputError(f"MODELTRACE_CONNECTIONS={raw!r}: expected a whole number of connections, e.g. 16")
     budget = _env_float("MODELTRACE_BUDGET", "a number of bytes, e.g. 4e9")
     timeout = _env_float("MODELTRACE_TIMEOUT", "seconds, e.g. 600")
     deadline = _env_float("MODELTRACE_DEADLINE", "a time")
@@ -357,10 +358,11 @@ class PinnedFiles:
                 if run_deadline_left(cfg) is not None and run_deadline_left(cfg) <= 0:  # type: ignore[operator]
                     raise out_of_time() from None
                 if attempt + 1 >= cfg.tries:
-                    why = (f"no complete answer within {cfg.request_limit(length):.3g} s" if isinstance(exc, _TooSlow)
-                           else describe_exc(exc))
-                    raise RemoteError(f"{self.location}: reading {what}: cannot reach {self.endpoint} ({why})"
-                                      ) from None
+                    if isinstance(exc, _TooSlow):
+                        raise RemoteError(f"{self.location}: reading {what}: {self.endpoint} sent too slowly (no "
+                                          f"complete answer within {limit:.3g} s, {cfg.tries} attempts)") from None
+                    raise RemoteError(f"{self.location}: reading {what}: cannot reach {self.endpoint} "
+                                      f"({describe_exc(exc)})") from None
             except httpx2.HTTPError as exc:
                 raise RemoteError(f"{self.location}: reading {what}: {type(exc).__name__}") from None
             finally:
