@@ -222,6 +222,23 @@ class HubServer(ThreadingHTTPServer):
     def bytes_sent(self) -> int:
         return sum(r.sent for r in self.requests())
 
+    def stats(self, clear: bool = False) -> dict:
+        """Per repository: requests, body bytes sent, and the (file, start, end) ranges served; then forget them."""
+        out: dict[str, dict] = {}
+        with self._lock:
+            log = [r for r in self.log if r.path != "/_stats"]
+            if clear:
+                self.log.clear()
+        for r in log:
+            rest = r.path[len("/api/models/"):] if r.path.startswith("/api/models/") else r.path.lstrip("/")
+            repo = "/".join(rest.split("/")[:2])
+            d = out.setdefault(repo, {"requests": 0, "bytes": 0, "ranges": []})
+            d["requests"] += 1
+            d["bytes"] += r.sent
+            if r.range is not None and "/resolve/" in r.path:
+                d["ranges"].append([r.path, r.range[0], r.range[1]])
+        return out
+
     def wait_idle(self, timeout: float = 5.0) -> None:
         """Wait until every logged response has been fully written (or abandoned by its client)."""
         deadline = time.monotonic() + timeout
@@ -312,6 +329,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(401, "RepoNotFound", "Invalid username or password.")
             return
         raw = parts.path
+        if raw == "/_stats":  # benchmarks in another process: per-repository requests and bytes, and the ranges
+            self._json(self.server.stats(clear="clear=1" in parts.query))
+            return
         if raw.startswith("/api/models/"):
             self._api(raw[len("/api/models/"):], parse_qs(parts.query))
         elif "/resolve/" in raw:

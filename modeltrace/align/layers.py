@@ -46,7 +46,9 @@ def prefetch_samples(view: ModelView, slots: list[Slot], k: int = SAMPLE_ROWS) -
         ids = sample_row_block(part.rows, part.cols, k)
         if len(ids):
             reads.append((part.name, part.row_start + int(ids[0]), part.row_start + int(ids[-1]) + 1))
-    view.source.prefetch(reads)
+    prefetch = getattr(view.source, "prefetch", None)  # views over fingerprints have nothing to fetch
+    if prefetch is not None:
+        prefetch(reads)
 
 
 def slot_sample(view: ModelView, slot: Slot, k: int = SAMPLE_ROWS) -> np.ndarray:
