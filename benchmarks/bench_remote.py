@@ -93,6 +93,23 @@ def _report(step: str, dt: float, peak: float, stats: dict, floor: float, sizes:
         print(f"    {repo}: {d['requests']} requests, {d['bytes'] / 1e6:.1f} MB{share}")
 
 
+def _find(doc: object, key: str) -> dict:
+    """The first object in a JSON document that has `key`."""
+    if isinstance(doc, dict):
+        if key in doc:
+            return doc
+        items = list(doc.values())
+    elif isinstance(doc, list):
+        items = doc
+    else:
+        return {}
+    for x in items:
+        got = _find(x, key)
+        if got:
+            return got
+    return {}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=["small", "full"], default="small")
@@ -153,15 +170,10 @@ def main() -> None:
             _report(f"audit rio vs nex, qwen, sibling --sample {a.sample} (targets <= 5 min, <= 0.5% of each "
                     "model, <= 20,000 requests, <= 1 GB)", dt, peak, st, _floor(url, st), sizes)
             try:
-                doc = json.loads(out)
-                v = doc["subjects"][0] if "subjects" in doc else doc
-                text = json.dumps(v, default=str)
-                rel = v.get("verdict", v).get("relation") if isinstance(v.get("verdict", v), dict) else None
-                parents = v.get("verdict", v).get("parents") if isinstance(v.get("verdict", v), dict) else None
-                print(f"    -> relation {rel}; parents {json.dumps(parents, default=str)[:600]}")
-                if rel is None:
-                    print(f"    -> {text[:600]}")
-            except (ValueError, KeyError, AttributeError):
+                v = _find(json.loads(out), "relation")
+                print(f"    -> relation {v.get('relation')}, method {v.get('method')}; parents "
+                      f"{json.dumps(v.get('parents'), default=str)[:700]}")
+            except ValueError:
                 print(f"    -> (no JSON answer) {err.strip()[-300:]}")
     finally:
         for _, proc in servers.values():
