@@ -66,7 +66,8 @@ def hub_env(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
     for var in ("MODELTRACE_TIMEOUT", "MODELTRACE_DEADLINE", "MODELTRACE_BUDGET", "MODELTRACE_CONNECTIONS"):
-        monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv(var, "")  # recorded, so limits a test's command sets are removed after it
+        monkeypatch.delenv(var)
     monkeypatch.setattr(remote, "BACKOFF_BASE", 0.01)
     remote.reset_run()
     return tmp_path

@@ -228,3 +228,10 @@ def test_audit_budget_chooses_the_sample_and_keeps_the_verdict(corpus, hub_serve
     assert '"relation": "merge"' in text and '"method": "linear"' in text
     assert 0 < remote.spent_bytes() <= budget
     assert open_source(str(corpus.path("ft_a1"))).stats.bytes_read == 0  # local sources are not budgeted
+
+
+def test_limits_set_by_a_command_do_not_outlive_its_test(hub_env):  # noqa: F811
+    import os
+
+    for var in ("MODELTRACE_TIMEOUT", "MODELTRACE_DEADLINE", "MODELTRACE_BUDGET"):
+        assert var not in os.environ  # the commands of the tests above set them through configure()
