@@ -26,7 +26,7 @@ import numpy as np
 
 from modeltrace.align.disguise import Alignment, discover
 from modeltrace.align.layers import map_layers
-from modeltrace.align.transform import AlignedReader, SlotTransform, gather
+from modeltrace.align.transform import WHOLE_BYTES, AlignedReader, SlotTransform, gather
 from modeltrace.align.view import ModelView, open_view
 from modeltrace.architectures import Slot, is_structured
 from modeltrace.detectors import kernels
@@ -362,17 +362,20 @@ def _stream(views: list[ModelView], base: int | None, sample: float | None, chun
             if progress:
                 progress(done[0], total)
 
-    def work(item: _PlanItem) -> SlotResult:
-        return _process_slot(views, item, base, sample, chunk_bytes, tick, alignments)
+    ahead = _ReadAhead(views, plan, sample, chunk_bytes)
+
+    def work(k: int) -> SlotResult:
+        ahead.upto(k + READ_AHEAD)
+        return _process_slot(views, plan[k], base, sample, chunk_bytes, tick, alignments)
 
     workers = _threads(views)
     if dispatch is not None:
         results = _stream_elsewhere(views, plan, base, sample, chunk_bytes, alignments, dispatch, tick)
     elif workers > 1:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(work, plan))
+            results = list(pool.map(work, range(len(plan))))
     else:
-        results = [work(item) for item in plan]
+        results = [work(k) for k in range(len(plan))]
     for res in results:
         bad = int(res.stats.nonfinite[0])
         if bad:
@@ -381,6 +384,41 @@ def _stream(views: list[ModelView], base: int | None, sample: float | None, chun
     if progress:
         progress(total, total)
     return results
+
+
+#: Slots whose reads are announced ahead of the one being compared (remote sources fetch them meanwhile, bounded
+#: in bytes by their read planner; local sources ignore announcements).
+READ_AHEAD = 64
+
+
+class _ReadAhead:
+    """Announces each plan item's row blocks (suspect, and candidates read by plain row ranges) to the sources in
+    plan order, so remote reads are coalesced and in flight while earlier slots are compared."""
+
+    def __init__(self, views: list[ModelView], plan: list[_PlanItem], sample: float | None, chunk_bytes: int):
+        self.views, self.plan, self.sample, self.chunk_bytes = views, plan, sample, chunk_bytes
+        self.active = any(getattr(getattr(v.source, "store", None), "parallel", 1) > 1 for v in views)
+        self.done = 0
+        self.lock = threading.Lock()
+
+    def upto(self, n: int) -> None:
+        if not self.active:
+            return
+        with self.lock:
+            items = self.plan[self.done:n]
+            self.done = max(self.done, min(n, len(self.plan)))
+        for item in items:
+            part = self.views[0].parts[item.slot]
+            ranges = _row_plan(item.rows, part.cols, None if is_structured(item.slot, part) else self.sample,
+                               self.chunk_bytes)
+            if item.srows is None:
+                self.views[0].source.prefetch([(part.name, part.row_start + a, part.row_start + b) for a, b in ranges])
+                for i in item.cands:
+                    tf, view = item.tfs[i], self.views[i]
+                    if tf.rows is None and tf.row_mat is None and (tf.identity or view.parts[tf.slot].numel * 4
+                                                                   > WHOLE_BYTES):
+                        cp = view.parts[tf.slot]
+                        view.source.prefetch([(cp.name, cp.row_start + a, cp.row_start + b) for a, b in ranges])
 
 
 # ---- the streaming pass over views already open, and elsewhere (local processes, Ray) ---------------------------

@@ -81,6 +81,26 @@ FailOnOpt = Annotated[list[str] | None, typer.Option("--fail-on", help="Exit 1 w
                                                      "not disclose), license, or any. Repeatable.")]
 
 
+TimeoutOpt = Annotated[float | None, typer.Option(
+    "--timeout", help="Seconds the whole run may spend reading remote (hf://) models; then it stops with one "
+    "line (default: no limit; env MODELTRACE_TIMEOUT).", show_default=False)]
+ConnectionsOpt = Annotated[int | None, typer.Option(
+    "--connections", min=1, max=256, help="Remote requests in flight at once, over pooled connections (default 16; "
+    "env MODELTRACE_CONNECTIONS).", show_default=False)]
+BudgetOpt = Annotated[str | None, typer.Option(
+    "--budget", help="Bytes the audit may fetch from remote models, e.g. 4G: without --sample, the fraction of rows "
+    "read is chosen to fit; it is never exceeded (env MODELTRACE_BUDGET).", show_default=False)]
+
+
+def remote_limits(timeout: float | None, connections: int | None, budget: str | None = None) -> int | None:
+    """Apply --timeout/--connections/--budget for this command (and its worker processes); the budget in bytes."""
+    from modeltrace.sources.remote import configure, parse_bytes
+
+    nbytes = parse_bytes(budget) if budget is not None else None
+    configure(timeout=timeout, connections=connections, budget=nbytes)
+    return nbytes
+
+
 def _report_format(fmt: str | None, json_out: bool, output: Path | None) -> str | None:
     from modeltrace.report.formats import FORMATS, format_for
 
@@ -221,6 +241,8 @@ def inspect_cmd(
     fmt: FormatOpt = None,
     output: OutputOpt = None,
     fail_on: FailOnOpt = None,
+    timeout: TimeoutOpt = None,
+    connections: ConnectionsOpt = None,
 ) -> None:
     """Describe a checkpoint: architecture, parameters (MoE aware), dtypes, shards, tokenizer, model card.
 
@@ -237,6 +259,7 @@ def inspect_cmd(
 
     fmt = _report_format(fmt, json_out, output)
     gates = check_gates(fail_on)
+    remote_limits(timeout, connections)
     with recording_remote_ranges(), open_source(model, allow_pickle=allow_pickle) as src:
         d = describe(src, hashes=hashes)
         subject, findings = inspect_subject(label_for(model), model, d, src, hashes=hashes)
@@ -337,6 +360,9 @@ def audit_cmd(
                                                 "1: threads in this process). Same results.")] = None,
     ray: Annotated[bool, typer.Option("--ray", help="Stream the weights as Ray tasks, grouped by the suspect's "
                                       "shard: " + RAY_ADDRESS_HELP + " Same results.")] = False,
+    timeout: TimeoutOpt = None,
+    connections: ConnectionsOpt = None,
+    budget: BudgetOpt = None,
 ) -> None:
     """What was SUSPECT made from, and exactly how? Compares weights tensor by tensor, streaming.
 
@@ -365,6 +391,11 @@ def audit_cmd(
                                           "only with --ray)")
     fmt = _report_format(fmt, json_out, output)
     gates = check_gates(fail_on)
+    nbytes = remote_limits(timeout, connections, budget)
+    if nbytes is not None and sample is None:
+        from modeltrace.sources.hub import sample_for_budget
+
+        sample = sample_for_budget([suspect_spec, *candidate], nbytes)
     show = (fmt is None or output is not None) and err.is_terminal
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TimeRemainingColumn(),
                   console=err, disable=not show, transient=True) as bar:

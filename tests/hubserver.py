@@ -1,16 +1,21 @@
-"""A tiny Hugging Face Hub look-alike on 127.0.0.1 for tests: local folders served as model repositories.
+"""A tiny Hugging Face Hub look-alike on 127.0.0.1 for tests and benchmarks: folders (or virtual repositories whose
+bytes are made on demand) served as model repositories.
 
 It answers what huggingface_hub and modeltrace's HubStore ask for:
 
-- `GET /api/models/{repo}` and `GET /api/models/{repo}/revision/{rev}` (model_info; `?blobs=true` adds sizes),
+- `GET /api/models/{repo}` and `GET /api/models/{repo}/revision/{rev}` (model_info; `?blobs=true` adds sizes, git
+  blob ids and, for LFS files, the SHA-256),
 - `GET /api/models/{repo}/tree/{rev}[/{path}]` (list_repo_tree, `?recursive=true`),
 - `HEAD`/`GET /{repo}/resolve/{rev}/{path}` with single-range `Range` support (206 + Content-Range, 416 when
-  unsatisfiable) and the headers the library reads (`X-Repo-Commit`, `ETag`, `X-Linked-Size`, `Accept-Ranges`),
+  unsatisfiable) and the headers the real Hub sends (`X-Repo-Commit`, `ETag` = the LFS SHA-256 for LFS files and
+  the git blob id otherwise, `X-Linked-Size`, `Accept-Ranges`),
 - 404 with `X-Error-Code` RepoNotFound / RevisionNotFound / EntryNotFound, 401 when a token is required.
 
 Every request is recorded in `server.log` (method, path, range, status, bytes sent) so tests can assert exactly
-which byte ranges were fetched. Knobs: `ignore_range` (answer 200 with the whole file), `token` (require
-`Authorization: Bearer <token>`), `fail_next(n, status)` (answer the next n requests with an error).
+which byte ranges were fetched. Faults: `ignore_range` (answer 200 with the whole file), `token` (require
+`Authorization: Bearer <token>`), `fail_next(n, status)`, `delay_next(n, s)`, `swap_after(n, repo, files)` (after n
+more file reads the same commit serves other content, with its own ETag), `trickle(rate)` (bodies sent at `rate`
+bytes a second). `link=Link(bandwidth, latency)` simulates a network link shared by every connection.
 """
 
 from __future__ import annotations
@@ -22,13 +27,15 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 CHUNK = 64 * 1024
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+LFS_SUFFIXES = (".safetensors", ".gguf", ".bin")
 
 
 @dataclass
@@ -49,45 +56,118 @@ def commit_sha(repo_id: str, revision: str) -> str:
     return hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
 
 
-def _files(folder: Path) -> dict[str, Path]:
-    return {
-        str(p.relative_to(folder)): p
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and ".git" not in p.relative_to(folder).parts
-    }
+class RepoFiles(Protocol):
+    """What the server needs of a repository revision: names and sizes, bytes of a range, content ids."""
+
+    def sizes(self) -> dict[str, int]: ...
+
+    def chunks(self, name: str, start: int, length: int) -> Iterator[bytes]: ...
+
+    def etag(self, name: str) -> str: ...
+
+    def is_lfs(self, name: str) -> bool: ...
 
 
-def _file_etag(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+class FolderFiles:
+    """A folder on disk; ETags computed once per file (SHA-256 for LFS files, the git blob id otherwise)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self._tags: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def sizes(self) -> dict[str, int]:
+        return {
+            str(p.relative_to(self.folder)): p.stat().st_size
+            for p in sorted(self.folder.rglob("*"))
+            if p.is_file() and ".git" not in p.relative_to(self.folder).parts
+        }
+
+    def is_lfs(self, name: str) -> bool:
+        return name.endswith(LFS_SUFFIXES)
+
+    def chunks(self, name: str, start: int, length: int) -> Iterator[bytes]:
+        with (self.folder / name).open("rb") as f:
+            f.seek(start)
+            left = length
+            while left > 0:
+                block = f.read(min(CHUNK, left))
+                if not block:
+                    return
+                left -= len(block)
+                yield block
+
+    def etag(self, name: str) -> str:
+        with self._lock:
+            tag = self._tags.get(name)
+        if tag is None:
+            path = self.folder / name
+            h = hashlib.sha256() if self.is_lfs(name) else hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+            with path.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            tag = h.hexdigest()
+            with self._lock:
+                self._tags[name] = tag
+        return tag
+
+
+def as_files(value: Path | str | RepoFiles) -> RepoFiles:
+    return FolderFiles(Path(value)) if isinstance(value, (str, Path)) else value
+
+
+@dataclass
+class Link:
+    """A network link: `bandwidth` bytes a second shared by all connections, `latency` seconds before each answer."""
+
+    bandwidth: float = 100e6
+    latency: float = 0.020
+    _free_at: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def send(self, n: int) -> None:
+        """Wait until `n` more bytes have passed the link (first come, first served)."""
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._free_at)
+            self._free_at = start + n / self.bandwidth
+            until = self._free_at
+        delay = until - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
 
 
 class HubServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128
 
     def __init__(
         self,
-        repos: Mapping[str, Path | Mapping[str, Path]],
+        repos: Mapping[str, Path | RepoFiles | Mapping[str, Path | RepoFiles]],
         ignore_range: bool = False,
         token: str | None = None,
+        link: Link | None = None,
     ) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
-        # repo id -> revision -> folder; a bare Path is the `main` revision
-        self.repos: dict[str, dict[str, Path]] = {
-            rid: ({"main": Path(v)} if isinstance(v, (str, Path)) else {k: Path(p) for k, p in v.items()})
+        # repo id -> revision -> files; a bare folder is the `main` revision
+        self.repos: dict[str, dict[str, RepoFiles]] = {
+            rid: ({"main": as_files(v)} if isinstance(v, (str, Path)) or not isinstance(v, Mapping)
+                  else {k: as_files(p) for k, p in v.items()})
             for rid, v in repos.items()
         }
         self.ignore_range = ignore_range
         self.token = token
+        self.link = link
         self.log: list[Request] = []
         self._lock = threading.Lock()
         self._failures: list[int] = []
         self._delays: list[float] = []
-        self._etags: dict[Path, str] = {}
+        self._swaps: list[list] = []  # [reads left, repo id, revision, files]
+        self.trickle_rate: float | None = None
+        self.trickle_api = False
+        self.in_flight = 0  # file requests being answered now
+        self.max_in_flight = 0  # the most at once since the last `clear`
 
     @property
     def url(self) -> str:
@@ -104,9 +184,25 @@ class HubServer(ThreadingHTTPServer):
         with self._lock:
             self._delays.extend([seconds] * n)
 
+    def swap_after(self, n: int, repo_id: str, files: Path | RepoFiles, revision: str = "main") -> None:
+        """After n more file reads (resolve GETs) of any repository, `repo_id`@`revision` serves `files` under the
+        same commit: a file that changes while it is read."""
+        with self._lock:
+            self._swaps.append([n, repo_id, revision, as_files(files)])
+
+    def trickle(self, rate: float | None, api: bool = False) -> None:
+        """Send file bodies (and, with `api`, API answers) at `rate` bytes a second; None: full speed."""
+        self.trickle_rate, self.trickle_api = rate, api
+
     def clear(self) -> None:
         with self._lock:
             self.log.clear()
+            self.max_in_flight = self.in_flight
+
+    def enter(self, delta: int) -> None:
+        with self._lock:
+            self.in_flight += delta
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
 
     def requests(self, method: str | None = None, contains: str = "") -> list[Request]:
         with self._lock:
@@ -125,6 +221,23 @@ class HubServer(ThreadingHTTPServer):
 
     def bytes_sent(self) -> int:
         return sum(r.sent for r in self.requests())
+
+    def stats(self, clear: bool = False) -> dict:
+        """Per repository: requests, body bytes sent, and the (file, start, end) ranges served; then forget them."""
+        out: dict[str, dict] = {}
+        with self._lock:
+            log = [r for r in self.log if r.path != "/_stats"]
+            if clear:
+                self.log.clear()
+        for r in log:
+            rest = r.path[len("/api/models/"):] if r.path.startswith("/api/models/") else r.path.lstrip("/")
+            repo = "/".join(rest.split("/")[:2])
+            d = out.setdefault(repo, {"requests": 0, "bytes": 0, "ranges": []})
+            d["requests"] += 1
+            d["bytes"] += r.sent
+            if r.range is not None and "/resolve/" in r.path:
+                d["ranges"].append([r.path, r.range[0], r.range[1]])
+        return out
 
     def wait_idle(self, timeout: float = 5.0) -> None:
         """Wait until every logged response has been fully written (or abandoned by its client)."""
@@ -145,24 +258,24 @@ class HubServer(ThreadingHTTPServer):
         with self._lock:
             return self._failures.pop(0) if self._failures else None
 
-    def lookup(self, repo_id: str, revision: str) -> tuple[str, Path] | None:
-        """(commit sha, folder) for a revision name or a commit sha."""
+    def count_read(self) -> None:
+        """One file read happened: pending swaps come due."""
+        with self._lock:
+            for sw in self._swaps:
+                sw[0] -= 1
+                if sw[0] < 0:
+                    self.repos[sw[1]][sw[2]] = sw[3]
+            self._swaps = [sw for sw in self._swaps if sw[0] >= 0]
+
+    def lookup(self, repo_id: str, revision: str) -> tuple[str, RepoFiles] | None:
+        """(commit sha, files) for a revision name or a commit sha."""
         revs = self.repos[repo_id]
         if revision in revs:
             return commit_sha(repo_id, revision), revs[revision]
-        for name, folder in revs.items():
+        for name, files in revs.items():
             if commit_sha(repo_id, name) == revision:
-                return revision, folder
+                return revision, files
         return None
-
-    def etag(self, path: Path) -> str:
-        with self._lock:
-            tag = self._etags.get(path)
-        if tag is None:
-            tag = _file_etag(path)
-            with self._lock:
-                self._etags[path] = tag
-        return tag
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -193,6 +306,18 @@ class _Handler(BaseHTTPRequestHandler):
         self._upath = unquote(parts.path)
         self._query = parts.query
         self._range_header = self.headers.get("Range")
+        counted = "/resolve/" in parts.path
+        if counted:
+            self.server.enter(1)
+        try:
+            self._answer(parts)
+        finally:
+            if counted:
+                self.server.enter(-1)
+
+    def _answer(self, parts) -> None:
+        if self.server.link is not None:
+            time.sleep(self.server.link.latency)
         delay = self.server.take_delay()
         if delay:
             time.sleep(delay)
@@ -204,6 +329,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(401, "RepoNotFound", "Invalid username or password.")
             return
         raw = parts.path
+        if raw == "/_stats":  # benchmarks in another process: per-repository requests and bytes, and the ranges
+            self._json(self.server.stats(clear="clear=1" in parts.query))
+            return
         if raw.startswith("/api/models/"):
             self._api(raw[len("/api/models/"):], parse_qs(parts.query))
         elif "/resolve/" in raw:
@@ -240,21 +368,23 @@ class _Handler(BaseHTTPRequestHandler):
         if got is None:
             self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
             return
-        sha, folder = got
-        files = _files(folder)
+        sha, files = got
+        sizes = files.sizes()
         if tree_path is not None:
             recursive = query.get("recursive", ["false"])[0].lower() == "true"
-            self._json(self._tree(files, tree_path, recursive))
+            self._json(self._tree(sizes, tree_path, recursive))
             return
         blobs = query.get("blobs", ["false"])[0].lower() == "true"
         siblings = []
-        for name, p in files.items():
+        for name, size in sizes.items():
             entry: dict = {"rfilename": name}
             if blobs:
-                entry["size"] = p.stat().st_size
-                entry["blobId"] = hashlib.sha1(name.encode()).hexdigest()
-                if name.endswith(".safetensors"):
-                    entry["lfs"] = {"size": p.stat().st_size, "sha256": self.server.etag(p), "pointerSize": 134}
+                entry["size"] = size
+                if files.is_lfs(name):
+                    entry["blobId"] = hashlib.sha1(f"lfs pointer {name}".encode()).hexdigest()
+                    entry["lfs"] = {"size": size, "sha256": files.etag(name), "pointerSize": 134}
+                else:
+                    entry["blobId"] = files.etag(name)
             siblings.append(entry)
         self._json({
             "_id": sha[:24],
@@ -274,11 +404,11 @@ class _Handler(BaseHTTPRequestHandler):
             "siblings": siblings,
         })
 
-    def _tree(self, files: dict[str, Path], under: str, recursive: bool) -> list[dict]:
+    def _tree(self, sizes: dict[str, int], under: str, recursive: bool) -> list[dict]:
         prefix = f"{under}/" if under else ""
         out: list[dict] = []
         dirs: set[str] = set()
-        for name, p in files.items():
+        for name, size in sizes.items():
             if not name.startswith(prefix):
                 continue
             rel = name[len(prefix):]
@@ -289,8 +419,7 @@ class _Handler(BaseHTTPRequestHandler):
                 segs = rel.split("/")[:-1]
                 for i in range(1, len(segs) + 1):
                     dirs.add(prefix + "/".join(segs[:i]))
-            out.append({"type": "file", "oid": hashlib.sha1(name.encode()).hexdigest(),
-                        "size": p.stat().st_size, "path": name})
+            out.append({"type": "file", "oid": hashlib.sha1(name.encode()).hexdigest(), "size": size, "path": name})
         out.extend({"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d}
                    for d in sorted(dirs))
         return out
@@ -305,21 +434,23 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, None, "Not found")
             return
         rev_raw, _, path_raw = rest[len("resolve/"):].partition("/")
+        if self._method == "GET":
+            self.server.count_read()
         got = self.server.lookup(repo_id, unquote(rev_raw))
         if got is None:
             self._error(404, "RevisionNotFound", "Invalid rev id")
             return
-        sha, folder = got
-        path = _files(folder).get(unquote(path_raw))
-        if path is None:
+        sha, files = got
+        name = unquote(path_raw)
+        size = files.sizes().get(name)
+        if size is None:
             self._error(404, "EntryNotFound", "Entry not found")
             return
-        size = path.stat().st_size
+        tag = files.etag(name)
         headers = {
             "X-Repo-Commit": sha,
-            "ETag": f'"{self.server.etag(path)}"',
+            "ETag": f'"{tag}"',
             "X-Linked-Size": str(size),
-            "X-Linked-Etag": f'"{self.server.etag(path)}"',
             "Accept-Ranges": "bytes",
             "Content-Type": "application/octet-stream",
         }
@@ -329,11 +460,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(416, None, "Range Not Satisfiable", headers)
             return
         if span is None:
-            self._send_file(200, path, 0, size, headers, None)
+            self._send_file(200, files, name, 0, size, headers, None)
         else:
             start, end = span  # type: ignore[misc]
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
-            self._send_file(206, path, start, end - start + 1, headers, (start, end))
+            self._send_file(206, files, name, start, end - start + 1, headers, (start, end))
 
     def _parse_range(self, size: int) -> tuple[int, int] | str | None:
         header = self._range_header
@@ -362,17 +493,35 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.record(req)
         return req
 
+    def _write(self, data: bytes, req: Request, trickle: bool) -> None:
+        rate = self.server.trickle_rate if trickle else None
+        if rate:
+            for i in range(len(data)):
+                self.wfile.write(data[i:i + 1])
+                self.wfile.flush()
+                req.sent += 1
+                time.sleep(1.0 / rate)
+            return
+        link = self.server.link
+        if link is not None:
+            link.send(len(data))
+        self.wfile.write(data)
+        req.sent += len(data)
+
     def _json(self, value: object) -> None:
         body = json.dumps(value).encode()
         req = self._record(200, None)
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self._method != "HEAD":
-            self.wfile.write(body)
-            req.sent = len(body)
-        req.done = True
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self._method != "HEAD":
+                self._write(body, req, self.server.trickle_api)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        finally:
+            req.done = True
 
     def _error(self, status: int, code: str | None, message: str, extra: dict[str, str] | None = None) -> None:
         body = json.dumps({"error": message}).encode()
@@ -390,8 +539,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
         req.done = True
 
-    def _send_file(self, status: int, path: Path, start: int, length: int, headers: dict[str, str],
-                   span: tuple[int, int] | None) -> None:
+    def _send_file(self, status: int, files: RepoFiles, name: str, start: int, length: int,
+                   headers: dict[str, str], span: tuple[int, int] | None) -> None:
         req = self._record(status, span)
         try:
             self.send_response(status)
@@ -400,14 +549,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(length))
             self.end_headers()
             if self._method != "HEAD":
-                with path.open("rb") as f:
-                    f.seek(start)
-                    while req.sent < length:
-                        block = f.read(min(CHUNK, length - req.sent))
-                        if not block:
-                            break
-                        self.wfile.write(block)
-                        req.sent += len(block)
+                for block in files.chunks(name, start, length):
+                    self._write(block, req, True)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         finally:
@@ -416,10 +559,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 @contextmanager
 def serve(
-    repos: Mapping[str, Path | Mapping[str, Path]], ignore_range: bool = False, token: str | None = None
+    repos: Mapping[str, Path | RepoFiles | Mapping[str, Path | RepoFiles]], ignore_range: bool = False,
+    token: str | None = None, link: Link | None = None,
 ) -> Iterator[HubServer]:
     """Run a HubServer in a background thread for the duration of the block."""
-    server = HubServer(repos, ignore_range=ignore_range, token=token)
+    server = HubServer(repos, ignore_range=ignore_range, token=token, link=link)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:

@@ -28,10 +28,33 @@ def sample_row_ids(rows: int, cols: int, k: int = SAMPLE_ROWS) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(rows, size=k, replace=False))
 
 
+def sample_row_block(rows: int, cols: int, k: int = SAMPLE_ROWS) -> np.ndarray:
+    """The layer map's rows: k consecutive rows at a place seeded by the shape alone (every model of that shape
+    samples the same rows), so a remote model serves each tensor's sample with one ranged read."""
+    if rows <= k:
+        return np.arange(rows)
+    seed = int.from_bytes(hashlib.sha256(f"{rows}x{cols}".encode()).digest()[:8], "little")
+    start = int(np.random.default_rng(seed).integers(0, rows - k + 1))
+    return np.arange(start, start + k)
+
+
+def prefetch_samples(view: ModelView, slots: list[Slot], k: int = SAMPLE_ROWS) -> None:
+    """Announce the sampled rows of these slots, so a remote model fetches them all at once (local: nothing)."""
+    reads = []
+    for slot in slots:
+        part = view.parts[slot]
+        ids = sample_row_block(part.rows, part.cols, k)
+        if len(ids):
+            reads.append((part.name, part.row_start + int(ids[0]), part.row_start + int(ids[-1]) + 1))
+    prefetch = getattr(view.source, "prefetch", None)  # views over fingerprints have nothing to fetch
+    if prefetch is not None:
+        prefetch(reads)
+
+
 def slot_sample(view: ModelView, slot: Slot, k: int = SAMPLE_ROWS) -> np.ndarray:
     part = view.parts[slot]
-    ids = sample_row_ids(part.rows, part.cols, k)
-    return np.concatenate([view.read(slot, int(i), int(i) + 1) for i in ids]).ravel()
+    ids = sample_row_block(part.rows, part.cols, k)
+    return view.read(slot, int(ids[0]), int(ids[-1]) + 1).ravel() if len(ids) else np.zeros(0, np.float32)
 
 
 def _layer_roles(view: ModelView) -> dict[int, dict[str, Slot]]:
@@ -114,12 +137,15 @@ def _pair(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 
 
 def map_layers(suspect: ModelView, candidates: list[ModelView]) -> list[LayerMatch]:
-    s_samples = _samples(suspect, _layer_roles(suspect))
+    roles = [_layer_roles(v) for v in (suspect, *candidates)]
+    for v, r in zip((suspect, *candidates), roles, strict=True):  # remote models: every sample in flight at once
+        prefetch_samples(v, [slot for rmap in r.values() for slot in rmap.values()])
+    s_samples = _samples(suspect, roles[0])
     s_layers = sorted({layer for per in s_samples.values() for layer in per})
     # For each candidate: (suspect layers x candidate layers) median similarity and max difference over roles.
     per_cand: list[tuple[list[int], np.ndarray, np.ndarray, np.ndarray]] = []
-    for cand in candidates:
-        c_samples = _samples(cand, _layer_roles(cand))
+    for cand, c_roles in zip(candidates, roles[1:], strict=True):
+        c_samples = _samples(cand, c_roles)
         c_layers = sorted({layer for per in c_samples.values() for layer in per})
         si = {layer: k for k, layer in enumerate(s_layers)}
         ci = {layer: k for k, layer in enumerate(c_layers)}

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from modeltrace.cli import _human_bytes, err, guarded, out, print_json
+from modeltrace.cli import ConnectionsOpt, TimeoutOpt, _human_bytes, err, guarded, out, print_json, remote_limits
 from modeltrace.engine import RAY_ADDRESS_HELP
 from modeltrace.errors import InputError
 
@@ -46,6 +46,8 @@ def add_cmd(
     workers: Annotated[int | None, typer.Option(help="Processes fingerprinting in parallel.")] = None,
     allow_pickle: PickleOpt = False,
     json_out: JsonOpt = False,
+    timeout: TimeoutOpt = None,
+    connections: ConnectionsOpt = None,
 ) -> None:
     """Fingerprint models into the index. Re-adding an unchanged model does nothing.
 
@@ -60,6 +62,7 @@ def add_cmd(
 
     if name is not None and len(models) != 1:
         raise InputError("--name names one model; give exactly one MODEL with it")
+    remote_limits(timeout, connections)
     ix = _open(index, create=True)
     failed, rows = 0, []
     try:
@@ -154,6 +157,8 @@ def register(app: typer.Typer) -> None:
         allow_pickle: PickleOpt = False,
         fail_on_related: Annotated[bool, typer.Option("--fail-on-related", help="Exit 1 when an indexed model is "
                                                       "an ancestor (upload gate).")] = False,
+        timeout: TimeoutOpt = None,
+        connections: ConnectionsOpt = None,
     ) -> None:
         """Which indexed models is SUSPECT made from, and how? Ranks the index by evidence of ancestry and recovers
         the relation and recipe from fingerprints alone; `modeltrace audit` (command printed) confirms on weights.
@@ -163,6 +168,7 @@ def register(app: typer.Typer) -> None:
         from modeltrace.fingerprint import make_fingerprint
         from modeltrace.identify import identify
 
+        remote_limits(timeout, connections)
         with _open(index) as ix:
             fp = make_fingerprint(suspect, allow_pickle=allow_pickle)
             res = identify(fp, ix, top=top)
@@ -189,6 +195,8 @@ def register(app: typer.Typer) -> None:
         json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object per model (JSON lines).")]
         = False,
         allow_pickle: PickleOpt = False,
+        timeout: TimeoutOpt = None,
+        connections: ConnectionsOpt = None,
     ) -> None:
         """Fingerprint and screen many models in parallel (local processes, or Ray tasks with --ray).
 
@@ -207,6 +215,7 @@ def register(app: typer.Typer) -> None:
         address, list_or_dir = split_address(targets or [], ray, "scan takes one LIST_OR_DIR: a list file, a "
                                              "folder of models, or one model (preceded by a Ray ADDRESS only "
                                              "with --ray)")
+        remote_limits(timeout, connections)
         specs = expand(list_or_dir)
         failed = 0
         with _open(index, create=add) as ix:

@@ -14,7 +14,7 @@ import math
 import threading
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -156,6 +156,17 @@ class Source(ABC):
         """Stored bytes of rows [start, stop) as a read-only uint8 array without a copy, valid inside the block;
         None where the storage cannot be mapped (remote, pickles, GGUF): callers then use `read_rows`."""
         yield None
+
+    def prefetch(self, reads: Iterable[tuple[str, int, int]]) -> None:  # noqa: B027 - optional hook
+        """Announce row ranges (tensor name, start, stop) that will be read soon with `read_rows`. Remote sources
+        fetch them now, nearby rows coalesced into few large requests, many in flight, and serve the later reads
+        from memory (bounded); local sources ignore the hint. Unknown names and empty ranges are ignored."""
+
+    def read_many(self, reads: list[tuple[str, int, int]]) -> list[np.ndarray]:
+        """Several row ranges at once (tensor name, start, stop), in order: one batch of requests for remote
+        sources instead of one request per range, one after another."""
+        self.prefetch(reads)
+        return [self.read_rows(n, a, b) for n, a, b in reads]
 
     def info(self, name: str) -> TensorInfo:
         try:

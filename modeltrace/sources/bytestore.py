@@ -11,7 +11,7 @@ import mmap
 import os
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,6 +23,8 @@ class ByteStore(ABC):
     location: str
     #: whether `mapped` gives the bytes in place (local files) rather than None
     can_map: bool = False
+    #: how many reads are worth running at once (remote stores: their connections; local: 1, reads are fast)
+    parallel: int = 1
 
     def __init__(self, stats: ReadStats) -> None:
         self.stats = stats
@@ -46,6 +48,10 @@ class ByteStore(ABC):
         """The bytes at [offset, offset + length) without copying them, valid inside the block; None when this
         store cannot map (remote stores). Callers fall back to `read_transient`."""
         yield None
+
+    def prefetch(self, spans: Iterable[tuple[str, int, int]]) -> None:  # noqa: B027 - optional hook
+        """Hint: these (file, offset, length) spans will be read soon. Remote stores fetch them now, coalesced and
+        many at a time, and serve the later `read` calls from memory; local stores ignore it (their fast path)."""
 
     def exists(self, name: str) -> bool:
         return any(f.name == name for f in self.list_files())

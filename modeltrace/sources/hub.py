@@ -1,17 +1,19 @@
 """Hugging Face Hub repositories (`hf://owner/name[@revision]`) read lazily with HTTP Range requests.
 
 Only the bytes asked for are fetched: the file listing comes from the Hub API (one request), safetensors headers from
-two small ranged reads per weight file, and tensor rows from one ranged read each. Header reads and small metadata
-files are cached on disk per commit, so a second open of the same revision makes no header requests. Reads are
-pinned to the commit sha the listing returned. A server that ignores `Range` is never read whole.
+two small ranged reads per weight file (all shards at once), and tensor rows from ranged reads. Header reads and
+small metadata files are cached on disk per commit, so a second open of the same revision makes no header requests.
+The revision is resolved once, by the listing, to a commit; every read is pinned to it and every answer is checked
+against the listing (commit, ETag = LFS SHA-256 or git blob id, size) by `remote.PinnedFiles`, which also holds the
+per-request deadline, the run's time and byte budgets and the retry policy. Reads a caller announces with
+`prefetch` are coalesced and fetched many at a time (`planner.Prefetcher`). A server that ignores `Range` is never
+read whole.
 
 huggingface_hub supplies the endpoint, token, offline switch, resolve URLs and its HTTP session, so `HF_ENDPOINT`,
 `HF_TOKEN` and `HF_HUB_OFFLINE` behave as they do for the library. `HF_ENDPOINT` and `HF_HUB_OFFLINE` are also read
 at call time (the library reads them once, at import).
 
-Environment:
-    MODELTRACE_HTTP_TIMEOUT  seconds: `READ` or `CONNECT,READ` (default 10,30)
-    MODELTRACE_HTTP_RETRIES  attempts per request on connection errors, timeouts, 408/429/5xx (default 3)
+Environment: the limits in remote.py, and
     MODELTRACE_CACHE         cache root (default ~/.cache/modeltrace); headers live under `headers/`
 """
 
@@ -21,8 +23,10 @@ import hashlib
 import os
 import re
 import tempfile
-import time
+import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import httpx2
@@ -38,18 +42,15 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import build_hf_headers, get_session
 
 from modeltrace.errors import InputError, RemoteError
+from modeltrace.sources import remote
 from modeltrace.sources.base import FileInfo, ReadStats, Source
 from modeltrace.sources.bytestore import ByteStore
+from modeltrace.sources.planner import Prefetcher
+from modeltrace.sources.remote import RETRY_EXCEPTIONS, RETRY_STATUS, describe_exc, status_error
+
+__all__ = ["HubStore", "open_hub", "parse_spec", "cache_root", "sample_for_budget"]
 
 DEFAULT_REVISION = "main"
-DEFAULT_CONNECT_TIMEOUT = 10.0
-DEFAULT_READ_TIMEOUT = 30.0
-DEFAULT_TRIES = 3
-#: First back-off wait in seconds; doubles after each failed attempt (capped at MAX_BACKOFF).
-BACKOFF_BASE = 0.5
-MAX_BACKOFF = 8.0
-RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-RETRY_EXCEPTIONS = (httpx2.TimeoutException, httpx2.NetworkError, httpx2.RemoteProtocolError)
 
 #: Cached on disk per commit: safetensors header reads (the 8-byte length prefix at offset 0, the JSON header at
 #: offset 8) and whole small metadata files (config, tokenizer, card, index), all read from offset 0. Weight data,
@@ -57,14 +58,12 @@ RETRY_EXCEPTIONS = (httpx2.TimeoutException, httpx2.NetworkError, httpx2.RemoteP
 MAX_CACHED_READ = 100 * 1024 * 1024
 MAX_CACHED_PREFIX = 64 * 1024
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack", ".onnx")
-#: A server that answers a Range request with the whole file (200) is read only up to this many bytes.
-MAX_UNRANGED_PREFIX = 8 * 1024 * 1024
-STREAM_CHUNK = 1024 * 1024
 
 _SEGMENT = r"[A-Za-z0-9_.\-]{1,96}"
 _REPO_RE = re.compile(rf"^(?:{_SEGMENT}/)?{_SEGMENT}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
-_CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_HEX_RE = re.compile(r"^[0-9a-f]{40}$|^[0-9a-f]{64}$")
+T = TypeVar("T")
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -97,31 +96,6 @@ def _offline() -> bool:
     return constants.is_offline_mode()
 
 
-def _timeout() -> httpx2.Timeout:
-    raw = os.environ.get("MODELTRACE_HTTP_TIMEOUT", "").strip()
-    connect, read = DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT
-    if raw:
-        try:
-            parts = [float(p) for p in raw.split(",")]
-        except ValueError:
-            raise InputError(f"MODELTRACE_HTTP_TIMEOUT={raw!r}: expected seconds, e.g. 30 or 10,30") from None
-        if len(parts) not in (1, 2) or any(p <= 0 for p in parts):
-            raise InputError(f"MODELTRACE_HTTP_TIMEOUT={raw!r}: expected seconds, e.g. 30 or 10,30")
-        connect, read = (min(parts[0], DEFAULT_CONNECT_TIMEOUT), parts[0]) if len(parts) == 1 else parts
-    return httpx2.Timeout(read, connect=connect)
-
-
-def _tries() -> int:
-    raw = os.environ.get("MODELTRACE_HTTP_RETRIES", "").strip()
-    if not raw:
-        return DEFAULT_TRIES
-    try:
-        n = int(raw)
-    except ValueError:
-        raise InputError(f"MODELTRACE_HTTP_RETRIES={raw!r}: expected a whole number of attempts") from None
-    return max(1, n)
-
-
 def _version() -> str:
     try:
         from importlib.metadata import version
@@ -136,37 +110,30 @@ def cache_root() -> Path:
     return Path(raw).expanduser() if raw else Path.home() / ".cache" / "modeltrace"
 
 
-def _describe_exc(exc: BaseException) -> str:
-    if isinstance(exc, httpx2.ConnectTimeout):
-        return "connection timed out"
-    if isinstance(exc, httpx2.TimeoutException):
-        return "no answer before the timeout"
-    if isinstance(exc, httpx2.ConnectError):
-        text = str(exc).lower()
-        if "refused" in text:
-            return "connection refused"
-        if "name" in text or "resolve" in text or "nodename" in text:
-            return "host name not found"
-        return "cannot connect"
-    if isinstance(exc, httpx2.RemoteProtocolError):
-        return "server closed the connection or spoke invalid HTTP"
-    if isinstance(exc, httpx2.NetworkError):
-        return "network error"
-    return type(exc).__name__
+def _time_boxed(fn: Callable[[], T], limit: float, on_timeout: Callable[[], Exception]) -> T:
+    """Run `fn` on a daemon thread and give up after `limit` seconds (a listing a server trickles cannot hang the
+    run; the abandoned thread ends with its read timeout and never blocks the exit)."""
+    box: list = []
 
-
-def _sleep_before_retry(attempt: int, retry_after: str | None) -> None:
-    wait = min(MAX_BACKOFF, BACKOFF_BASE * (2**attempt))
-    if retry_after:
+    def run() -> None:
         try:
-            wait = min(MAX_BACKOFF * 4, max(wait, float(retry_after)))
-        except ValueError:
-            pass
-    time.sleep(wait)
+            box.append((True, fn()))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            box.append((False, exc))
+
+    t = threading.Thread(target=run, daemon=True, name="modeltrace-listing")
+    t.start()
+    t.join(limit)
+    if not box:
+        raise on_timeout()
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
 
 
 class HubStore(ByteStore):
-    """The files of one Hub repository at one revision, read with HTTP Range requests."""
+    """The files of one Hub repository at one commit, read with checked HTTP Range requests."""
 
     def __init__(self, repo_id: str, revision: str = DEFAULT_REVISION, stats: ReadStats | None = None) -> None:
         super().__init__(stats or ReadStats())
@@ -174,8 +141,8 @@ class HubStore(ByteStore):
         self.revision = revision
         self.endpoint = _endpoint()
         self.location = f"hf://{repo_id}" + ("" if revision == DEFAULT_REVISION else f"@{revision}")
-        self.timeout = _timeout()
-        self.tries = _tries()
+        self.cfg = remote.settings()
+        self.parallel = self.cfg.connections
         self.cache_hits = 0
         if _offline():
             raise RemoteError(f"{self.location}: HF_HUB_OFFLINE is set; cannot read a Hub repository offline")
@@ -184,17 +151,46 @@ class HubStore(ByteStore):
         self.sha: str | None = None
         self._files: dict[str, int | None] = {}
         self.lfs_sha256: dict[str, str] = {}
+        self._blob_ids: dict[str, str] = {}
         self._list()
+        etags = {**self._blob_ids, **self.lfs_sha256}
+        self.pinned = remote.PinnedFiles(self.location, self.endpoint, revision, self.sha or "", self.url,
+                                         self._headers, self._files, etags, self.stats)
+        self.prefetcher = Prefetcher(self._fetch, self.cfg.connections)
+
+    @property  # type: ignore[override]
+    def stats(self) -> ReadStats:
+        return self._stats
+
+    @stats.setter
+    def stats(self, value: ReadStats) -> None:  # SafetensorsSource hands its own ReadStats to the store
+        self._stats = value
+        if getattr(self, "pinned", None) is not None:
+            self.pinned.stats = value
 
     # ---- listing -------------------------------------------------------------------------------------------
     def _list(self) -> None:
         api = HfApi(endpoint=self.endpoint)
+        cfg = self.cfg
         info = None
-        for attempt in range(self.tries):
+
+        def out_of_time() -> RemoteError:
+            return RemoteError(f"{self.location}: the run's time budget ({cfg.timeout:g} s, --timeout) ran out "
+                               "while listing files")
+
+        for attempt in range(cfg.tries):
+            left = remote.run_deadline_left(cfg)
+            if left is not None and left <= 0:
+                raise out_of_time()
+            limit = cfg.request_limit(1 << 20) if left is None else min(cfg.request_limit(1 << 20), left)
+            timeout = httpx2.Timeout(min(cfg.read_timeout, limit), connect=min(cfg.connect_timeout, limit))
+
+            def slow() -> Exception:
+                return httpx2.ReadTimeout("listing took too long")
+
             try:
-                info = api.model_info(
-                    self.repo_id, revision=self.revision, files_metadata=True, timeout=self.timeout  # type: ignore[arg-type]
-                )
+                info = _time_boxed(lambda t=timeout: api.model_info(  # type: ignore[misc]
+                    self.repo_id, revision=self.revision, files_metadata=True, timeout=t), limit, slow)
                 break
             except OfflineModeIsEnabled:
                 raise RemoteError(
@@ -204,14 +200,15 @@ class HubStore(ByteStore):
                 raise self._api_error(exc) from None
             except HfHubHTTPError as exc:
                 status = exc.response.status_code if exc.response is not None else 0
-                if status not in RETRY_STATUS or attempt + 1 >= self.tries:
+                if status not in RETRY_STATUS or attempt + 1 >= cfg.tries:
                     raise self._status_error(status, None, "listing files") from None
                 resp = exc.response
-                _sleep_before_retry(attempt, resp.headers.get("Retry-After") if resp is not None else None)
+                remote.sleep_before_retry(attempt, resp.headers.get("Retry-After") if resp is not None else None,
+                                          cfg, out_of_time)
             except RETRY_EXCEPTIONS as exc:
-                if attempt + 1 >= self.tries:
+                if attempt + 1 >= cfg.tries:
                     raise self._network_error(exc) from None
-                _sleep_before_retry(attempt, None)
+                remote.sleep_before_retry(attempt, None, cfg, out_of_time)
             except (httpx2.HTTPError, ValueError, KeyError, TypeError) as exc:
                 raise RemoteError(
                     f"{self.location}: unexpected answer from {self.endpoint} while listing files "
@@ -219,11 +216,23 @@ class HubStore(ByteStore):
                 ) from None
         assert info is not None
         self.sha = info.sha if isinstance(info.sha, str) and _SHA_RE.match(info.sha) else None
+        if self.sha is None:
+            if not _SHA_RE.match(self.revision):
+                raise RemoteError(f"{self.location}: {self.endpoint} did not resolve revision {self.revision!r} to "
+                                  "a commit; refusing to read files that could change under us")
+            self.sha = self.revision
         for s in info.siblings or []:
             self._files[s.rfilename] = s.size if isinstance(s.size, int) and s.size >= 0 else None
-            lfs_sha = getattr(getattr(s, "lfs", None), "sha256", None)
+            lfs = getattr(s, "lfs", None)
+            lfs_sha = getattr(lfs, "sha256", None)
             if isinstance(lfs_sha, str) and re.fullmatch(r"[0-9a-f]{64}", lfs_sha):
                 self.lfs_sha256[s.rfilename] = lfs_sha  # the Hub's own content hash: file evidence for free
+                lfs_size = getattr(lfs, "size", None)
+                if isinstance(lfs_size, int) and lfs_size >= 0:
+                    self._files[s.rfilename] = lfs_size
+            blob = getattr(s, "blob_id", None)
+            if isinstance(blob, str) and _HEX_RE.match(blob):
+                self._blob_ids[s.rfilename] = blob
 
     def _api_error(self, exc: HfHubHTTPError) -> RemoteError:
         status = exc.response.status_code if exc.response is not None else 0
@@ -242,25 +251,10 @@ class HubStore(ByteStore):
         return RemoteError(f"{self.location}: repository not found {at}")
 
     def _status_error(self, status: int, error_code: str | None, what: str) -> RemoteError:
-        at = f"({status}) at {self.endpoint}"
-        if error_code == "RepoNotFound":
-            return RemoteError(f"{self.location}: repository not found {at}")
-        if error_code == "RevisionNotFound":
-            return RemoteError(f"{self.location}: revision {self.revision!r} not found {at}")
-        if error_code == "EntryNotFound" or status == 404:
-            return RemoteError(f"{self.location}: {what}: not found {at}")
-        if error_code == "GatedRepo":
-            return RemoteError(f"{self.location}: gated repository; accept its terms and set HF_TOKEN {at}")
-        if status in (401, 403):
-            return RemoteError(
-                f"{self.location}: {what}: access denied {at}; if the repository is private, set HF_TOKEN"
-            )
-        if status == 429:
-            return RemoteError(f"{self.location}: {what}: rate limited {at}; retry later or set HF_TOKEN")
-        return RemoteError(f"{self.location}: {what}: HTTP error {at}")
+        return status_error(self.location, self.endpoint, self.revision, status, error_code, what)
 
     def _network_error(self, exc: BaseException) -> RemoteError:
-        return RemoteError(f"{self.location}: cannot reach {self.endpoint} ({_describe_exc(exc)})")
+        return RemoteError(f"{self.location}: cannot reach {self.endpoint} ({describe_exc(exc)})")
 
     def list_files(self) -> list[FileInfo]:
         return [FileInfo(name, self.size(name)) for name in sorted(self._files)]
@@ -283,21 +277,36 @@ class HubStore(ByteStore):
     def _head_size(self, name: str) -> int:
         """File size when the listing did not give one (servers without `blobs=True` metadata)."""
         headers = {**self._headers, "Accept-Encoding": "identity"}
-        for attempt in range(self.tries):
+        cfg = self.cfg
+
+        def out_of_time() -> RemoteError:
+            return RemoteError(f"{self.location}: the run's time budget ({cfg.timeout:g} s, --timeout) ran out "
+                               f"while asking the size of {name}")
+
+        for attempt in range(cfg.tries):
+            left = remote.run_deadline_left(cfg)
+            if left is not None and left <= 0:
+                raise out_of_time()
+            limit = cfg.read_timeout if left is None else min(cfg.read_timeout, left)
+            timeout = httpx2.Timeout(limit, connect=min(cfg.connect_timeout, limit))
             try:
-                r = get_session().head(self.url(name), headers=headers, timeout=self.timeout, follow_redirects=False)
+                r = get_session().head(self.url(name), headers=headers, timeout=timeout, follow_redirects=False)
             except OfflineModeIsEnabled:
                 raise RemoteError(f"{self.location}: HF_HUB_OFFLINE is set") from None
             except RETRY_EXCEPTIONS as exc:
-                if attempt + 1 >= self.tries:
+                if attempt + 1 >= cfg.tries:
                     raise self._network_error(exc) from None
-                _sleep_before_retry(attempt, None)
+                remote.sleep_before_retry(attempt, None, cfg, out_of_time)
                 continue
-            if r.status_code in RETRY_STATUS and attempt + 1 < self.tries:
-                _sleep_before_retry(attempt, r.headers.get("Retry-After"))
+            if r.status_code in RETRY_STATUS and attempt + 1 < cfg.tries:
+                remote.sleep_before_retry(attempt, r.headers.get("Retry-After"), cfg, out_of_time)
                 continue
             if r.status_code >= 400:
                 raise self._status_error(r.status_code, r.headers.get("X-Error-Code"), name)
+            commit = r.headers.get("X-Repo-Commit")
+            if commit and self.sha and commit.strip() != self.sha:
+                raise RemoteError(f"{self.location}: {name} changed while being read (served from commit "
+                                  f"{commit.strip()[:12]}, pinned {self.sha[:12]}); re-run")
             for key in ("X-Linked-Size", "Content-Length"):
                 value = r.headers.get(key)
                 if value and value.isdigit():
@@ -314,6 +323,9 @@ class HubStore(ByteStore):
         size = self._files.get(name)
         if size is not None and offset + length > size:
             raise InputError(f"{self.location}: {name} is truncated (wanted bytes up to {offset + length})")
+        planned = self.prefetcher.take(name, offset, length)
+        if planned is not None:
+            return planned
         cache = self._cache_path(name, offset, length)
         if cache is not None:
             try:
@@ -325,11 +337,22 @@ class HubStore(ByteStore):
                 self.stats.digest(name, offset, data)
                 return data
         data = self._fetch(name, offset, length)
-        self.stats.add(name, offset, length)
-        self.stats.digest(name, offset, data)
         if cache is not None:
             _write_atomic(cache, data)
         return data
+
+    def prefetch(self, spans: Iterable[tuple[str, int, int]]) -> None:
+        """Fetch these (file, offset, length) spans ahead, coalesced, many at a time; `read` serves them."""
+        ok = []
+        for name, off, n in spans:
+            size = self._files.get(name)
+            if n > 0 and off >= 0 and name in self._files and (size is None or off + n <= size):
+                ok.append((name, off, n))
+        if ok:
+            self.prefetcher.add(ok)
+
+    def _fetch(self, name: str, offset: int, length: int) -> bytes:
+        return self.pinned.fetch(name, offset, length)
 
     def _cache_path(self, name: str, offset: int, length: int) -> Path | None:
         if length > MAX_CACHED_READ:
@@ -340,82 +363,15 @@ class HubStore(ByteStore):
         elif offset != 8:
             return None
         # Pinned content only: a branch name moves, a commit id does not.
-        commit = self.sha or (self.revision if _SHA_RE.match(self.revision) else None)
+        commit = self.sha
         if commit is None:
             return None
         key = "\n".join([self.endpoint, self.repo_id, commit, name, str(offset), str(length)])
         digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
         return cache_root() / "headers" / digest[:2] / digest
 
-    def _fetch(self, name: str, offset: int, length: int) -> bytes:
-        url = self.url(name)
-        end = offset + length - 1
-        headers = {**self._headers, "Range": f"bytes={offset}-{end}", "Accept-Encoding": "identity"}
-        what = f"{name} bytes {offset}-{end}"
-        for attempt in range(self.tries):
-            retry_after: str | None = None
-            try:
-                with get_session().stream("GET", url, headers=headers, timeout=self.timeout) as r:
-                    if r.status_code in RETRY_STATUS and attempt + 1 < self.tries:
-                        retry_after = r.headers.get("Retry-After")
-                    elif r.status_code == 206:
-                        return self._read_partial(r, name, offset, length)
-                    elif r.status_code == 200:
-                        return self._read_prefix(r, name, offset, length)
-                    elif r.status_code == 416:
-                        raise InputError(
-                            f"{self.location}: {name} is truncated (wanted bytes up to {offset + length})"
-                        )
-                    else:
-                        raise self._status_error(r.status_code, r.headers.get("X-Error-Code"), name)
-            except OfflineModeIsEnabled:
-                raise RemoteError(f"{self.location}: HF_HUB_OFFLINE is set; cannot read {name}") from None
-            except RETRY_EXCEPTIONS as exc:
-                if attempt + 1 >= self.tries:
-                    raise RemoteError(
-                        f"{self.location}: reading {what}: cannot reach {self.endpoint} ({_describe_exc(exc)})"
-                    ) from None
-            except httpx2.HTTPError as exc:
-                raise RemoteError(f"{self.location}: reading {what}: {type(exc).__name__}") from None
-            _sleep_before_retry(attempt, retry_after)
-        raise RemoteError(f"{self.location}: reading {what}: no answer after {self.tries} attempts")
-
-    def _read_partial(self, r: httpx2.Response, name: str, offset: int, length: int) -> bytes:
-        cr = _CONTENT_RANGE_RE.match(r.headers.get("Content-Range", "").strip())
-        end = offset + length - 1
-        if cr is None:
-            raise RemoteError(f"{self.location}: {name}: 206 answer without a valid Content-Range from {self.endpoint}")
-        got_start, got_end = int(cr.group(1)), int(cr.group(2))
-        if got_start != offset or got_end > end:
-            raise RemoteError(
-                f"{self.location}: {name}: asked for bytes {offset}-{end}, server sent {got_start}-{got_end}"
-            )
-        if got_end < end:
-            raise InputError(f"{self.location}: {name} is truncated (wanted bytes up to {offset + length})")
-        return self._collect(r, name, 0, length)
-
-    def _read_prefix(self, r: httpx2.Response, name: str, offset: int, length: int) -> bytes:
-        """The server ignored Range and sent the whole file: read only the prefix we need, if it is small."""
-        if offset + length > MAX_UNRANGED_PREFIX:
-            raise RemoteError(
-                f"{self.location}: {self.endpoint} ignored the Range request for {name} (HTTP 200, whole file); "
-                "refusing to download the whole file"
-            )
-        return self._collect(r, name, offset, length)
-
-    def _collect(self, r: httpx2.Response, name: str, skip: int, length: int) -> bytes:
-        buf = bytearray()
-        want = skip + length
-        for chunk in r.iter_bytes(STREAM_CHUNK):
-            need = want - len(buf)
-            buf += chunk[:need]
-            if len(buf) >= want:
-                break  # leaving the `with` closes the connection; the rest is never read
-        if len(buf) < want:
-            raise RemoteError(
-                f"{self.location}: {name}: the server sent {max(0, len(buf) - skip)} of {length} bytes"
-            )
-        return bytes(buf[skip:want])
+    def close(self) -> None:
+        self.prefetcher.clear()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -435,6 +391,37 @@ def _write_atomic(path: Path, data: bytes) -> None:
             raise
     except OSError:
         pass
+
+
+def sample_for_budget(specs: list[str], budget: int, share: float = 0.5) -> float | None:
+    """The fraction of rows (`--sample`) that keeps an audit of `specs` within `budget` remote bytes: the sampled
+    rows of every matrix (at least one row each) and every vector in full fit in `share` of the budget; the rest
+    is left for headers, the layer map and the gaps that coalesced requests carry. None when nothing is remote or
+    everything fits. The headers read here are cached on disk, so the audit does not read them again."""
+    shapes: list[tuple[int, int]] = []  # (rows, bytes per row) of every remote tensor; vectors as one row
+    for spec in [s for s in specs if str(s).startswith("hf://")]:
+        src = open_hub(spec)
+        try:
+            for t in src.tensors().values():
+                rows = t.rows if len(t.shape) >= 2 else 1
+                shapes.append((rows, t.nbytes // max(1, rows)))
+        finally:
+            src.close()
+    total = sum(r * b for r, b in shapes)
+    if total == 0 or total <= budget * share:
+        return None
+
+    def cost(frac: float) -> int:
+        return sum(b * (r if r == 1 else max(1, round(r * frac))) for r, b in shapes)
+
+    if cost(1e-9) > budget * share:
+        raise InputError(f"--budget {budget} bytes cannot hold one row of every remote tensor "
+                         f"({cost(1e-9)} bytes at least, within half the budget); raise it")
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cost(mid) <= budget * share else (lo, mid)
+    return max(lo, 1e-9)
 
 
 def open_hub(spec: str) -> Source:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
@@ -60,8 +61,7 @@ class SafetensorsSource(Source):
         if self._tensors is None:
             sizes = {f.name: f.size for f in self._files}
             out: dict[str, TensorInfo] = {}
-            for wf in self.weight_files:
-                ts, meta = fmt.parse_header(self.store, wf, sizes.get(wf))
+            for wf, (ts, meta) in zip(self.weight_files, self._headers(sizes), strict=True):
                 self.metadata[wf] = meta
                 for name, info in ts.items():
                     if name in out:
@@ -76,6 +76,28 @@ class SafetensorsSource(Source):
                         raise InputError(f"{self.location}: {INDEX_NAME} lists {name} in {shard}, found in {got.file}")
             self._tensors = out
         return self._tensors
+
+    def _headers(self, sizes: dict[str, int]) -> list[tuple[dict[str, TensorInfo], dict]]:
+        """Every shard's header; all at once on stores that read in parallel (remote), in order otherwise."""
+        n = min(self.store.parallel, len(self.weight_files))
+        if n <= 1:
+            return [fmt.parse_header(self.store, wf, sizes.get(wf)) for wf in self.weight_files]
+        with ThreadPoolExecutor(max_workers=n, thread_name_prefix="modeltrace-headers") as pool:
+            return list(pool.map(lambda wf: fmt.parse_header(self.store, wf, sizes.get(wf)), self.weight_files))
+
+    def prefetch(self, reads: Iterable[tuple[str, int, int]]) -> None:
+        if self.store.parallel <= 1:
+            return
+        tensors = self.tensors()
+        spans = []
+        for name, start, stop in reads:
+            info = tensors.get(name)
+            if info is None:
+                continue
+            stop = min(stop, info.rows)
+            if 0 <= start < stop:
+                spans.append((info.file, *fmt.row_span(info, start, stop)))
+        self.store.prefetch(spans)
 
     def _read_rows(self, info: TensorInfo, start: int, stop: int) -> np.ndarray:
         return fmt.read_rows(self.store, info, start, stop)

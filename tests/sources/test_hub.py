@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hubserver import HubServer, commit_sha, serve  # noqa: E402
 
 from modeltrace.errors import InputError, RemoteError  # noqa: E402
-from modeltrace.sources import hub, open_source  # noqa: E402
+from modeltrace.sources import open_source, remote  # noqa: E402
 from modeltrace.sources.hub import HubStore, open_hub, parse_spec  # noqa: E402
 
 README = "---\nlicense: apache-2.0\nbase_model: org/base\n---\n# tiny\n"
@@ -65,7 +65,11 @@ def hub_env(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
-    monkeypatch.setattr(hub, "BACKOFF_BASE", 0.01)
+    for var in ("MODELTRACE_TIMEOUT", "MODELTRACE_DEADLINE", "MODELTRACE_BUDGET", "MODELTRACE_CONNECTIONS"):
+        monkeypatch.setenv(var, "")  # recorded, so limits a test's command sets are removed after it
+        monkeypatch.delenv(var)
+    monkeypatch.setattr(remote, "BACKOFF_BASE", 0.01)
+    remote.reset_run()
     return tmp_path
 
 
