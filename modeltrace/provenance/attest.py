@@ -226,8 +226,9 @@ def sign_keyless(doc: dict[str, Any]) -> dict[str, Any]:  # pragma: no cover - n
         from sigstore.oidc import Issuer
         from sigstore.sign import SigningContext
 
-        ctx = SigningContext.from_trust_config(ClientTrustConfig.production())
-        token = Issuer.production().identity_token()
+        trust = ClientTrustConfig.production()
+        ctx = SigningContext.from_trust_config(trust)
+        token = Issuer(trust.signing_config.get_oidc_url()).identity_token()
         with ctx.signer(token) as s:
             bundle = s.sign_dsse(dsse.Statement(payload_bytes(doc)))
         return json.loads(bundle.to_json())
