@@ -80,16 +80,22 @@ def add_cmd(
             rows.append({"model": spec, "ok": True, "status": got.status, "name": got.name,
                          "fingerprint_bytes": len(blob), "bytes_read": fp.bytes_read,
                          "total_bytes": fp.model.get("total_bytes"), "seconds": round(seconds, 3)})
-            if digest and got.status != "duplicate":
+            if digest:
                 from modeltrace.commands.provenance import digest_model
-                from modeltrace.index.digests import store
+                from modeltrace.index.digests import digest_of, store
 
                 cd = digest_model(spec, allow_pickle)
-                store(ix, got.name, cd)
                 rows[-1]["content_digest"] = cd.model_id
+                if got.status != "duplicate":
+                    store(ix, got.name, cd)
+                elif (known := digest_of(ix, got.name)) is not None and known.model != cd.model:
+                    rows[-1]["status"] = "not-added"
+                    err.print(f"warning: {spec} has the fingerprint of indexed {got.name} but other content "
+                              f"({cd.model_id[:21]}… vs {known.model_id[:21]}…); not added (the index keys "
+                              "entries by fingerprint)", markup=False, highlight=False, soft_wrap=True)
             if not json_out:
                 what = {"added": "added", "updated": "updated", "unchanged": "unchanged, already indexed",
-                        "duplicate": "same content already indexed as"}[got.status]
+                        "duplicate": "same sampled values as indexed"}[got.status]
                 out.print(f"{what} {got.name}  (fingerprint {_human_bytes(len(blob))}, "
                           f"{_share(fp.bytes_read, fp.model.get('total_bytes'))}, {seconds:.1f} s)"
                           + (f"  {rows[-1]['content_digest']}" if "content_digest" in rows[-1] else ""),

@@ -148,48 +148,65 @@ def _finish(tensors: list[TensorDigest], nbytes: int, seconds: float, files: dic
 
 
 # ---- hashing ------------------------------------------------------------------------------------------------------
-class _ValueForms:
-    """Hashers of a float tensor's values in every narrower canonical form that still holds all of them."""
+def _narrow(vals: np.ndarray, form: str) -> np.ndarray | None:
+    """`vals` (float32 or float64) in `form` as little-endian bytes-like, or None when a value does not fit."""
+    if form == "F32":
+        f32 = vals.astype(np.float32)
+        return f32 if _same_bits(f32.astype(np.float64), vals) else None
+    if vals.dtype == np.float64:
+        vals = _narrow(vals, "F32")
+        if vals is None:
+            return None
+    if form == "BF16":  # exact iff the low half of every float32 is zero; the value is then the high half
+        halves = vals.view("<u2").reshape(-1, 2)
+        return None if halves[:, 0].any() else np.ascontiguousarray(halves[:, 1])
+    f16 = vals.astype(np.float16)
+    return f16 if _same_bits(f16.astype(np.float32), vals) else None
 
-    def __init__(self, dtype: str) -> None:
+
+class _ValueForm:
+    """The canonical value form of a float tensor, found in one pass in the common cases.
+
+    Candidates are tried narrowest first (BF16, F16, F32 below the stored type); only the current one is hashed. A
+    candidate that fails on the first window gives way to the next on the same window; one that fails later (the
+    tensor's first windows fit, a later one does not) leaves `restart` set: the caller re-reads the tensor for the
+    remaining candidates. None left: the stored form is canonical."""
+
+    def __init__(self, dtype: str, candidates: tuple[str, ...]) -> None:
         self.dtype = dtype
-        top = "BF16" if dtype in _F8 else dtype
-        self.alive = {f: blake3.blake3() for f in VALUE_FORMS[:VALUE_FORMS.index(top)]}
+        self.candidates = list(candidates)
+        self.hasher = blake3.blake3()
+        self.fed = False
+        self.restart = False
+
+    @staticmethod
+    def for_dtype(dtype: str) -> _ValueForm | None:
         if dtype in _F8:
-            self.alive["BF16"] = blake3.blake3()
+            return _ValueForm(dtype, ("BF16",))
+        if dtype in VALUE_FORMS and dtype != "BF16":
+            return _ValueForm(dtype, VALUE_FORMS[:VALUE_FORMS.index(dtype)])
+        return None
 
     def update(self, raw: np.ndarray) -> None:
-        if not self.alive:
+        if self.restart or not self.candidates:
             return
         vals = raw.view(SAFETENSORS_DTYPES[self.dtype])
-        if "F32" in self.alive:  # F64 source
-            f32 = vals.astype(np.float32)
-            if _same_bits(f32.astype(np.float64), vals):
-                self.alive["F32"].update(f32.astype("<f4").tobytes())
-            else:
-                self.alive.clear()
-                return
-            vals = f32
-        elif self.dtype != "F32":
+        if vals.dtype not in (np.float32, np.float64):
             vals = vals.astype(np.float32)  # F16, F8: exact
-        u32 = vals.view(np.uint32)
-        if "BF16" in self.alive:
-            if not (u32 & 0xFFFF).any():
-                self.alive["BF16"].update((u32 >> 16).astype("<u2").tobytes())
-            else:
-                del self.alive["BF16"]
-        if "F16" in self.alive:
-            f16 = vals.astype(np.float16)
-            if _same_bits(f16.astype(np.float32), vals):
-                self.alive["F16"].update(f16.astype("<f2").tobytes())
-            else:
-                del self.alive["F16"]
+        while self.candidates:
+            narrow = _narrow(vals, self.candidates[0])
+            if narrow is not None:
+                self.hasher.update(narrow.view(np.uint8))
+                self.fed = True
+                return
+            if self.fed:
+                self.restart = True
+                self.candidates.pop(0)
+                return
+            self.candidates.pop(0)
 
     def result(self) -> tuple[str, str] | None:
-        for f in VALUE_FORMS:
-            if f in self.alive:
-                return f, self.alive[f].hexdigest()
-        return None
+        return (self.candidates[0], self.hasher.hexdigest()) if self.candidates and not self.restart else None
 
 
 def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
@@ -221,13 +238,13 @@ def _each_window(source: Source, info: TensorInfo, fn: Callable[[np.ndarray], No
 
 def _digest_tensor(source: Source, info: TensorInfo, progress: Callable[[int], None] | None) -> TensorDigest:
     h = blake3.blake3()
-    forms = _ValueForms(info.dtype) if info.dtype in VALUE_FORMS or info.dtype in _F8 else None
+    form = _ValueForm.for_dtype(info.dtype)
     seen = [0]
 
     def feed(win: np.ndarray) -> None:
         h.update(win)
-        if forms is not None and info.dtype != "BF16":
-            forms.update(win)
+        if form is not None:
+            form.update(win)
         seen[0] += win.nbytes
         if progress is not None:
             progress(win.nbytes)
@@ -236,7 +253,10 @@ def _digest_tensor(source: Source, info: TensorInfo, progress: Callable[[int], N
     if seen[0] != info.nbytes:
         raise InputError(f"{source.location}: {info.name}: read {seen[0]} bytes, expected {info.nbytes}")
     digest = h.hexdigest()
-    vf = forms.result() if forms is not None else None
+    while form is not None and form.restart:  # rare: a narrower form held the first windows only
+        form = _ValueForm(info.dtype, tuple(form.candidates))
+        _each_window(source, info, form.update)
+    vf = form.result() if form is not None else None
     value_dtype, value_digest = vf if vf is not None else (info.dtype, digest)
     return TensorDigest(info.name, info.dtype, tuple(info.shape), digest, value_dtype, value_digest)
 

@@ -152,3 +152,21 @@ def test_hub_source_has_the_local_identity(layouts, digests, monkeypatch, tmp_pa
         d = digest_of("hf://org/sharded")  # type: ignore[arg-type]
     assert d.model == digests["single"].model
     assert len(d.files) == 3 and all(len(v) == 64 for v in d.files.values())  # the Hub's LFS SHA-256, free
+
+
+def test_value_form_found_when_a_late_window_does_not_fit(tmp_path, monkeypatch):
+    """Early windows fit bf16, a later value only f16: the canonical form is F16 (re-read), equal to an F16 copy."""
+    from modeltrace.provenance import content
+
+    monkeypatch.setattr(content, "WINDOW", 64)
+    x = np.round(np.random.default_rng(1).standard_normal((32, 8)) * 8) / 8  # exact in bf16 and f16
+    x[-1, -1] = 1 + 2 ** -10  # exact in f16, not in bf16
+    a = write_safetensors(tmp_path / "a" / "m.safetensors", [("w", x.astype(np.float32))])
+    b = write_safetensors(tmp_path / "b" / "m.safetensors", [("w", x.astype(np.float16))])
+    c = write_safetensors(tmp_path / "c" / "m.safetensors", [("w", x.astype(np.float64))])
+    da, db, dc = digest_of(a), digest_of(b), digest_of(c)
+    assert da.tensors[0].value_dtype == db.tensors[0].value_dtype == dc.tensors[0].value_dtype == "F16"
+    assert da.values == db.values == dc.values and len({da.model, db.model, dc.model}) == 3
+    x[0, 0] = 1 / 3  # fits f32 only
+    d32 = digest_of(write_safetensors(tmp_path / "d" / "m.safetensors", [("w", x.astype(np.float32))]))
+    assert d32.tensors[0].value_dtype == "F32" and d32.tensors[0].value_digest == d32.tensors[0].digest

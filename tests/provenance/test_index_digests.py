@@ -112,3 +112,15 @@ def test_scan_with_digests(lib, tmp_path):
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
     assert rows[0]["content_digest"].startswith("mtc1:") and rows[0]["summary"].startswith("identical to indexed")
     assert "identical to indexed" not in rows[1]["summary"]
+
+
+def test_add_refuses_to_confuse_sampled_twins(lib, tmp_path):
+    import shutil
+
+    copy = tmp_path / "ix.sqlite"
+    shutil.copy(lib["index"], copy)
+    r = cli("index", "add", lib["changed"], "--digest", "--index", copy, "--json")
+    assert r.exit_code == 0, r.output
+    row = json.loads(r.stdout)[0]
+    assert row["status"] == "not-added" and row["name"] == "ft_a1"
+    assert "other content" in " ".join(r.stderr.split())
