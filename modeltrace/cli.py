@@ -225,6 +225,10 @@ def render_description(d: dict) -> None:
     if d["unrecognized_tensors"]:
         t.add_row("unrecognized", f"{len(d['unrecognized_tensors'])} tensor names have no canonical role, e.g. "
                   f"{d['unrecognized_tensors'][0]}")
+    if d.get("content"):
+        c = d["content"]
+        t.add_row("content digest", f"{c['model_digest']}  ({c['tensors']} tensors; any sharding or file order)")
+        t.add_row("values digest", f"{c['values_digest']}  (the same in any exact dtype)")
     t.add_row("bytes read", _human_bytes(d["bytes_read"]))
     out.print(t)
 
@@ -234,8 +238,8 @@ def render_description(d: dict) -> None:
 def inspect_cmd(
     model: Annotated[str, typer.Argument(help="A model folder, a .safetensors/.gguf file, or hf://owner/name[@rev].")],
     json_out: JsonOpt = False,
-    hashes: Annotated[bool, typer.Option("--hashes", help="Also compute SHA-256 of every weight file (reads all).")]
-    = False,
+    hashes: Annotated[bool, typer.Option("--hashes", help="Also compute SHA-256 of every weight file and the "
+                                         "content digest (per-tensor manifest; reads all).")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Read PyTorch .bin pickles with a restricted "
                                                "loader that never runs code.")] = False,
     fmt: FormatOpt = None,
@@ -262,6 +266,10 @@ def inspect_cmd(
     remote_limits(timeout, connections)
     with recording_remote_ranges(), open_source(model, allow_pickle=allow_pickle) as src:
         d = describe(src, hashes=hashes)
+        if hashes:
+            from modeltrace.provenance.content import content_digest
+
+            d["content"] = content_digest(src).to_dict()
         subject, findings = inspect_subject(label_for(model), model, d, src, hashes=hashes)
     report = new_report("inspect", [subject], findings)
     deliver(report, fmt, output, lambda: render_description(d))

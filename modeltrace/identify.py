@@ -59,10 +59,44 @@ def _one_blas_thread() -> contextlib.AbstractContextManager:
     return threadpool_limits(1, user_api="blas")
 
 
-def identify(suspect: Fingerprint, index: Index, top: int = 5) -> dict[str, Any]:
-    """Rank `index` by evidence that its models are ancestors of `suspect`; relation and recipe among the top."""
+def identify(suspect: Fingerprint, index: Index, top: int = 5, digest: Any = None) -> dict[str, Any]:
+    """Rank `index` by evidence that its models are ancestors of `suspect`; relation and recipe among the top.
+    With the suspect's content `digest` (provenance/content.py), an indexed model with the same digest is
+    answered at once; "identical" is only ever claimed from such a full digest."""
+    if digest is not None:
+        from modeltrace.index.digests import matches
+
+        same, same_values = matches(index, digest)
+        if same:
+            return _identical(suspect, index, same, digest)
     with _one_blas_thread():
-        return _identify(suspect, index, top)
+        out = _identify(suspect, index, top)
+    if digest is not None:
+        out["content_digest"] = digest.model_id
+        if same_values:
+            out["same_values"] = same_values
+            out["summary"] = f"same values as indexed {', '.join(same_values)} in another dtype; " + out["summary"]
+    return out
+
+
+def _identical(suspect: Fingerprint, index: Index, same: list[str], digest: Any) -> dict[str, Any]:
+    """The answer when indexed models hold exactly the suspect's content (same model digest): no comparison needed."""
+    specs = {e.name: e.spec for e in index.entries() if e.name in same}
+    hits = [{"rank": i, "model": n, "spec": specs.get(n, ""), "role": "identical", "similarity": 1.0, "corr": 1.0,
+             "log10_p": None, "p": "-", "note": f"same content digest {digest.model_id[:21]}…"}
+            for i, n in enumerate(same, 1)]
+    return {"schema_version": SCHEMA_VERSION,
+            "suspect": {"label": suspect.label, "spec": suspect.spec, "content_hash": suspect.content_hash,
+                        "bytes_read": suspect.bytes_read, "total_bytes": suspect.model.get("total_bytes"),
+                        "fingerprint_bytes": suspect.nbytes,
+                        "card_base_model": suspect.model.get("card", {}).get("base_model", [])},
+            "index": {"path": str(index.path), "models": index.count(), "compared": 0},
+            "identical": same[0], "identical_by": "content digest", "content_digest": digest.model_id,
+            "related": True, "relation": "copy", "method": None,
+            "parents": [{"model": same[0]}], "base": None, "hits": hits,
+            "summary": f"identical to indexed {', '.join(same)} (same content digest {digest.model_id[:21]}…: every "
+                       "tensor, dtype and value)",
+            "disguise": None, "verdict": None, "audit_command": None, "elapsed_s": 0.0}
 
 
 def _identify(suspect: Fingerprint, index: Index, top: int) -> dict[str, Any]:
@@ -70,6 +104,7 @@ def _identify(suspect: Fingerprint, index: Index, top: int) -> dict[str, Any]:
     ids, names, mat, sizes = index.sketches()
     if not len(ids):
         raise InputError(f"{index.path}: the index is empty; add models with `modeltrace index add MODEL`")
+    # equal fingerprints: equal in every *sampled* value, which does not make the models identical
     identical = index.by_hash(suspect.content_hash)
     sim = mat @ suspect.sketch()
     order: list[int] = []
@@ -133,6 +168,7 @@ def _identify(suspect: Fingerprint, index: Index, top: int) -> dict[str, Any]:
                     .get("base_model", [])},
         "index": {"path": str(index.path), "models": int(len(ids)), "compared": len(tested)},
         "identical": identical,
+        "identical_by": "sampled values" if identical else None,
         "related": bool(related),
         "relation": verdict["relation"] if verdict else "independent",
         "method": verdict.get("method") if verdict else None,
@@ -303,7 +339,8 @@ def _rank(verdict: dict | None, chosen: list[str], related: list[str], merges: d
 
 def _summary(verdict: dict | None, hits: list[dict], adj: dict[str, float], family: int, identical: str | None
              ) -> str:
-    prefix = f"identical to indexed {identical}; " if identical else ""
+    prefix = f"identical in every sampled value to indexed {identical} (no full content digest compared); " \
+        if identical else ""
     if not verdict or verdict["relation"] == "independent":
         later = [h["model"] for h in hits if h["role"] == "descendant"]
         if later:
@@ -332,7 +369,7 @@ def _summary(verdict: dict | None, hits: list[dict], adj: dict[str, float], fami
         return prefix + f"layer stack of {' and '.join(parents)}: " + verdict["summary"].split(": ", 1)[-1] \
             .rstrip(".") + f"; {p_text}"
     if rel in ("copy", "recast"):
-        kind = "byte-identical copy" if rel == "copy" else "re-encoded copy"
+        kind = "copy (identical in every sampled value)" if rel == "copy" else "re-encoded copy"
         return prefix + f"{kind} of {parents[0]}; {p_text}"
     return prefix + verdict.get("summary", rel)
 

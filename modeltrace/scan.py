@@ -120,8 +120,10 @@ def expand(target: str) -> list[str]:
 
 
 def scan(specs: list[str], index: Index, add: bool = False, top: int = 3, workers: int | None = None,
-         ray: bool = False, address: str | None = None, allow_pickle: bool = False) -> Iterator[dict[str, Any]]:
-    """One result per spec, in order: identification against the index (and the add status with `add`)."""
+         ray: bool = False, address: str | None = None, allow_pickle: bool = False, digest: bool = False
+         ) -> Iterator[dict[str, Any]]:
+    """One result per spec, in order: identification against the index (and the add status with `add`). With
+    `digest`, each model's content digest is computed here (reading it whole) and stored with it."""
     from modeltrace.identify import identify
 
     for outcome in fingerprints(specs, allow_pickle, workers=workers, ray=ray, address=address):
@@ -134,8 +136,16 @@ def scan(specs: list[str], index: Index, add: bool = False, top: int = 3, worker
         row: dict[str, Any] = {"model": spec, "ok": True, "name": fp.label, "content_hash": fp.content_hash,
                                "fingerprint_bytes": len(blob), "bytes_read": fp.bytes_read,
                                "total_bytes": fp.model.get("total_bytes"), "tasks": tasks}
+        cd = None
+        if digest:
+            try:
+                cd = _content_digest(spec, allow_pickle)
+            except ModelTraceError as exc:
+                yield {"model": spec, "ok": False, "error": str(exc)}
+                continue
+            row["content_digest"] = cd.model_id
         if index.count():
-            res = identify(fp, index, top=top)
+            res = identify(fp, index, top=top, digest=cd)
             row.update({"relation": res["relation"], "method": res["method"], "summary": res["summary"],
                         "identical": res["identical"], "hits": res["hits"], "audit_command": res["audit_command"]})
         else:
@@ -144,6 +154,18 @@ def scan(specs: list[str], index: Index, add: bool = False, top: int = 3, worker
             try:
                 got = index.add(fp)
                 row["added"] = got.status if got.status != "duplicate" else f"already indexed as {got.name}"
+                if cd is not None and got.status != "duplicate":
+                    from modeltrace.index.digests import store
+
+                    store(index, got.name, cd)
             except ModelTraceError as exc:
                 row["added"] = f"not added: {exc}"
         yield row
+
+
+def _content_digest(spec: str, allow_pickle: bool) -> Any:
+    from modeltrace.provenance.content import content_digest
+    from modeltrace.sources import open_source
+
+    with open_source(spec, allow_pickle=allow_pickle) as src:
+        return content_digest(src)

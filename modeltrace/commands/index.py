@@ -18,6 +18,9 @@ from modeltrace.errors import InputError
 IndexOpt = Annotated[Path | None, typer.Option("--index", help="Index file (default: $MODELTRACE_INDEX, else "
                                                "~/.local/share/modeltrace/index.sqlite).", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+DigestOpt = Annotated[bool, typer.Option("--digest", help="Also compute each model's content digest (reads every "
+                                          "tensor once), so identical models are recognised at once and "
+                                          "`modeltrace lookup` finds them.")]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Read .bin pickles with the restricted loader.")]
 
 index_app = typer.Typer(name="index", help="A local library of model fingerprints (SQLite; no server).",
@@ -48,6 +51,7 @@ def add_cmd(
     json_out: JsonOpt = False,
     timeout: TimeoutOpt = None,
     connections: ConnectionsOpt = None,
+    digest: DigestOpt = False,
 ) -> None:
     """Fingerprint models into the index. Re-adding an unchanged model does nothing.
 
@@ -79,11 +83,25 @@ def add_cmd(
             rows.append({"model": spec, "ok": True, "status": got.status, "name": got.name,
                          "fingerprint_bytes": len(blob), "bytes_read": fp.bytes_read,
                          "total_bytes": fp.model.get("total_bytes"), "seconds": round(seconds, 3)})
+            if digest:
+                from modeltrace.commands.provenance import digest_model
+                from modeltrace.index.digests import digest_of, store
+
+                cd = digest_model(spec, allow_pickle)
+                rows[-1]["content_digest"] = cd.model_id
+                if got.status != "duplicate":
+                    store(ix, got.name, cd)
+                elif (known := digest_of(ix, got.name)) is not None and known.model != cd.model:
+                    rows[-1]["status"] = "not-added"
+                    err.print(f"warning: {spec} has the fingerprint of indexed {got.name} but other content "
+                              f"({cd.model_id[:21]}… vs {known.model_id[:21]}…); not added (the index keys "
+                              "entries by fingerprint)", markup=False, highlight=False, soft_wrap=True)
             if not json_out:
                 what = {"added": "added", "updated": "updated", "unchanged": "unchanged, already indexed",
-                        "duplicate": "same content already indexed as"}[got.status]
+                        "duplicate": "same sampled values as indexed"}[got.status]
                 out.print(f"{what} {got.name}  (fingerprint {_human_bytes(len(blob))}, "
-                          f"{_share(fp.bytes_read, fp.model.get('total_bytes'))}, {seconds:.1f} s)",
+                          f"{_share(fp.bytes_read, fp.model.get('total_bytes'))}, {seconds:.1f} s)"
+                          + (f"  {rows[-1]['content_digest']}" if "content_digest" in rows[-1] else ""),
                           markup=False, highlight=False)
     finally:
         ix.close()
@@ -159,6 +177,7 @@ def register(app: typer.Typer) -> None:
                                                       "an ancestor (upload gate).")] = False,
         timeout: TimeoutOpt = None,
         connections: ConnectionsOpt = None,
+        digest: DigestOpt = False,
     ) -> None:
         """Which indexed models is SUSPECT made from, and how? Ranks the index by evidence of ancestry and recovers
         the relation and recipe from fingerprints alone; `modeltrace audit` (command printed) confirms on weights.
@@ -171,7 +190,12 @@ def register(app: typer.Typer) -> None:
         remote_limits(timeout, connections)
         with _open(index) as ix:
             fp = make_fingerprint(suspect, allow_pickle=allow_pickle)
-            res = identify(fp, ix, top=top)
+            cd = None
+            if digest:
+                from modeltrace.commands.provenance import digest_model
+
+                cd = digest_model(suspect, allow_pickle)
+            res = identify(fp, ix, top=top, digest=cd)
         if json_out:
             print_json(res)
         else:
@@ -197,6 +221,7 @@ def register(app: typer.Typer) -> None:
         allow_pickle: PickleOpt = False,
         timeout: TimeoutOpt = None,
         connections: ConnectionsOpt = None,
+        digest: DigestOpt = False,
     ) -> None:
         """Fingerprint and screen many models in parallel (local processes, or Ray tasks with --ray).
 
@@ -222,7 +247,7 @@ def register(app: typer.Typer) -> None:
             if not add and ix.count() == 0:
                 raise InputError(f"{ix.path}: the index is empty; add models first or pass --add")
             for row in scan(specs, ix, add=add, top=top, workers=workers, ray=ray, address=address,
-                            allow_pickle=allow_pickle):
+                            allow_pickle=allow_pickle, digest=digest):
                 failed += not row["ok"]
                 if json_out:
                     sys.stdout.write(json.dumps(row, default=str) + "\n")

@@ -23,12 +23,28 @@ def register(app: typer.Typer) -> None:
         json_out: Annotated[bool, typer.Option("--json", help="Print the outcome as JSON.")] = False,
         allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow the restricted pickle reader for "
                                                    "sources that need it.")] = False,
+        bundle: Annotated[Path | None, typer.Option("--bundle", help="A signed attestation (`modeltrace attest`): "
+                                                    "check its signature, that REPORT is the attested one and that "
+                                                    "the model in hand is its subject.")] = None,
+        key: Annotated[Path | None, typer.Option("--key", help="With --bundle: the trusted public key (PEM).")]
+        = None,
+        trust_root: Annotated[list[Path] | None, typer.Option("--trust-root", help="With --bundle: a trusted root "
+                                                              "certificate (PEM) for certificate-signed bundles.")]
+        = None,
+        recompute: Annotated[bool, typer.Option("--recompute", help="With --bundle: also re-derive the finding "
+                                                "from the weights.")] = False,
+        model: Annotated[str | None, typer.Option("--model", help="With --bundle: the model in hand, if not where "
+                                                  "the report says.")] = None,
     ) -> None:
         """Re-check a report against the same sources: file hashes, pinned remote commits and byte ranges, and the
         conclusions re-computed with the recorded parameters. Exit 0 when everything matches, 1 when anything
         differs (each difference explained), 2 when the report cannot be read.
 
-        Example: modeltrace verify rio-report.json
+        With --bundle (from `modeltrace attest`) it checks the signature against the trusted --key or
+        --trust-root, that REPORT is the attested report and that the model in hand has the attested content
+        digest; --recompute also re-derives the finding.
+
+        Example: modeltrace verify rio-report.json;  modeltrace verify rio.json --bundle rio.sigstore.json --key pub.pem
         """
         from modeltrace.errors import InputError
         from modeltrace.report.model import load_report
@@ -36,8 +52,17 @@ def register(app: typer.Typer) -> None:
 
         if tolerance < 0:
             raise InputError("--tolerance must be >= 0")
-        doc = load_report(report)
-        result = verify_report(doc, tolerance=tolerance, allow_pickle=allow_pickle)
+        if bundle is not None:
+            from modeltrace.provenance.check import verify_bundle
+
+            if (key is None) == (not trust_root):
+                raise InputError("--bundle needs the signer's trust: exactly one of --key PUBKEY or --trust-root CA")
+            result = verify_bundle(report, bundle, key, list(trust_root or []), model, recompute, tolerance,
+                                   allow_pickle)
+        elif key or trust_root or recompute or model:
+            raise InputError("--key, --trust-root, --recompute and --model go with --bundle")
+        else:
+            result = verify_report(load_report(report), tolerance=tolerance, allow_pickle=allow_pickle)
         if json_out:
             sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
         else:
