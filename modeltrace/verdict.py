@@ -10,6 +10,7 @@ import numpy as np
 
 from modeltrace.align.layers import stack_map
 from modeltrace.audit import AuditRun, SlotResult
+from modeltrace.detectors.accumulate import is_lossy
 from modeltrace.detectors.registry import METHODS
 from modeltrace.relatives import place
 from modeltrace.stats import fisher_log10, format_p, log10_sf, mean_interval, pooled_interval, stouffer
@@ -115,7 +116,8 @@ def _role_table(run: AuditRun, matrix: list[SlotResult], method: str) -> dict[st
 def decide(run: AuditRun) -> dict[str, Any]:
     out = _decide(run)
     names = {i: v.label for i, v in enumerate(run.views)}
-    lossy = sorted({names[c] for r in run.slots for c in r.cands if r.stats.cand_noise is not None
+    lossy = sorted({names[c] for r in run.slots for c in r.cands if is_lossy(run.views[c].dtype(r.slot))
+                    and r.stats.cand_noise is not None
                     and r.stats.cand_noise[r.cands.index(c) + 1] > 0})
     if lossy and out.get("relation") == "merge":
         out["warnings"].append(f"candidate(s) {', '.join(lossy)} are stored quantized: their rounding noise pulls "
@@ -171,17 +173,29 @@ def _decide(run: AuditRun) -> dict[str, Any]:
         exact = all(r.stats.equal[r.cands.index(c) + 1] == r.stats.numel for r in run.slots)
         out["relation"] = "copy" if (same_dtype and exact) else "recast"
         out["parents"] = [{"model": names[c], "weight": 1.0, "interval": [1.0, 1.0]}]
-        if out["relation"] == "copy":
+        sampled = run.sample is not None and run.sample < 1
+        if out["relation"] == "copy" and sampled:
+            out["summary"] = (f"{names[0]} is a copy of {names[c]}: identical in every sampled value of all "
+                              f"{len(run.slots)} tensors (a sampled audit; `modeltrace inspect --hashes` compares "
+                              "every byte).")
+        elif out["relation"] == "copy":
             out["summary"] = (f"{names[0]} is a byte-identical copy of {names[c]}: every one of {len(run.slots)} "
                               "tensors matches.")
         else:
             sd, cd = _dominant_dtype(run, 0), _dominant_dtype(run, c)
             out["encoding"] = {"suspect": sd, "parent": cd}
             wider = _BITS.get(sd, 0) > _BITS.get(cd, 0)
-            out["summary"] = (f"{names[0]} is {_article(_word(sd))} {_word(sd)} re-encoding of {names[c]} (stored "
-                              f"{_word(cd)}): every one of {len(run.slots)} tensors "
-                              + ("holds the same values, widened." if wider else
-                                 f"equals {names[c]}'s rounded to {_word(sd)}."))
+            if wider and not exact:
+                out["summary"] = (f"{names[0]} and {names[c]} are one model in two number formats: every one of "
+                                  f"{len(run.slots)} tensors of {names[0]} ({_word(sd)}) equals {names[c]}'s up to "
+                                  f"{names[c]}'s {_word(cd)} rounding ({names[0]}, the wider, is most likely the "
+                                  "original).")
+                out["direction"] = "suspect-to-parent"
+            else:
+                out["summary"] = (f"{names[0]} is {_article(_word(sd))} {_word(sd)} re-encoding of {names[c]} "
+                                  f"(stored {_word(cd)}): every one of {len(run.slots)} tensors "
+                                  + ("holds the same values, widened." if wider else
+                                     f"equals {names[c]}'s rounded to {_word(sd)}."))
         return out
     if smap is not None and not _identity(smap):
         out["relation"] = "stack"
@@ -251,15 +265,21 @@ def _trained(out: dict[str, Any], run: AuditRun, matrix: list[SlotResult], relat
     pl = place(D, norms, [c for c in range(1, len(run.views)) if c in related], run.base)
     heavy = [c for c, v in merge_weights.items() if c != run.base and float(np.mean(v)) >= 0.1]
     p_of = {c: format_p(logp[c]) for c in related}
-    if run.base is not None and len(heavy) >= 2 and _delta_share(D, heavy, run.base) >= 0.8:
-        out["relation"] = "finetune"
-        out["chain"] = [{"step": "merge", "parents": [names[c] for c in heavy], "base": names[run.base]},
-                        {"step": "finetune"}]
-        terms = " + ".join(f"{float(np.mean(merge_weights[c])):.2f}·{names[c]}" for c in heavy)
-        out["parents"] = [_parent(names[c], merge_weights[c]) for c in heavy]
-        out["summary"] = (f"{s} is a fine-tune of a merge: {terms} over base {names[run.base]}, then trained (a "
-                          "residual above storage rounding remains in most tensors).")
-        return out
+    if run.base is not None and run.base in related:
+        # a merge then trained: S - M is mostly a combination of two or more task vectors P_i - M
+        others = [c for c in related if c != run.base]
+        lam, explained = _delta_fit(D, others, run.base)
+        parts = [(c, w) for c, w in zip(others, lam, strict=True) if w >= 0.1]
+        if len(parts) >= 2 and explained >= CHAIN_SHARE:
+            out["relation"] = "finetune"
+            out["chain"] = [{"step": "merge", "parents": {names[c]: round(w, 4) for c, w in parts},
+                             "base": names[run.base]}, {"step": "finetune"}]
+            terms = " + ".join(f"{w:.2f}·{names[c]}" for c, w in parts)
+            out["parents"] = [{"model": names[c], "weight": round(w, 4), "interval": None} for c, w in parts]
+            out["summary"] = (f"{s} is a fine-tune of a merge: {names[run.base]} + task vectors {terms} (their "
+                              f"difference from {names[run.base]}) explain {100 * explained:.0f}% of its own, and "
+                              "training left the rest (a residual above storage rounding in most tensors).")
+            return out
     if pl.parent is not None:
         out["relation"] = "finetune"
         out["direction"] = "parent-to-suspect"
@@ -299,15 +319,21 @@ def _trained(out: dict[str, Any], run: AuditRun, matrix: list[SlotResult], relat
     return out
 
 
-def _delta_share(D: np.ndarray, parents: list[int], base: int) -> float:
-    """Share of ||S - M||^2 that the parents' task vectors explain together (Gram of differences from distances)."""
+#: A merge then trained is named as such when the parents' task vectors explain this share of the suspect's
+#: difference from the base (two sibling fine-tunes of one task explain ~0.3-0.5 of each other's).
+CHAIN_SHARE = 0.75
+
+
+def _delta_fit(D: np.ndarray, parents: list[int], base: int) -> tuple[list[float], float]:
+    """Task-vector weights of S - M on the parents' P_i - M, and the share of ||S - M||^2 they explain (the Gram of
+    differences from the exact distances)."""
     idx = [0] + parents
     G = np.array([[0.5 * (D[i, base] + D[j, base] - D[i, j]) for j in idx] for i in idx])
     if G[0, 0] <= 0:
-        return 0.0
+        return [0.0] * len(parents), 0.0
     A, b = G[1:, 1:], G[1:, 0]
     w = np.linalg.lstsq(A, b, rcond=1e-12)[0]
-    return float(b @ w / G[0, 0])
+    return [float(x) for x in w], float(b @ w / G[0, 0])
 
 
 #: storage dtype names as people say them, and their precision (mantissa bits) to tell widening from rounding

@@ -197,7 +197,10 @@ class SlotAccumulator:
         self._off_grid = 0
         self.noise_floor_coarse = 0.0
         self.cand_noise = np.zeros(n)
-        self._lossy = [i + 1 for i, d in enumerate(self.cand_dtypes or []) if is_lossy(d)]
+        # candidates whose storage is coarser than the suspect's: their rounding is part of any residual against them
+        # (quantized parents; or an fp16/bf16 copy of a float32 suspect)
+        self._lossy = [i + 1 for i, d in enumerate(self.cand_dtypes or [])
+                       if is_lossy(d) or _PRECISION.get(d, 99) < _PRECISION.get(self.suspect_dtype, 99)]
         self.equal = np.zeros(n, dtype=np.int64)
         # equal after rounding a wider candidate to the suspect's storage dtype (what a re-encoding leaves)
         self.requal = np.zeros(n, dtype=np.int64)

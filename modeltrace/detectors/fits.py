@@ -130,7 +130,7 @@ def fit_slot(st: SlotStats, cands: list[int], base: int | None) -> SlotFit:
     for c in cands:
         rss_c = float(st.sqdist()[0, c])
         gain = (rss_c - rss_free) / max(rss_free, 1e-300)
-        if rss_c <= floor and gain <= COPY_GAIN_FACTOR * len(cands) / max(st.numel, 1):
+        if rss_c <= floor and (len(cands) == 1 or gain <= COPY_GAIN_FACTOR * len(cands) / max(st.numel, 1)):
             return result("copy", {c: 1.0}, rss_c)
     parents = [c for c in cands if c != base]
     # 3. SLERP between two models (mergekit calls one of them the base): the angle is per row, so SLERP can

@@ -42,7 +42,7 @@ def models(root: Path) -> dict[str, Path]:
     m["m73"] = M.merge([(gt, 0.7), (m["ft1"], 0.3)], root, "minilm_m73_f32", "F32")
     m["rio"] = M.merge([(m["ft1"], 0.6), (gt, 0.4)], root, "minilm_rio_bf16", "BF16")
     m["m12"] = M.merge([(m["ft1"], 0.6), (m["ft2"], 0.4)], root, "minilm_m12_f32", "F32")
-    m["m12ft"] = M.finetune(m["m12"], root, "minilm_m12_ft", seed=21)  # a merge, then trained
+    m["m12ft"] = M.finetune(m["m12"], root, "minilm_m12_ft", seed=21, steps=3, lr=5e-5)  # a merge, then trained
     return m
 
 
