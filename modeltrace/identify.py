@@ -23,6 +23,7 @@ import numpy as np
 
 from modeltrace.errors import InputError
 from modeltrace.fingerprint.compare import PairEvidence, compare, fit, gram_stack
+from modeltrace.fingerprint.copies import CopyLink, copy_groups, copy_link, precision, storage_dtype
 from modeltrace.fingerprint.core import Fingerprint
 from modeltrace.fingerprint.lineage import Explanation, centre, explain, merges_among, stack_sources
 from modeltrace.fingerprint.undisguise import Aligned, DisguiseEvidence, align_group, evidence
@@ -75,8 +76,6 @@ def _identify(suspect: Fingerprint, index: Index, top: int) -> dict[str, Any]:
     order: list[int] = []
     budget = 0
     for i in np.argsort(-sim, kind="stable"):
-        if names[i] == identical:
-            continue
         if len(order) >= SHORTLIST or (len(order) >= MIN_SHORTLIST and budget + sizes[i] > SHORTLIST_BYTES):
             break
         order.append(int(i))
@@ -93,6 +92,11 @@ def _identify(suspect: Fingerprint, index: Index, top: int) -> dict[str, Any]:
     # how close, for ranking related models (the disguise tests' calibrated z saturates for any close relative)
     zs = {n: max(ev[n].z, dv[n].strength if dv[n] is not None else 0.0) for n in tested}
     strong = sorted((n for n in tested if adj[n] < alpha), key=lambda n: -zs[n])
+    # copies are one model: the suspect's own copies answer "copy"; the others' copies are grouped with them, and
+    # only each group's original takes part in the lineage (a copy is never a parent of its original or of a child)
+    own = _own_copies(suspect, fps, strong, identical)
+    groups = copy_groups(fps, [n for n in strong if n not in own])
+    strong = [n for n in strong if n in groups]
     related = _diverse(strong, {n: mat[row[n]] for n in strong})
     label = suspect.label if suspect.label not in fps else f"{suspect.label} (suspect)"
 
@@ -119,7 +123,16 @@ def _identify(suspect: Fingerprint, index: Index, top: int) -> dict[str, Any]:
             verdict, picked = _lineage_verdict(al.suspect, label, al.fps, gs, pool, gnames,
                                                _audit_on if al.mode != "tokens" and layered else _audit_tokens)
         chosen = [gnames[i] for i in picked]
-    hits = _rank(verdict, chosen, related, merges, gnames, tested, adj, ev, sims, fps)
+    lineage = verdict
+    copies = _copy_notes(own, groups, fps)
+    # The answer: a copy when other entries hold the suspect's weights (re-encoded, or equal under another hash),
+    # or when its own entry is all the index knows of it; else the lineage (its own entry noted, never a parent).
+    others = {n: link for n, link in own.items() if n != identical}
+    copy_answer = bool(others) or (identical in own and (lineage is None or lineage["relation"] == "independent"))
+    hits = _rank(verdict, chosen, related, merges, gnames, tested, adj, ev, sims, fps, copies, copy_answer)
+    if copy_answer:
+        verdict = _copy_verdict(others or own, fps)
+        chosen = [verdict["parents"][0]["model"]]
     if al is not None and al.notes:
         for h in hits:
             undone = al.per_candidate.get(h["model"]) or (al.notes if h["model"] in chosen else [])
@@ -139,7 +152,11 @@ def _identify(suspect: Fingerprint, index: Index, top: int) -> dict[str, Any]:
         "parents": verdict["parents"] if verdict else [],
         "base": verdict.get("base") if verdict else None,
         "hits": hits[:top],
-        "summary": _summary(verdict, hits, adj, family, identical) + _disguise_text(al, verdict),
+        "summary": _summary(verdict if copy_answer else None, lineage, hits, adj, family, copies, fps,
+                            identical if identical in own else None) + _disguise_text(al, lineage),
+        "copies": [{"model": n, "of": of, "note": note} for n, (of, note) in copies.items()],
+        "lineage": None if not copy_answer or lineage is None else {k: lineage.get(k) for k in (
+            "relation", "method", "parents", "base")},
         "disguise": {"evidence": al.mode, "undone": al.notes} if al is not None and al.notes else None,
         "verdict": verdict,
         "audit_command": _audit_command(suspect, verdict, fps, chosen) if verdict else None,
@@ -264,12 +281,18 @@ def _lineage_verdict(suspect: Fingerprint, label: str, fps: dict[str, Fingerprin
 # ---- presentation ----------------------------------------------------------------------------------------------
 def _rank(verdict: dict | None, chosen: list[str], related: list[str], merges: dict[str, Explanation],
           gnames: list[str], tested: list[str], adj: dict[str, float], ev: dict[str, PairEvidence],
-          sims: dict[str, float], fps: dict[str, Fingerprint]) -> list[dict[str, Any]]:
+          sims: dict[str, float], fps: dict[str, Fingerprint], copies: dict[str, tuple[str | None, str]],
+          copy_answer: bool = False) -> list[dict[str, Any]]:
     roles: dict[str, tuple[str, str]] = {}
+    for n, (of, note) in copies.items():
+        if of is None:  # the suspect's own copies
+            roles[n] = ("copy", note)
     if verdict:
         weights = {p["model"]: p for p in verdict.get("parents", [])}
         parents = sorted(weights, key=lambda m: -abs(weights[m].get("weight") or weights[m].get("layers") or 0))
         for p in parents:
+            if p in roles:
+                continue
             w = weights[p]
             note = (f"weight {w['weight']:.4f} [{w['interval'][0]:.4f}, {w['interval'][1]:.4f}]" if "weight" in w
                     else f"{w['layers']} layers" if "layers" in w else "")
@@ -288,12 +311,24 @@ def _rank(verdict: dict | None, chosen: list[str], related: list[str], merges: d
             roles.setdefault(n, (kind, what + f" ({e.kind})"))
         else:
             roles.setdefault(n, ("related", ""))
+    own = [n for n, (of, _) in copies.items() if of is None]
     first = [n for n in roles if roles[n][0] in ("parent", "base")]
+    first = [*own, *first] if copy_answer else [*first, *own]
     middle = [n for n in related if n not in first and roles[n][0] == "related"]
     later = [n for n in related if n not in first and n not in middle]
-    rest = sorted((n for n in tested if n not in roles), key=lambda n: (adj[n], -sims[n]))
+    for n, (of, note) in copies.items():  # another model's copies: right after it, in its role
+        if of is not None and of in roles:
+            roles[n] = ("copy", note)
+    listed = [*first, *middle, *later]
+    for n, (of, _) in copies.items():
+        if of is not None and of in listed and n not in listed:
+            at = listed.index(of) + 1
+            while at < len(listed) and copies.get(listed[at], (None, ""))[0] == of:
+                at += 1
+            listed.insert(at, n)
+    rest = sorted((n for n in tested if n not in listed), key=lambda n: (adj[n], -sims[n]))
     out = []
-    for rank, n in enumerate([*first, *middle, *later, *rest], 1):
+    for rank, n in enumerate([*listed, *rest], 1):
         role, note = roles.get(n, ("unrelated", ""))
         e = ev[n]
         out.append({"rank": rank, "model": n, "spec": fps[n].spec, "role": role, "similarity": round(sims[n], 4),
@@ -301,20 +336,103 @@ def _rank(verdict: dict | None, chosen: list[str], related: list[str], merges: d
     return out
 
 
-def _summary(verdict: dict | None, hits: list[dict], adj: dict[str, float], family: int, identical: str | None
-             ) -> str:
-    prefix = f"identical to indexed {identical}; " if identical else ""
-    if not verdict or verdict["relation"] == "independent":
+def _dtype_word(dtype: str) -> str:
+    return {"F64": "fp64", "F32": "fp32", "F16": "fp16", "BF16": "bf16", "F8_E4M3": "fp8", "F8_E5M2": "fp8"}.get(
+        dtype, dtype)
+
+
+def _own_copies(suspect: Fingerprint, fps: dict[str, Fingerprint], strong: list[str], identical: str | None
+                ) -> dict[str, CopyLink]:
+    """The indexed models that hold the suspect's own weights (same content, or a re-encoding either way)."""
+    own: dict[str, CopyLink] = {}
+    for n in strong:
+        link = copy_link(suspect, fps[n])
+        if n == identical:
+            link = CopyLink(True, storage_dtype(suspect), 0.0, False)
+        if link is not None:
+            own[n] = link
+    loose = [n for n in own if own[n].loose]  # a coarse quantisation is a copy only if the closest one
+    if loose and len(own) > 1:
+        best = min(own, key=lambda n: own[n].error)
+        own = {n: link for n, link in own.items() if not link.loose or n == best}
+    return own
+
+
+def _original_first(names: list[str], fps: dict[str, Fingerprint], own: dict[str, CopyLink]) -> list[str]:
+    """Identical copies first, then the finest storage (the likely original), then the given order."""
+    return sorted(names, key=lambda n: (not own[n].identical, -(precision(storage_dtype(fps[n])) or -1.0),
+                                        names.index(n)))
+
+
+def _copy_verdict(own: dict[str, CopyLink], fps: dict[str, Fingerprint]) -> dict[str, Any]:
+    head = _original_first(list(own), fps, own)[0]
+    rel = "copy" if own[head].identical else "recast"
+    return {"relation": rel, "method": None, "base": None,
+            "parents": [{"model": head, "weight": 1.0, "interval": [1.0, 1.0]}],
+            "summary": f"{'identical to' if rel == 'copy' else 'the same weights as'} {head}"}
+
+
+def _copy_notes(own: dict[str, CopyLink], groups: dict[str, list[str]], fps: dict[str, Fingerprint]
+                ) -> dict[str, tuple[str | None, str]]:
+    """Every copy in the answer: model -> (the model it copies, None for the suspect's own; a short note)."""
+    out: dict[str, tuple[str | None, str]] = {}
+    for n in _original_first(list(own), fps, own):
+        out[n] = (None, "identical weights" if own[n].identical
+                  else f"same weights in {_dtype_word(storage_dtype(fps[n]))}")
+    for head, members in groups.items():
+        for m in members:
+            out[m] = (head, f"{_dtype_word(storage_dtype(fps[m]))} copy of {head}")
+    return out
+
+
+def _with_copies(name: str, copies: dict[str, tuple[str | None, str]], fps: dict[str, Fingerprint]) -> str:
+    """'X, and its fp16 copy Y, bf16 copy Z' for a model that has copies in the index, else 'X'."""
+    mine = [m for m, (of, _) in copies.items() if of == name]
+    if not mine:
+        return name
+    return name + ", and its " + ", ".join(f"{_dtype_word(storage_dtype(fps[m]))} copy {m}" for m in mine)
+
+
+def _summary(answer: dict | None, lineage: dict | None, hits: list[dict], adj: dict[str, float], family: int,
+             copies: dict[str, tuple[str | None, str]], fps: dict[str, Fingerprint], itself: str | None) -> str:
+    """One line per outcome: a copy (`answer`, with the lineage of those weights after it), else the lineage."""
+    own = [n for n, (of, _) in copies.items() if of is None and n != itself]
+    entry = f"; indexed itself as {itself}" if itself else ""
+    if answer is not None:
+        head = answer["parents"][0]["model"]
+        if head == itself:
+            text = f"identical to indexed {head}"
+        elif answer["relation"] == "copy":
+            text = f"identical to indexed {head}{entry}"
+        else:
+            text = f"the same weights as indexed {head}, stored in {copies[head][1].removeprefix('same weights in ')}"
+        rest = [n for n in own if n != head]
+        if rest:
+            text += "; also indexed as " + ", ".join(
+                f"{n} ({copies[n][1].removeprefix('same weights in ')})" for n in rest)
+        if answer["relation"] != "copy" and head != itself:
+            text += entry
+        if lineage is not None and lineage["relation"] not in ("independent",):
+            text += ". Lineage of these weights: " + _lineage_text(lineage, adj, copies, fps)
+        return text
+    if not lineage or lineage["relation"] == "independent":
         later = [h["model"] for h in hits if h["role"] == "descendant"]
         if later:
-            return prefix + f"no ancestor in the index; made from the suspect: {', '.join(later)}"
+            return f"no ancestor in the index; made from the suspect: {', '.join(later)}{entry}"
         best = hits[0] if hits else None
         closest = f" (closest: {best['model']}, {best['p']} after Holm over {family} models)" if best else ""
-        return prefix + f"no ancestor in the index{closest}"
+        return f"no ancestor in the index{closest}{entry}"
+    return _lineage_text(lineage, adj, copies, fps) + entry
+
+
+def _lineage_text(verdict: dict, adj: dict[str, float], copies: dict[str, tuple[str | None, str]],
+                  fps: dict[str, Fingerprint]) -> str:
     rel, method = verdict["relation"], verdict.get("method")
     parents = [p["model"] for p in verdict["parents"]]
     named = parents + ([verdict["base"]] if verdict.get("base") and verdict["base"] not in parents else [])
     p_text = format_p(max(adj.get(n, 0.0) for n in named)) if named else ""
+    grouped = [_with_copies(n, copies, fps) for n in named if _with_copies(n, copies, fps) != n]
+    also = f"; {'; '.join(grouped)}" if grouped else ""
     if rel == "merge":
         base = verdict.get("base")
         if base and method not in ("linear", "slerp"):
@@ -325,16 +443,16 @@ def _summary(verdict: dict | None, hits: list[dict], adj: dict[str, float], fami
         if method == "slerp":
             t = verdict.get("parameters", {}).get("t", {}).get("value")
             recipe = f"slerp({', '.join(parents)}, t = {t})"
-        return prefix + f"{recipe}, {method}; {p_text}"
+        return f"{recipe}, {method}; {p_text}{also}"
     if rel == "finetune":
-        return prefix + f"fine-tune of {parents[0]}; {p_text}"
+        return f"fine-tune of {_with_copies(parents[0], copies, fps)}; {p_text}"
     if rel == "stack":
-        return prefix + f"layer stack of {' and '.join(parents)}: " + verdict["summary"].split(": ", 1)[-1] \
-            .rstrip(".") + f"; {p_text}"
+        return f"layer stack of {' and '.join(parents)}: " + verdict["summary"].split(": ", 1)[-1] \
+            .rstrip(".") + f"; {p_text}{also}"
     if rel in ("copy", "recast"):
         kind = "byte-identical copy" if rel == "copy" else "re-encoded copy"
-        return prefix + f"{kind} of {parents[0]}; {p_text}"
-    return prefix + verdict.get("summary", rel)
+        return f"{kind} of {_with_copies(parents[0], copies, fps)}; {p_text}"
+    return verdict.get("summary", rel)
 
 
 def _audit_command(suspect: Fingerprint, verdict: dict, fps: dict[str, Fingerprint], chosen: list[str] | None = None

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-__all__ = ["bert_gguf_name", "find_minilm", "load_minilm", "write_bert_gguf", "write_copy"]
+__all__ = ["BF16", "bert_gguf_name", "find_minilm", "fine_tune", "load_minilm", "write_bert_gguf", "write_copy"]
 
 Q = gguf.GGMLQuantizationType
 _SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
@@ -127,3 +127,43 @@ def write_copy(tensors: dict[str, np.ndarray], src: Path, folder: Path, dtype: o
 
 
 BF16 = ml_dtypes.bfloat16
+
+
+PAIRS = [
+    ("A man is playing a guitar.", "Someone plays an instrument."),
+    ("The cat sleeps on the sofa.", "A kitten naps on the couch."),
+    ("Stock prices fell sharply today.", "The market dropped a lot."),
+    ("She is cooking pasta for dinner.", "Dinner tonight is spaghetti she made."),
+]
+
+
+def fine_tune(src: Path, folder: Path, steps: int = 4, seed: int = 0) -> Path:
+    """A real fine-tune of MiniLM: `steps` AdamW steps of a paraphrase objective (mean-pooled embeddings of each
+    pair pulled together) on a handful of sentences, on CPU; saved with save_pretrained (safetensors, float32)."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    tok = tf.AutoTokenizer.from_pretrained(str(src))
+    model = tf.AutoModel.from_pretrained(str(src))
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=0.0)
+
+    def embed(texts: list[str]) -> torch.Tensor:
+        batch = tok(texts, padding=True, return_tensors="pt")
+        hidden = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        return (hidden * mask).sum(1) / mask.sum(1)
+
+    for _ in range(steps):
+        a = embed([p[0] for p in PAIRS])
+        b = embed([p[1] for p in PAIRS])
+        loss = (1 - torch.nn.functional.cosine_similarity(a, b)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(str(folder))
+    for name in _SIDE_FILES:
+        if (src / name).exists() and not (folder / name).exists():
+            shutil.copy(src / name, folder / name)
+    return folder
