@@ -103,4 +103,6 @@ def test_index_add_and_identify(minilm, tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
-    assert res["relation"] in ("copy", "recast") and res["parents"][0]["model"] == "minilm", res["summary"]
+    assert res["relation"] == "recast" and res["parents"][0]["model"] == "minilm", res["summary"]
+    roles = {h["model"]: h["role"] for h in res["hits"]}
+    assert roles == {"minilm": "copy", "minilm-Q8_0.gguf": "copy"}, res["hits"]
