@@ -23,7 +23,7 @@ import numpy as np
 
 from modeltrace.errors import InputError
 from modeltrace.fingerprint.compare import PairEvidence, compare, fit, gram_stack
-from modeltrace.fingerprint.copies import CopyLink, copy_groups, copy_link, precision, storage_dtype
+from modeltrace.fingerprint.copies import copy_groups, copy_notes, copy_verdict, own_copies, with_copies
 from modeltrace.fingerprint.core import Fingerprint
 from modeltrace.fingerprint.lineage import Explanation, centre, explain, merges_among, stack_sources
 from modeltrace.fingerprint.undisguise import Aligned, DisguiseEvidence, align_group, evidence
@@ -94,7 +94,7 @@ def _identify(suspect: Fingerprint, index: Index, top: int) -> dict[str, Any]:
     strong = sorted((n for n in tested if adj[n] < alpha), key=lambda n: -zs[n])
     # copies are one model: the suspect's own copies answer "copy"; the others' copies are grouped with them, and
     # only each group's original takes part in the lineage (a copy is never a parent of its original or of a child)
-    own = _own_copies(suspect, fps, strong, identical)
+    own = own_copies(suspect, fps, strong, identical)
     groups = copy_groups(fps, [n for n in strong if n not in own])
     strong = [n for n in strong if n in groups]
     related = _diverse(strong, {n: mat[row[n]] for n in strong})
@@ -124,14 +124,14 @@ def _identify(suspect: Fingerprint, index: Index, top: int) -> dict[str, Any]:
                                                _audit_on if al.mode != "tokens" and layered else _audit_tokens)
         chosen = [gnames[i] for i in picked]
     lineage = verdict
-    copies = _copy_notes(own, groups, fps)
+    copies = copy_notes(own, groups, fps)
     # The answer: a copy when other entries hold the suspect's weights (re-encoded, or equal under another hash),
     # or when its own entry is all the index knows of it; else the lineage (its own entry noted, never a parent).
     others = {n: link for n, link in own.items() if n != identical}
     copy_answer = bool(others) or (identical in own and (lineage is None or lineage["relation"] == "independent"))
     hits = _rank(verdict, chosen, related, merges, gnames, tested, adj, ev, sims, fps, copies, copy_answer)
     if copy_answer:
-        verdict = _copy_verdict(others or own, fps)
+        verdict = copy_verdict(others or own, fps)
         chosen = [verdict["parents"][0]["model"]]
     if al is not None and al.notes:
         for h in hits:
@@ -336,63 +336,6 @@ def _rank(verdict: dict | None, chosen: list[str], related: list[str], merges: d
     return out
 
 
-def _dtype_word(dtype: str) -> str:
-    return {"F64": "fp64", "F32": "fp32", "F16": "fp16", "BF16": "bf16", "F8_E4M3": "fp8", "F8_E5M2": "fp8"}.get(
-        dtype, dtype)
-
-
-def _own_copies(suspect: Fingerprint, fps: dict[str, Fingerprint], strong: list[str], identical: str | None
-                ) -> dict[str, CopyLink]:
-    """The indexed models that hold the suspect's own weights (same content, or a re-encoding either way)."""
-    own: dict[str, CopyLink] = {}
-    for n in strong:
-        link = copy_link(suspect, fps[n])
-        if n == identical:
-            link = CopyLink(True, storage_dtype(suspect), 0.0, False)
-        if link is not None:
-            own[n] = link
-    loose = [n for n in own if own[n].loose]  # a coarse quantisation is a copy only if the closest one
-    if loose and len(own) > 1:
-        best = min(own, key=lambda n: own[n].error)
-        own = {n: link for n, link in own.items() if not link.loose or n == best}
-    return own
-
-
-def _original_first(names: list[str], fps: dict[str, Fingerprint], own: dict[str, CopyLink]) -> list[str]:
-    """Identical copies first, then the finest storage (the likely original), then the given order."""
-    return sorted(names, key=lambda n: (not own[n].identical, -(precision(storage_dtype(fps[n])) or -1.0),
-                                        names.index(n)))
-
-
-def _copy_verdict(own: dict[str, CopyLink], fps: dict[str, Fingerprint]) -> dict[str, Any]:
-    head = _original_first(list(own), fps, own)[0]
-    rel = "copy" if own[head].identical else "recast"
-    return {"relation": rel, "method": None, "base": None,
-            "parents": [{"model": head, "weight": 1.0, "interval": [1.0, 1.0]}],
-            "summary": f"{'identical to' if rel == 'copy' else 'the same weights as'} {head}"}
-
-
-def _copy_notes(own: dict[str, CopyLink], groups: dict[str, list[str]], fps: dict[str, Fingerprint]
-                ) -> dict[str, tuple[str | None, str]]:
-    """Every copy in the answer: model -> (the model it copies, None for the suspect's own; a short note)."""
-    out: dict[str, tuple[str | None, str]] = {}
-    for n in _original_first(list(own), fps, own):
-        out[n] = (None, "identical weights" if own[n].identical
-                  else f"same weights in {_dtype_word(storage_dtype(fps[n]))}")
-    for head, members in groups.items():
-        for m in members:
-            out[m] = (head, f"{_dtype_word(storage_dtype(fps[m]))} copy of {head}")
-    return out
-
-
-def _with_copies(name: str, copies: dict[str, tuple[str | None, str]], fps: dict[str, Fingerprint]) -> str:
-    """'X, and its fp16 copy Y, bf16 copy Z' for a model that has copies in the index, else 'X'."""
-    mine = [m for m, (of, _) in copies.items() if of == name]
-    if not mine:
-        return name
-    return name + ", and its " + ", ".join(f"{_dtype_word(storage_dtype(fps[m]))} copy {m}" for m in mine)
-
-
 def _summary(answer: dict | None, lineage: dict | None, hits: list[dict], adj: dict[str, float], family: int,
              copies: dict[str, tuple[str | None, str]], fps: dict[str, Fingerprint], itself: str | None) -> str:
     """One line per outcome: a copy (`answer`, with the lineage of those weights after it), else the lineage."""
@@ -431,7 +374,7 @@ def _lineage_text(verdict: dict, adj: dict[str, float], copies: dict[str, tuple[
     parents = [p["model"] for p in verdict["parents"]]
     named = parents + ([verdict["base"]] if verdict.get("base") and verdict["base"] not in parents else [])
     p_text = format_p(max(adj.get(n, 0.0) for n in named)) if named else ""
-    grouped = [_with_copies(n, copies, fps) for n in named if _with_copies(n, copies, fps) != n]
+    grouped = [with_copies(n, copies, fps) for n in named if with_copies(n, copies, fps) != n]
     also = f"; {'; '.join(grouped)}" if grouped else ""
     if rel == "merge":
         base = verdict.get("base")
@@ -445,13 +388,13 @@ def _lineage_text(verdict: dict, adj: dict[str, float], copies: dict[str, tuple[
             recipe = f"slerp({', '.join(parents)}, t = {t})"
         return f"{recipe}, {method}; {p_text}{also}"
     if rel == "finetune":
-        return f"fine-tune of {_with_copies(parents[0], copies, fps)}; {p_text}"
+        return f"fine-tune of {with_copies(parents[0], copies, fps)}; {p_text}"
     if rel == "stack":
         return f"layer stack of {' and '.join(parents)}: " + verdict["summary"].split(": ", 1)[-1] \
             .rstrip(".") + f"; {p_text}{also}"
     if rel in ("copy", "recast"):
         kind = "byte-identical copy" if rel == "copy" else "re-encoded copy"
-        return f"{kind} of {_with_copies(parents[0], copies, fps)}; {p_text}"
+        return f"{kind} of {with_copies(parents[0], copies, fps)}; {p_text}"
     return verdict.get("summary", rel)
 
 

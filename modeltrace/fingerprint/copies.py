@@ -8,6 +8,9 @@ models linked to one another and names each group's original: the finest storage
 
 A low-bit quantised model (6 bits or fewer) sits within rounding of the original *and* of small fine-tunes of it:
 it is linked only to the model it is closest to.
+
+For identify's answer: `own_copies` (indexed models holding the suspect's weights), `copy_verdict` (the copy
+answer), `copy_notes` and `with_copies` (copies named with their original: "X, and its fp16 copy Y").
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from modeltrace.fingerprint.core import Fingerprint
 
-__all__ = ["CopyLink", "copy_groups", "copy_link", "precision", "storage_dtype"]
+__all__ = ["CopyLink", "copy_groups", "copy_link", "copy_notes", "copy_verdict", "dtype_word", "original_first",
+           "own_copies", "precision", "storage_dtype", "with_copies"]
 
 #: float storage: (mantissa bits, smallest normal exponent)
 _FLOATS = {"F64": (52, -1022), "F32": (23, -126), "BF16": (7, -126), "F16": (10, -14), "F8_E4M3": (3, -6),
@@ -160,3 +165,61 @@ def copy_groups(fps: Mapping[str, Fingerprint], order: Sequence[str]) -> dict[st
         head = max(members, key=lambda n: (precision(storage_dtype(fps[n])) or -1.0, -order.index(n)))
         out[head] = [n for n in members if n != head]
     return {h: out[h] for h in sorted(out, key=order.index)}
+
+
+# ---- copies in identify's answer ------------------------------------------------------------------------------
+def dtype_word(dtype: str) -> str:
+    return {"F64": "fp64", "F32": "fp32", "F16": "fp16", "BF16": "bf16", "F8_E4M3": "fp8", "F8_E5M2": "fp8"}.get(
+        dtype, dtype)
+
+
+def own_copies(suspect: Fingerprint, fps: dict[str, Fingerprint], strong: list[str], identical: str | None
+                ) -> dict[str, CopyLink]:
+    """The indexed models that hold the suspect's own weights (same content, or a re-encoding either way)."""
+    own: dict[str, CopyLink] = {}
+    for n in strong:
+        link = copy_link(suspect, fps[n])
+        if n == identical:
+            link = CopyLink(True, storage_dtype(suspect), 0.0, False)
+        if link is not None:
+            own[n] = link
+    loose = [n for n in own if own[n].loose]  # a coarse quantisation is a copy only if the closest one
+    if loose and len(own) > 1:
+        best = min(own, key=lambda n: own[n].error)
+        own = {n: link for n, link in own.items() if not link.loose or n == best}
+    return own
+
+
+def original_first(names: list[str], fps: dict[str, Fingerprint], own: dict[str, CopyLink]) -> list[str]:
+    """Identical copies first, then the finest storage (the likely original), then the given order."""
+    return sorted(names, key=lambda n: (not own[n].identical, -(precision(storage_dtype(fps[n])) or -1.0),
+                                        names.index(n)))
+
+
+def copy_verdict(own: dict[str, CopyLink], fps: dict[str, Fingerprint]) -> dict[str, Any]:
+    head = original_first(list(own), fps, own)[0]
+    rel = "copy" if own[head].identical else "recast"
+    return {"relation": rel, "method": None, "base": None,
+            "parents": [{"model": head, "weight": 1.0, "interval": [1.0, 1.0]}],
+            "summary": f"{'identical to' if rel == 'copy' else 'the same weights as'} {head}"}
+
+
+def copy_notes(own: dict[str, CopyLink], groups: dict[str, list[str]], fps: dict[str, Fingerprint]
+                ) -> dict[str, tuple[str | None, str]]:
+    """Every copy in the answer: model -> (the model it copies, None for the suspect's own; a short note)."""
+    out: dict[str, tuple[str | None, str]] = {}
+    for n in original_first(list(own), fps, own):
+        out[n] = (None, "identical weights" if own[n].identical
+                  else f"same weights in {dtype_word(storage_dtype(fps[n]))}")
+    for head, members in groups.items():
+        for m in members:
+            out[m] = (head, f"{dtype_word(storage_dtype(fps[m]))} copy of {head}")
+    return out
+
+
+def with_copies(name: str, copies: dict[str, tuple[str | None, str]], fps: dict[str, Fingerprint]) -> str:
+    """'X, and its fp16 copy Y, bf16 copy Z' for a model that has copies in the index, else 'X'."""
+    mine = [m for m, (of, _) in copies.items() if of == name]
+    if not mine:
+        return name
+    return name + ", and its " + ", ".join(f"{dtype_word(storage_dtype(fps[m]))} copy {m}" for m in mine)
