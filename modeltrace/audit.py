@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from modeltrace.align.coverage import no_overlap_message, skip_warnings
 from modeltrace.align.disguise import Alignment, discover
 from modeltrace.align.layers import map_layers
 from modeltrace.align.transform import WHOLE_BYTES, AlignedReader, SlotTransform, gather
@@ -327,7 +328,8 @@ def _stream(views: list[ModelView], base: int | None, sample: float | None, chun
     layer_source = {(m.candidate + 1, m.layer): m.source_layer for m in layer_matches
                     if m.exact and m.source_layer != m.layer}
     plan: list[_PlanItem] = []
-    skipped_shape: dict[int, int] = {}
+    missing: dict[int, list[Slot]] = {}  # no counterpart slot in candidate i
+    misshapen: dict[int, list[Slot]] = {}  # a counterpart of another shape
     for slot, part in sorted(s.parts.items()):
         if slot.role == "buffer":
             continue
@@ -340,18 +342,17 @@ def _stream(views: list[ModelView], base: int | None, sample: float | None, chun
             shape = tf.shape(views[i]) if tf is not None else None
             vocab_rows = slot.role in ("embed", "lm_head")
             if shape is None or shape[1] != part.cols or (shape[0] != part.rows and not vocab_rows):
-                skipped_shape[i] = skipped_shape.get(i, 0) + 1
+                (missing if shape is None else misshapen).setdefault(i, []).append(slot)
                 continue
             tfs[i] = tf
         if tfs:
             item = _plan_item(views, slot, tfs)
             if item.rows > 0:
                 plan.append(item)
-    for i, n in skipped_shape.items():
-        warnings.append(f"{views[i].label}: {n} suspect tensors have no same-shape counterpart; compared the rest")
+    for i in sorted(set(missing) | set(misshapen)):
+        warnings.extend(skip_warnings(s, views[i], missing.get(i, []), misshapen.get(i, [])))
     if not plan:
-        raise InputError("no tensor of the suspect has a same-shape counterpart in any candidate: different "
-                         "architectures cannot be compared weight by weight")
+        raise InputError(no_overlap_message(s, views[1:]))
     total = sum(item.rows * s.parts[item.slot].cols for item in plan)
     done = [0]
     lock = threading.Lock()

@@ -222,9 +222,11 @@ def render_description(d: dict) -> None:
             t.add_row("", f"[yellow]{p}[/yellow]")
     else:
         t.add_row("card", "no model card (README.md)")
-    if d["unrecognized_tensors"]:
-        t.add_row("unrecognized", f"{len(d['unrecognized_tensors'])} tensor names have no canonical role, e.g. "
-                  f"{d['unrecognized_tensors'][0]}")
+    names = d.get("unrecognized_tensors") or []
+    count = d.get("unrecognized_count", len(names))
+    if count:
+        shown = ", ".join(names[:3]) + (f" (and {count - 3} more)" if count > 3 else "")
+        t.add_row("unrecognized", f"{count} of {d['tensors']} tensors have no canonical role: {shown}")
     if d.get("content"):
         c = d["content"]
         t.add_row("content digest", f"{c['model_digest']}  ({c['tensors']} tensors; any sharding or file order)")

@@ -23,6 +23,7 @@ import numpy as np
 
 from modeltrace.errors import InputError
 from modeltrace.fingerprint.compare import PairEvidence, compare, fit, gram_stack
+from modeltrace.fingerprint.copies import copy_groups, copy_notes, copy_verdict, own_copies, with_copies
 from modeltrace.fingerprint.core import Fingerprint
 from modeltrace.fingerprint.lineage import Explanation, centre, explain, merges_among, stack_sources
 from modeltrace.fingerprint.undisguise import Aligned, DisguiseEvidence, align_group, evidence
@@ -110,8 +111,6 @@ def _identify(suspect: Fingerprint, index: Index, top: int) -> dict[str, Any]:
     order: list[int] = []
     budget = 0
     for i in np.argsort(-sim, kind="stable"):
-        if names[i] == identical:
-            continue
         if len(order) >= SHORTLIST or (len(order) >= MIN_SHORTLIST and budget + sizes[i] > SHORTLIST_BYTES):
             break
         order.append(int(i))
@@ -128,6 +127,11 @@ def _identify(suspect: Fingerprint, index: Index, top: int) -> dict[str, Any]:
     # how close, for ranking related models (the disguise tests' calibrated z saturates for any close relative)
     zs = {n: max(ev[n].z, dv[n].strength if dv[n] is not None else 0.0) for n in tested}
     strong = sorted((n for n in tested if adj[n] < alpha), key=lambda n: -zs[n])
+    # copies are one model: the suspect's own copies answer "copy"; the others' copies are grouped with them, and
+    # only each group's original takes part in the lineage (a copy is never a parent of its original or of a child)
+    own = own_copies(suspect, fps, strong, identical)
+    groups = copy_groups(fps, [n for n in strong if n not in own])
+    strong = [n for n in strong if n in groups]
     related = _diverse(strong, {n: mat[row[n]] for n in strong})
     label = suspect.label if suspect.label not in fps else f"{suspect.label} (suspect)"
 
@@ -154,7 +158,16 @@ def _identify(suspect: Fingerprint, index: Index, top: int) -> dict[str, Any]:
             verdict, picked = _lineage_verdict(al.suspect, label, al.fps, gs, pool, gnames,
                                                _audit_on if al.mode != "tokens" and layered else _audit_tokens)
         chosen = [gnames[i] for i in picked]
-    hits = _rank(verdict, chosen, related, merges, gnames, tested, adj, ev, sims, fps)
+    lineage = verdict
+    copies = copy_notes(own, groups, fps)
+    # The answer: a copy when other entries hold the suspect's weights (re-encoded, or equal under another hash),
+    # or when its own entry is all the index knows of it; else the lineage (its own entry noted, never a parent).
+    others = {n: link for n, link in own.items() if n != identical}
+    copy_answer = bool(others) or (identical in own and (lineage is None or lineage["relation"] == "independent"))
+    hits = _rank(verdict, chosen, related, merges, gnames, tested, adj, ev, sims, fps, copies, copy_answer)
+    if copy_answer:
+        verdict = copy_verdict(others or own, fps)
+        chosen = [verdict["parents"][0]["model"]]
     if al is not None and al.notes:
         for h in hits:
             undone = al.per_candidate.get(h["model"]) or (al.notes if h["model"] in chosen else [])
@@ -175,7 +188,11 @@ def _identify(suspect: Fingerprint, index: Index, top: int) -> dict[str, Any]:
         "parents": verdict["parents"] if verdict else [],
         "base": verdict.get("base") if verdict else None,
         "hits": hits[:top],
-        "summary": _summary(verdict, hits, adj, family, identical) + _disguise_text(al, verdict),
+        "summary": _summary(verdict if copy_answer else None, lineage, hits, adj, family, copies, fps,
+                            identical if identical in own else None) + _disguise_text(al, lineage),
+        "copies": [{"model": n, "of": of, "note": note} for n, (of, note) in copies.items()],
+        "lineage": None if not copy_answer or lineage is None else {k: lineage.get(k) for k in (
+            "relation", "method", "parents", "base")},
         "disguise": {"evidence": al.mode, "undone": al.notes} if al is not None and al.notes else None,
         "verdict": verdict,
         "audit_command": _audit_command(suspect, verdict, fps, chosen) if verdict else None,
@@ -300,12 +317,18 @@ def _lineage_verdict(suspect: Fingerprint, label: str, fps: dict[str, Fingerprin
 # ---- presentation ----------------------------------------------------------------------------------------------
 def _rank(verdict: dict | None, chosen: list[str], related: list[str], merges: dict[str, Explanation],
           gnames: list[str], tested: list[str], adj: dict[str, float], ev: dict[str, PairEvidence],
-          sims: dict[str, float], fps: dict[str, Fingerprint]) -> list[dict[str, Any]]:
+          sims: dict[str, float], fps: dict[str, Fingerprint], copies: dict[str, tuple[str | None, str]],
+          copy_answer: bool = False) -> list[dict[str, Any]]:
     roles: dict[str, tuple[str, str]] = {}
+    for n, (of, note) in copies.items():
+        if of is None:  # the suspect's own copies
+            roles[n] = ("copy", note)
     if verdict:
         weights = {p["model"]: p for p in verdict.get("parents", [])}
         parents = sorted(weights, key=lambda m: -abs(weights[m].get("weight") or weights[m].get("layers") or 0))
         for p in parents:
+            if p in roles:
+                continue
             w = weights[p]
             note = (f"weight {w['weight']:.4f} [{w['interval'][0]:.4f}, {w['interval'][1]:.4f}]" if "weight" in w
                     else f"{w['layers']} layers" if "layers" in w else "")
@@ -324,12 +347,24 @@ def _rank(verdict: dict | None, chosen: list[str], related: list[str], merges: d
             roles.setdefault(n, (kind, what + f" ({e.kind})"))
         else:
             roles.setdefault(n, ("related", ""))
+    own = [n for n, (of, _) in copies.items() if of is None]
     first = [n for n in roles if roles[n][0] in ("parent", "base")]
+    first = [*own, *first] if copy_answer else [*first, *own]
     middle = [n for n in related if n not in first and roles[n][0] == "related"]
     later = [n for n in related if n not in first and n not in middle]
-    rest = sorted((n for n in tested if n not in roles), key=lambda n: (adj[n], -sims[n]))
+    for n, (of, note) in copies.items():  # another model's copies: right after it, in its role
+        if of is not None and of in roles:
+            roles[n] = ("copy", note)
+    listed = [*first, *middle, *later]
+    for n, (of, _) in copies.items():
+        if of is not None and of in listed and n not in listed:
+            at = listed.index(of) + 1
+            while at < len(listed) and copies.get(listed[at], (None, ""))[0] == of:
+                at += 1
+            listed.insert(at, n)
+    rest = sorted((n for n in tested if n not in listed), key=lambda n: (adj[n], -sims[n]))
     out = []
-    for rank, n in enumerate([*first, *middle, *later, *rest], 1):
+    for rank, n in enumerate([*listed, *rest], 1):
         role, note = roles.get(n, ("unrelated", ""))
         e = ev[n]
         out.append({"rank": rank, "model": n, "spec": fps[n].spec, "role": role, "similarity": round(sims[n], 4),
@@ -337,21 +372,46 @@ def _rank(verdict: dict | None, chosen: list[str], related: list[str], merges: d
     return out
 
 
-def _summary(verdict: dict | None, hits: list[dict], adj: dict[str, float], family: int, identical: str | None
-             ) -> str:
-    prefix = f"identical in every sampled value to indexed {identical} (no full content digest compared); " \
-        if identical else ""
-    if not verdict or verdict["relation"] == "independent":
+def _summary(answer: dict | None, lineage: dict | None, hits: list[dict], adj: dict[str, float], family: int,
+             copies: dict[str, tuple[str | None, str]], fps: dict[str, Fingerprint], itself: str | None) -> str:
+    """One line per outcome: a copy (`answer`, with the lineage of those weights after it), else the lineage."""
+    own = [n for n, (of, _) in copies.items() if of is None and n != itself]
+    entry = f"; indexed itself as {itself}" if itself else ""
+    if answer is not None:
+        head = answer["parents"][0]["model"]
+        if head == itself:
+            text = f"identical in every sampled value to indexed {head}"
+        elif answer["relation"] == "copy":
+            text = f"identical in every sampled value to indexed {head}{entry}"
+        else:
+            text = f"the same weights as indexed {head}, stored in {copies[head][1].removeprefix('same weights in ')}"
+        rest = [n for n in own if n != head]
+        if rest:
+            text += "; also indexed as " + ", ".join(
+                f"{n} ({copies[n][1].removeprefix('same weights in ')})" for n in rest)
+        if answer["relation"] != "copy" and head != itself:
+            text += entry
+        if lineage is not None and lineage["relation"] not in ("independent",):
+            text += ". Lineage of these weights: " + _lineage_text(lineage, adj, copies, fps)
+        return text
+    if not lineage or lineage["relation"] == "independent":
         later = [h["model"] for h in hits if h["role"] == "descendant"]
         if later:
-            return prefix + f"no ancestor in the index; made from the suspect: {', '.join(later)}"
+            return f"no ancestor in the index; made from the suspect: {', '.join(later)}{entry}"
         best = hits[0] if hits else None
         closest = f" (closest: {best['model']}, {best['p']} after Holm over {family} models)" if best else ""
-        return prefix + f"no ancestor in the index{closest}"
+        return f"no ancestor in the index{closest}{entry}"
+    return _lineage_text(lineage, adj, copies, fps) + entry
+
+
+def _lineage_text(verdict: dict, adj: dict[str, float], copies: dict[str, tuple[str | None, str]],
+                  fps: dict[str, Fingerprint]) -> str:
     rel, method = verdict["relation"], verdict.get("method")
     parents = [p["model"] for p in verdict["parents"]]
     named = parents + ([verdict["base"]] if verdict.get("base") and verdict["base"] not in parents else [])
     p_text = format_p(max(adj.get(n, 0.0) for n in named)) if named else ""
+    grouped = [with_copies(n, copies, fps) for n in named if with_copies(n, copies, fps) != n]
+    also = f"; {'; '.join(grouped)}" if grouped else ""
     if rel == "merge":
         base = verdict.get("base")
         if base and method not in ("linear", "slerp"):
@@ -362,16 +422,16 @@ def _summary(verdict: dict | None, hits: list[dict], adj: dict[str, float], fami
         if method == "slerp":
             t = verdict.get("parameters", {}).get("t", {}).get("value")
             recipe = f"slerp({', '.join(parents)}, t = {t})"
-        return prefix + f"{recipe}, {method}; {p_text}"
+        return f"{recipe}, {method}; {p_text}{also}"
     if rel == "finetune":
-        return prefix + f"fine-tune of {parents[0]}; {p_text}"
+        return f"fine-tune of {with_copies(parents[0], copies, fps)}; {p_text}"
     if rel == "stack":
-        return prefix + f"layer stack of {' and '.join(parents)}: " + verdict["summary"].split(": ", 1)[-1] \
-            .rstrip(".") + f"; {p_text}"
+        return f"layer stack of {' and '.join(parents)}: " + verdict["summary"].split(": ", 1)[-1] \
+            .rstrip(".") + f"; {p_text}{also}"
     if rel in ("copy", "recast"):
         kind = "copy (identical in every sampled value)" if rel == "copy" else "re-encoded copy"
-        return prefix + f"{kind} of {parents[0]}; {p_text}"
-    return prefix + verdict.get("summary", rel)
+        return f"{kind} of {with_copies(parents[0], copies, fps)}; {p_text}"
+    return verdict.get("summary", rel)
 
 
 def _audit_command(suspect: Fingerprint, verdict: dict, fps: dict[str, Fingerprint], chosen: list[str] | None = None

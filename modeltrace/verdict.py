@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from modeltrace.align.coverage import stack_summary
 from modeltrace.align.layers import stack_map
 from modeltrace.audit import AuditRun, SlotResult
 from modeltrace.detectors.accumulate import is_lossy
@@ -394,14 +395,7 @@ def _identity(smap: list[tuple[int, int, int]]) -> bool:
 
 
 def _ranges(smap: list[tuple[int, int, int]], names: dict[int, str]) -> str:
-    parts, start = [], 0
-    for k in range(1, len(smap) + 1):
-        if k == len(smap) or smap[k][1] != smap[start][1] or smap[k][2] != smap[k - 1][2] + 1:
-            sl0, c, j0 = smap[start]
-            sl1, _, j1 = smap[k - 1]
-            parts.append(f"layers {sl0}-{sl1} = {names[c + 1]} layers {j0}-{j1}")
-            start = k
-    return "; ".join(parts)
+    return stack_summary(smap, names)
 
 
 def _pooled(values: list[float], ses: list[float]) -> float | None:

@@ -7,6 +7,7 @@ reorderings and copies are found before the full streaming pass decides which te
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -136,6 +137,21 @@ def _pair(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return sim, float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30))
 
 
+def _reduce_roles(sims: np.ndarray, diffs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Over roles (axis 0): median and least similarity, largest difference; NaN/inf where no role compares (also
+    when there is no role at all: a suspect or candidate whose layers hold no comparable matrix)."""
+    shape = sims.shape[1:]
+    if sims.shape[0] == 0 or sims.size == 0:
+        return np.full(shape, np.nan), np.full(shape, np.inf), np.full(shape, np.nan)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        med = np.nanmedian(sims, axis=0)
+        mn = np.nanmin(sims, axis=0)
+        mx = np.nanmax(np.where(np.isnan(diffs), -np.inf, diffs), axis=0)
+    mx[~np.isfinite(mx)] = np.inf
+    return med, mx, mn
+
+
 def map_layers(suspect: ModelView, candidates: list[ModelView]) -> list[LayerMatch]:
     roles = [_layer_roles(v) for v in (suspect, *candidates)]
     for v, r in zip((suspect, *candidates), roles, strict=True):  # remote models: every sample in flight at once
@@ -159,15 +175,7 @@ def map_layers(suspect: ModelView, candidates: list[ModelView]) -> list[LayerMat
             ib = [ci[x] for x in lb]
             sims[r][np.ix_(ia, ib)] = sm
             diffs[r][np.ix_(ia, ib)] = df
-        with np.errstate(all="ignore"):
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                med = np.nanmedian(sims, axis=0)
-                mn = np.nanmin(sims, axis=0)
-                mx = np.nanmax(np.where(np.isnan(diffs), -np.inf, diffs), axis=0)
-        mx[~np.isfinite(mx)] = np.inf
+        med, mx, mn = _reduce_roles(sims, diffs)
         per_cand.append((c_layers, med, mx, mn))
 
     out: list[LayerMatch] = []

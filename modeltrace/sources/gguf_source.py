@@ -1,13 +1,16 @@
 """GGUF files (llama.cpp): tensors under Hugging Face names, dequantized row range by row range.
 
 The `gguf` package parses the file (memory-mapped, so nothing is read until a row range is asked for) and does the
-dequantization; this module maps names back to Hugging Face conventions, reverses dims into numpy order, undoes
-llama.cpp's Q/K row permutation for the llama family, and synthesizes an HF-like config from the metadata.
+dequantization; gguf_names.py maps GGUF names to the HF names the architecture's modeltrace family recognises (from
+gguf's own tensor maps, for any architecture). This module reverses dims into numpy order, undoes llama.cpp's Q/K
+row permutation where its converter applies it, presents GPT-2's Conv1D matrices in HF's [in, out] orientation, and
+synthesizes an HF-like config from the metadata.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,10 +18,10 @@ from typing import Any
 import gguf
 import gguf.quants as gguf_quants
 import numpy as np
-from gguf.tensor_mapping import TensorNameMap
 
 from modeltrace.errors import InputError
 from modeltrace.sources.base import MAX_TEXT_BYTES, FileInfo, Source, TensorInfo, sha256_stream
+from modeltrace.sources.gguf_names import PERMUTED_ARCHS, hf_class, model_type_for, naming_for
 
 HASH_CHUNK = 8 * 1024 * 1024
 
@@ -26,102 +29,10 @@ _Q = gguf.GGMLQuantizationType
 #: types GGUFReader hands back as ordinary numpy element arrays (everything else comes as raw block bytes)
 _PLAIN_TYPES = {_Q.F32, _Q.F16, _Q.F64, _Q.I8, _Q.I16, _Q.I32, _Q.I64}
 
-#: GGUF `general.architecture` -> HF `model_type` (where they differ) and HF class name
-_MODEL_TYPES = {"qwen3moe": "qwen3_moe", "qwen2moe": "qwen2_moe"}
-_HF_CLASSES = {
-    "llama": "LlamaForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "qwen3moe": "Qwen3MoeForCausalLM",
-    "qwen2moe": "Qwen2MoeForCausalLM",
-}
-#: architectures whose Q/K rows llama.cpp's converter permutes (LlamaModel.permute)
-_PERMUTED_ARCHS = {"llama"}
-
-# gguf's HF->GGUF map lists every spelling any architecture uses; where several exist for one GGUF tensor, these
-# (the llama/qwen Hugging Face convention, "{bid}" = layer number) win, in this order.
-_PREFERRED = [
-    "model.embed_tokens",
-    "lm_head",
-    "model.norm",
-    "model.layers.{bid}.input_layernorm",
-    "model.layers.{bid}.post_attention_layernorm",
-    "model.layers.{bid}.self_attn.q_proj",
-    "model.layers.{bid}.self_attn.k_proj",
-    "model.layers.{bid}.self_attn.v_proj",
-    "model.layers.{bid}.self_attn.o_proj",
-    "model.layers.{bid}.self_attn.q_norm",
-    "model.layers.{bid}.self_attn.k_norm",
-    "model.layers.{bid}.mlp.gate_proj",
-    "model.layers.{bid}.mlp.up_proj",
-    "model.layers.{bid}.mlp.down_proj",
-    "model.layers.{bid}.mlp.gate",
-    "model.layers.{bid}.mlp.experts.gate_proj",
-    "model.layers.{bid}.mlp.experts.up_proj",
-    "model.layers.{bid}.mlp.experts.down_proj",
-    "model.layers.{bid}.mlp.shared_expert.gate_proj",
-    "model.layers.{bid}.mlp.shared_expert.up_proj",
-    "model.layers.{bid}.mlp.shared_expert.down_proj",
-    "model.layers.{bid}.mlp.shared_expert_gate",
-]
-_PREFERRED_RANK = {p: i for i, p in enumerate(_PREFERRED)}
-_LAYER_NUM = re.compile(r"(?<=\.)\d+(?=\.|$)")
-
-# TensorNameMap.__init__ updates its class-level block table in place for some architectures (a gguf quirk), which
-# would leak one architecture's overrides into the next map; each map is built from this pristine copy.
-_PRISTINE_BLOCK_CFG = dict(TensorNameMap.block_mappings_cfg)
-
 
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 200 else text[:197] + "..."
-
-
-def _pick_hf_name(candidates: list[str]) -> str | None:
-    ranked = [(r, i) for i, c in enumerate(candidates)
-              if (r := _PREFERRED_RANK.get(_LAYER_NUM.sub("{bid}", c))) is not None]
-    if ranked:
-        return candidates[min(ranked)[1]]
-    for c in candidates:
-        if c.startswith(("model.", "lm_head")):
-            return c
-    return None  # e.g. rope_freqs (computed, no HF tensor): keep the GGUF name
-
-
-def _hf_base_names(arch: str, n_blocks: int) -> dict[str, str]:
-    """GGUF base name (no .weight/.bias) -> HF base name, reversed from gguf's own HF->GGUF map."""
-    by_name = {name: member for member, name in gguf.MODEL_ARCH_NAMES.items()}
-    member = by_name.get(arch)
-    if member is None:
-        return {}
-    saved = TensorNameMap.block_mappings_cfg
-    TensorNameMap.block_mappings_cfg = dict(_PRISTINE_BLOCK_CFG)
-    try:
-        tmap = gguf.get_tensor_name_map(member, n_blocks)
-    finally:
-        TensorNameMap.block_mappings_cfg = saved
-    candidates: dict[str, list[str]] = {}
-    for hf_name, (_kind, gguf_name) in tmap.mapping.items():
-        if hf_name != gguf_name:
-            candidates.setdefault(gguf_name, []).append(hf_name)
-    out = {}
-    for gguf_name, names in candidates.items():
-        picked = _pick_hf_name(names)
-        if picked is not None:
-            out[gguf_name] = picked
-    return out
-
-
-def _hf_tensor_name(gguf_name: str, base_map: Mapping[str, str]) -> str:
-    base, dot, suffix = gguf_name.rpartition(".")
-    if not dot or suffix not in ("weight", "bias"):
-        base, suffix = gguf_name, ""
-    hf = base_map.get(base)
-    if hf is None:
-        return gguf_name
-    if base.endswith("_exps") and suffix == "weight":
-        return hf  # stacked experts: model.layers.N.mlp.experts.gate_proj, shape [experts, out, in]
-    return f"{hf}.{suffix}" if suffix else hf
 
 
 def _source_rows(start: int, stop: int, heads: int, total_rows: int) -> np.ndarray:
@@ -158,7 +69,12 @@ class GGUFSource(Source):
         self.arch = self._meta("general.architecture")
         if not isinstance(self.arch, str):
             self.arch = None
+        experts = self._as_int(self._arch_meta("expert_count"))
+        self.model_type = None if self.arch is None else model_type_for(self.arch, bool(experts))
         self._tensors: dict[str, TensorInfo] = {}
+        self._transposed: set[str] = set()  # HF names whose rows are the stored tensor's columns
+        self._whole_lock = threading.Lock()
+        self._whole: tuple[str, np.ndarray] | None = None  # the last transposed tensor read whole
         self._raw: dict[str, Any] = {}  # HF name -> gguf ReaderTensor
         self._gguf_names: dict[str, str] = {}  # HF name -> GGUF name
         self._build_tensors(reader)
@@ -197,14 +113,17 @@ class GGUFSource(Source):
         if n_blocks == 0:  # fall back to the highest blk.N seen
             nums = [int(m.group(1)) for t in reader.tensors if (m := re.match(r"blk\.(\d+)\.", t.name))]
             n_blocks = max(nums) + 1 if nums else 0
-        base_map = _hf_base_names(self.arch, n_blocks) if self.arch else {}
+        self._naming = naming_for(self.arch, self.model_type, n_blocks, [t.name for t in reader.tensors])
         for t in reader.tensors:
-            hf = _hf_tensor_name(t.name, base_map)
+            hf = self._naming.hf_name(t.name)
             if hf in self._tensors:  # two GGUF tensors claim one HF name: keep the later one's own name
                 hf = t.name
             if hf in self._tensors:
                 raise InputError(f"{self.location}: tensor {t.name} appears twice")
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            if len(shape) == 2 and self._naming.transposed(hf):  # GPT-2 Conv1D: GGUF [out, in], HF [in, out]
+                shape = shape[::-1]
+                self._transposed.add(hf)
             self._tensors[hf] = TensorInfo(
                 name=hf,
                 dtype=t.tensor_type.name,
@@ -215,6 +134,8 @@ class GGUFSource(Source):
             )
             self._raw[hf] = t
             self._gguf_names[hf] = t.name
+        # the header (metadata and tensor table) is what was read to list the tensors
+        self.stats.add(self.path.name, 0, int(min(reader.data_offset, self.path.stat().st_size)))
 
     def tensors(self) -> Mapping[str, TensorInfo]:
         return self._tensors
@@ -226,7 +147,7 @@ class GGUFSource(Source):
 
     def _permute_heads(self, info: TensorInfo) -> int | None:
         """Head count to undo llama.cpp's Q/K permutation with, or None when the tensor is not permuted."""
-        if self.arch not in _PERMUTED_ARCHS:
+        if self.arch not in PERMUTED_ARCHS:
             return None
         if info.name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
             key = "attention.head_count"
@@ -288,7 +209,24 @@ class GGUFSource(Source):
         self.stats.add(info.file, info.offset + lo * chunk.strides[0], int(chunk.nbytes))
         return self._dequantize(info, chunk).reshape(hi - lo, info.cols)
 
+    def _read_transposed(self, info: TensorInfo) -> np.ndarray:
+        """A tensor the family stores [in, out] (GGUF: [out, in]), whole, in the family's orientation. Its HF rows
+        are stored columns, so it is dequantized whole (these are GPT-2's small Conv1D matrices); the last one is
+        kept for the next row range."""
+        with self._whole_lock:
+            if self._whole is not None and self._whole[0] == info.name:
+                return self._whole[1]
+        t = self._tensor(info)
+        self.stats.add(info.file, info.offset, info.nbytes)
+        stored = self._dequantize(info, t.data.reshape(info.cols, -1)).reshape(info.cols, info.rows)
+        whole = np.ascontiguousarray(stored.T)
+        with self._whole_lock:
+            self._whole = (info.name, whole)
+        return whole
+
     def _read_rows(self, info: TensorInfo, start: int, stop: int) -> np.ndarray:
+        if info.name in self._transposed:
+            return self._read_transposed(info)[start:stop].copy()
         heads = self._permute_heads(info)
         if heads is None:
             return self._read_stored(info, start, stop)
@@ -302,6 +240,13 @@ class GGUFSource(Source):
         stop = info.rows if stop is None else min(stop, info.rows)
         if start < 0 or start > stop:
             raise InputError(f"{self.location}: bad row range [{start}, {stop}) for {name}")
+        if info.name in self._transposed:
+            t = self._tensor(info)
+            if t.tensor_type not in _PLAIN_TYPES:
+                raise InputError(f"{self.location}: {name} is a transposed {info.dtype} tensor; its rows have no "
+                                 "bytes of their own")
+            self.stats.add(info.file, info.offset, info.nbytes)
+            return np.ascontiguousarray(t.data.reshape(info.cols, info.rows).T[start:stop]).tobytes()
         rows = self._stored_rows(info)
         if rows is None:
             if (start, stop) != (0, info.rows):
@@ -322,9 +267,10 @@ class GGUFSource(Source):
     def config(self) -> dict | None:
         if self.arch is None:
             return None
-        cfg: dict[str, Any] = {"model_type": _MODEL_TYPES.get(self.arch, self.arch)}
-        if self.arch in _HF_CLASSES:
-            cfg["architectures"] = [_HF_CLASSES[self.arch]]
+        cfg: dict[str, Any] = {"model_type": self.model_type}
+        cls = hf_class(self.model_type, self.arch)
+        if cls:
+            cfg["architectures"] = [cls]
         fields = {
             "hidden_size": "embedding_length",
             "num_hidden_layers": "block_count",
@@ -424,3 +370,4 @@ class GGUFSource(Source):
     def close(self) -> None:
         self._reader = None
         self._raw = {}
+        self._whole = None
