@@ -10,7 +10,8 @@ It answers what huggingface_hub and modeltrace's HubStore ask for:
 
 Every request is recorded in `server.log` (method, path, range, status, bytes sent) so tests can assert exactly
 which byte ranges were fetched. Knobs: `ignore_range` (answer 200 with the whole file), `token` (require
-`Authorization: Bearer <token>`), `fail_next(n, status)` (answer the next n requests with an error).
+`Authorization: Bearer <token>`), `fail_next(n, status)` (answer the next n requests with an error), `heads` (which
+named revision `main` is: a new commit pushed to main).
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ class HubServer(ThreadingHTTPServer):
         }
         self.ignore_range = ignore_range
         self.token = token
+        #: repo id -> the revision name `main` points to (a new commit on main: point it at another name)
+        self.heads: dict[str, str] = {}
         self.log: list[Request] = []
         self._lock = threading.Lock()
         self._failures: list[int] = []
@@ -148,6 +151,8 @@ class HubServer(ThreadingHTTPServer):
     def lookup(self, repo_id: str, revision: str) -> tuple[str, Path] | None:
         """(commit sha, folder) for a revision name or a commit sha."""
         revs = self.repos[repo_id]
+        if revision == "main" and repo_id in self.heads:
+            revision = self.heads[repo_id]
         if revision in revs:
             return commit_sha(repo_id, revision), revs[revision]
         for name, folder in revs.items():
