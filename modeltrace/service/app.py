@@ -251,7 +251,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         repo_id = hub.parse_repo(f"{owner}/{name}")
         with store_of(request).read() as conn:
             revs = hist.load_history(conn, repo_id)
-        return hist.diff(revs, _pick(revs, a), _pick(revs, b))
+        return hist.diff(_pick(revs, a), _pick(revs, b))
 
     @app.get("/healthz", tags=["api"])
     def health(request: Request) -> dict[str, Any]:
@@ -283,7 +283,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
             js = conn.execute(select(jobs).where(jobs.c.repo_id == repo_id).order_by(jobs.c.id)).mappings().all()
         if not revs and not js:
             return html(lambda nonce: pages.not_found(f"{repo_id} has not been checked", nonce), 404)
-        d = hist.diff(revs, _pick(revs, a), _pick(revs, b)) if a and b and revs else None
+        d = hist.diff(_pick(revs, a), _pick(revs, b)) if a and b and revs else None
         jl = [{"revision": j["revision"], "state": j["state"], "error": j["error"]} for j in js]
         return html(lambda nonce: pages.model_page(repo_id, revs, jl, d, nonce))
 

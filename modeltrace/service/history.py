@@ -49,13 +49,13 @@ class Revision:
         """(index name, role, spec) of the models the result derives from ([] when independent)."""
         if self.relation == "independent":
             return []
+        same = self.identify.get("identical")
+        if same:  # the same content was already indexed: that is what the audit confirmed
+            return [(same, "parent", "")]
         hits = self.identify.get("hits") or []
         out = [(h["model"], h["role"], h.get("spec") or "") for h in hits if h.get("role") in ("parent", "base")]
         if not out:
             out = [(h["model"], h["role"], h.get("spec") or "") for h in hits if h.get("role") == "related"][:3]
-        same = self.identify.get("identical")
-        if not out and same:
-            out = [(same, "parent", "")]
         return out
 
 
@@ -69,13 +69,22 @@ def load_history(conn: Connection, repo_id: str) -> list[Revision]:
                      report=json.loads(r["report_json"])) for i, r in enumerate(rows, 1)]
 
 
-def _name(index_name: str, spec: str, by_name: dict[str, Revision], repo_id: str) -> str:
+def _name(index_name: str, spec: str, by_name: dict[str, Revision], of: Revision) -> str:
+    """How a parent is called in `of`'s history: "revision N" when it is an earlier revision of the same repository
+    (its index entry, or the indexed model it was a copy of), else its repository id or index name."""
     rev = by_name.get(index_name)
-    if rev is not None and rev.repo_id == repo_id:
+    if rev is not None and rev.repo_id == of.repo_id and rev.number < of.number:
         return f"revision {rev.number}"
     if spec.startswith("hf://"):
         return spec[len("hf://"):].split("@")[0]
     return index_name.split("@")[0] if "@" in index_name else index_name
+
+
+def _by_name(history: list[Revision]) -> dict[str, Revision]:
+    out: dict[str, Revision] = {}
+    for r in history:
+        out.setdefault(r.index_name, r)  # the earliest revision holding that content
+    return out
 
 
 def _and(names: list[str]) -> str:
@@ -92,23 +101,22 @@ def _phrase(rev: Revision, names: list[str]) -> str:
 
 def lineage(history: list[Revision], rev: Revision, depth: int = 3) -> str:
     """One sentence: what this revision is, following earlier revisions of the same repository it derives from."""
-    by_name = {r.index_name: r for r in history}
-    text = f"revision {rev.number} is {_describe(rev, by_name, depth, set())}"
+    by_name = _by_name(history)
+    text = f"revision {rev.number} is {_describe(rev, by_name, depth)}"
     return text[0].upper() + text[1:]
 
 
-def _describe(rev: Revision, by_name: dict[str, Revision], depth: int, seen: set[int]) -> str:
-    seen = seen | {rev.number}
+def _describe(rev: Revision, by_name: dict[str, Revision], depth: int) -> str:
     parents = [(n, s) for n, role, s in rev.parents() if role != "base"]
-    names = [_name(n, s, by_name, rev.repo_id) for n, s in parents]
+    names = [_name(n, s, by_name, rev) for n, s in parents]
     text = _phrase(rev, names)
     if depth <= 1:
         return text
     for n, _s in parents:
         earlier = by_name.get(n)
-        if earlier is not None and earlier.repo_id == rev.repo_id and earlier.number not in seen \
+        if earlier is not None and earlier.repo_id == rev.repo_id and earlier.number < rev.number \
                 and earlier.relation != "independent":
-            text += f" (revision {earlier.number} is {_describe(earlier, by_name, depth - 1, seen)})"
+            text += f" (revision {earlier.number} is {_describe(earlier, by_name, depth - 1)})"
     return text
 
 
@@ -129,11 +137,10 @@ def _files(rev: Revision) -> dict[str, str | None]:
     return {f["name"]: f.get("sha256") or f.get("lfs_sha256") or f.get("sample_sha256") for f in src.get("files", [])}
 
 
-def diff(history: list[Revision], a: Revision, b: Revision) -> dict[str, Any]:
+def diff(a: Revision, b: Revision) -> dict[str, Any]:
     """What changed from revision `a` to revision `b` (both of one repository), as data and in sentences."""
-    by_name = {r.index_name: r for r in history}
-    pa = {_name(n, s, by_name, a.repo_id): role for n, role, s in a.parents()}
-    pb = {_name(n, s, by_name, b.repo_id): role for n, role, s in b.parents()}
+    pa = {n for n, _role, _s in a.parents()}
+    pb = {n for n, _role, _s in b.parents()}
     wa = {p["model"]: p.get("weight") for p in _verdict(a).get("parents", [])}
     wb = {p["model"]: p.get("weight") for p in _verdict(b).get("parents", [])}
     ca, cb = _card(a), _card(b)

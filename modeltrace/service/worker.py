@@ -89,15 +89,15 @@ def _fingerprint(spec: str, name: str, settings: Settings):
 
 
 def _audit_targets(ident: dict[str, Any], specs: dict[str, str]) -> tuple[list[str], str | None]:
-    """(candidate specs, base spec) for the confirming audit: the parents and base identify found, else the
-    related models it ranked, else the indexed model with the same content."""
+    """(candidate specs, base spec) for the confirming audit: the indexed model with the same content, else the
+    parents and base identify found, else the related models it ranked."""
+    if ident.get("identical") in specs:  # the same content is indexed: confirm the copy on the weights
+        return [specs[ident["identical"]]], None
     hits = ident.get("hits") or []
     base = next((h["spec"] for h in hits if h["role"] == "base"), None)
     parents = [h["spec"] for h in hits if h["role"] == "parent"]
     if not parents:
         parents = [h["spec"] for h in hits if h["role"] not in ("unrelated", "base", "descendant")][:3]
-    if not parents and ident.get("identical") in specs:
-        parents = [specs[ident["identical"]]]
     return parents, base
 
 

@@ -45,7 +45,7 @@ def corpus_repos(corpus, tmp: Path) -> dict[str, Any]:
             "# Our own model <script>window.__pwned=2</script>\nTrained from scratch.\n")
     return {"org/rio": corpus.path("m_linear_rio"), "org/ft": corpus.path("ft_b1"),
             "org/indep": corpus.path("indep_00"), "org/evil": evil,
-            "org/history": {"r1": corpus.path("ft_a1"), "r2": corpus.path("m_linear_rio")}}
+            "org/history": {"r1": corpus.path("ft_a1"), "r2": corpus.path("m_linear_unnorm")}}
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +74,21 @@ def make_service(tmp_path, hub, seeded_index):
     for s in started:
         s.stop()
 
+
+
+@pytest.fixture(scope="module")
+def shared_service(tmp_path_factory, hub, seeded_index):
+    """Factory for one service per test module (started once with the given arguments)."""
+    started: list[Service] = []
+
+    def make(args: list[str] | None = None, env: dict[str, str] | None = None) -> Service:
+        tmp = tmp_path_factory.mktemp("service")
+        index = tmp / "index.sqlite"
+        shutil.copy(seeded_index, index)
+        svc = Service(tmp, hub, f"sqlite:///{tmp / 'service.sqlite'}", index, args, env)
+        started.append(svc)
+        return svc.start()
+
+    yield make
+    for s in started:
+        s.stop()
