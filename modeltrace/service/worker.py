@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -130,6 +131,7 @@ def analyse(repo_id: str, sha: str, settings: Settings) -> Analysis:
         report = new_report("inspect", [subject], findings, argv=["serve", spec])
     report.subjects[0].identify = ident
     bad = tripped(report, ALERT_GATES)
+    summary = re.sub(r"@([0-9a-f]{12})[0-9a-f]{28}\b", r"@\1", summary)  # commits as on the Hub's pages
     return Analysis(repo_id=repo_id, commit_sha=sha, spec=spec,
                     index_name=added.name, content_hash=fp.content_hash, relation=relation, method=method,
                     summary=summary, contradicted=bool(bad), worst=report.worst(),
