@@ -16,6 +16,7 @@ pytest.importorskip("sqlalchemy")
 from hubserver import serve  # noqa: E402
 
 from tests.service.harness import Service  # noqa: E402
+from tests.service.pg import find_pg_bin, postgres_cluster  # noqa: E402
 
 #: the index every service starts from: a team's library of known models (local folders)
 KNOWN = ("base_a", "ft_a1", "ft_a2", "base_b")
@@ -92,3 +93,17 @@ def shared_service(tmp_path_factory, hub, seeded_index):
     yield make
     for s in started:
         s.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A throwaway PostgreSQL cluster (tests/service/pg.py); skipped when the server is not installed, unless
+    MODELTRACE_REQUIRE_POSTGRES=1 (CI installs it)."""
+    import os
+
+    if find_pg_bin() is None:
+        if os.environ.get("MODELTRACE_REQUIRE_POSTGRES"):
+            pytest.fail("PostgreSQL is required (apt-get install postgresql) but was not found")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    with postgres_cluster() as url:
+        yield url

@@ -87,3 +87,24 @@ def test_burst_of_1000_deliveries_each_revision_processed_once(make_service, hub
     assert dict(rows) == {s: 1 for s in shas} and owners == len(shas)
     rel = {r["revision"]: r["relation"] for r in one.call("GET", "/api/results?q=org/burst")[1]}
     assert set(rel) == set(shas)
+
+
+def test_service_on_postgresql(make_service, pg_server):
+    from sqlalchemy import create_engine
+
+    from modeltrace.service.store import normalise_url
+
+    engine = create_engine(normalise_url(pg_server))
+    with engine.begin() as conn:  # the queue tests share this cluster: start from an empty schema
+        for t in ("alerts", "results", "jobs", "repos", "schema_version"):
+            conn.exec_driver_sql(f"DROP TABLE IF EXISTS {t} CASCADE")
+    svc = make_service(db=pg_server)
+    job = svc.wait_job(svc.submit("org/rio")["job"])
+    assert job["state"] == "done", job
+    res = svc.call("GET", f"/api/results/{job['result']}")[1]
+    assert res["relation"] == "merge" and res["contradicted"] is True
+    assert svc.call("GET", "/healthz")[1]["schema"] >= 1
+    assert "org/rio" in svc.call("GET", "/models/org/rio")[1]
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM results").scalar() == 1
+    engine.dispose()

@@ -17,17 +17,8 @@ from sqlalchemy import func, insert, inspect, select, update  # noqa: E402
 from modeltrace.errors import InputError  # noqa: E402
 from modeltrace.service.queue import JobQueue, LeaseLost  # noqa: E402
 from modeltrace.service.store import SCHEMA_VERSION, Store, jobs, results, schema_version  # noqa: E402
-from tests.service.pg import find_pg_bin, postgres_cluster  # noqa: E402
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
-
-
-@pytest.fixture(scope="session")
-def pg_server():
-    if find_pg_bin() is None:
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
-    with postgres_cluster() as url:
-        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
