@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,7 +39,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
-from sqlalchemy.pool import NullPool
 
 from modeltrace.errors import InputError
 
@@ -130,6 +131,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "repos, jobs, results, alerts", _v1),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+BUSY_TIMEOUT_S = 60.0
 
 
 def default_db_url() -> str:
@@ -171,6 +173,8 @@ class Store:
             raise InputError(f"--db {safe_url(url)}: not a database URL (sqlite:///FILE or postgresql://...)") \
                 from None
         self.dialect = parsed.get_backend_name()
+        self._write_lock: contextlib.AbstractContextManager = (threading.Lock() if self.dialect == "sqlite"
+                                                               else contextlib.nullcontext())
         if self.dialect not in ("sqlite", "postgresql"):
             raise InputError(f"--db: {self.dialect} is not supported (SQLite or PostgreSQL)")
         try:
@@ -191,24 +195,16 @@ class Store:
         if path.is_dir():
             raise InputError(f"--db {path}: is a directory")
         path.parent.mkdir(parents=True, exist_ok=True)
-        args = {"timeout": 60, "check_same_thread": False}
-        # NullPool: every checkout is a fresh connection in this process (safe across forks and threads)
-        self.engine = create_engine(self.url, connect_args=args, poolclass=NullPool)
-        self.reader = create_engine(self.url, connect_args=args, poolclass=NullPool)
-
-        for eng, begin in ((self.engine, "BEGIN IMMEDIATE"), (self.reader, "BEGIN")):
-            @event.listens_for(eng, "connect")
-            def _connect(dbapi, _record) -> None:
-                dbapi.isolation_level = None  # the driver's own transaction handling off: we emit BEGIN
-                cur = dbapi.cursor()
-                cur.execute("PRAGMA journal_mode=WAL")
-                cur.execute("PRAGMA synchronous=NORMAL")
-                cur.execute("PRAGMA foreign_keys=ON")
-                cur.close()
-
-            @event.listens_for(eng, "begin")
-            def _begin(conn, _sql=begin) -> None:
-                conn.exec_driver_sql(_sql)
+        # pooled connections, reused by this process's threads (worker processes are spawned and open their own);
+        # the writer's busy timeout is tiny: BEGIN IMMEDIATE is retried every millisecond instead (see _begin_write)
+        self.engine = create_engine(self.url, connect_args={"timeout": 0.005, "check_same_thread": False},
+                                    pool_size=4, max_overflow=4)
+        self.reader = create_engine(self.url, connect_args={"timeout": 60, "check_same_thread": False},
+                                    pool_size=8, max_overflow=16)
+        for eng in (self.engine, self.reader):
+            event.listen(eng, "connect", _sqlite_connect)
+        event.listen(self.engine, "begin", _begin_write)
+        event.listen(self.reader, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
 
     def _migrate(self) -> None:
         with self.engine.begin() as conn:
@@ -239,7 +235,10 @@ class Store:
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Connection]:
-        with self.engine.begin() as conn:
+        # SQLite has one writer at a time: threads of this process queue on a lock (first come, first served)
+        # instead of polling the file lock with SQLite's sleeping busy handler, which makes tail latencies of 100s
+        # of ms under a burst; other processes still wait on the file lock.
+        with self._write_lock, self.engine.begin() as conn:
             yield conn
 
     @contextlib.contextmanager
@@ -251,6 +250,30 @@ class Store:
         self.engine.dispose()
         if self.reader is not self.engine:
             self.reader.dispose()
+
+
+def _sqlite_connect(dbapi, _record) -> None:
+    dbapi.isolation_level = None  # the driver's own transaction handling off: we emit BEGIN
+    cur = dbapi.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def _begin_write(conn: Connection) -> None:
+    """Take SQLite's write lock, waiting for another process's writer in 1 ms steps (SQLite's own busy handler
+    sleeps up to 100 ms at a time, which is what a webhook waiting behind a worker's write would pay)."""
+    raw = conn.connection.driver_connection
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            raw.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.001)
 
 
 def _first_line(exc: BaseException) -> str:
