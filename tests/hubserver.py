@@ -15,7 +15,8 @@ Every request is recorded in `server.log` (method, path, range, status, bytes se
 which byte ranges were fetched. Faults: `ignore_range` (answer 200 with the whole file), `token` (require
 `Authorization: Bearer <token>`), `fail_next(n, status)`, `delay_next(n, s)`, `swap_after(n, repo, files)` (after n
 more file reads the same commit serves other content, with its own ETag), `trickle(rate)` (bodies sent at `rate`
-bytes a second). `link=Link(bandwidth, latency)` simulates a network link shared by every connection.
+bytes a second). `link=Link(bandwidth, latency)` simulates a network link shared by every connection. `heads`
+(which named revision `main` is: a new commit pushed to main).
 """
 
 from __future__ import annotations
@@ -159,6 +160,8 @@ class HubServer(ThreadingHTTPServer):
         self.ignore_range = ignore_range
         self.token = token
         self.link = link
+        #: repo id -> the revision name `main` points to (a new commit on main: point it at another name)
+        self.heads: dict[str, str] = {}
         self.log: list[Request] = []
         self._lock = threading.Lock()
         self._failures: list[int] = []
@@ -270,6 +273,8 @@ class HubServer(ThreadingHTTPServer):
     def lookup(self, repo_id: str, revision: str) -> tuple[str, RepoFiles] | None:
         """(commit sha, files) for a revision name or a commit sha."""
         revs = self.repos[repo_id]
+        if revision == "main" and repo_id in self.heads:
+            revision = self.heads[repo_id]
         if revision in revs:
             return commit_sha(repo_id, revision), revs[revision]
         for name, files in revs.items():
