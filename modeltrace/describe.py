@@ -7,11 +7,10 @@ from typing import Any
 
 from modeltrace.architectures import Slot, canonical_parts, detect_family, is_expert_role
 from modeltrace.card import parse_card
+from modeltrace.schema import SCHEMA_VERSION
 from modeltrace.sources.base import Source
 from modeltrace.tokenizer_info import tokenizer_summary
 
-#: JSON schema version of the `inspect --json` document.
-SCHEMA_VERSION = "1"
 
 
 def _first(cfg: dict, *keys: str) -> Any:

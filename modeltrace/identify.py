@@ -29,6 +29,7 @@ from modeltrace.fingerprint.lineage import Explanation, centre, explain, merges_
 from modeltrace.fingerprint.undisguise import Aligned, DisguiseEvidence, align_group, evidence
 from modeltrace.fingerprint.view import fingerprint_views
 from modeltrace.index.store import Index
+from modeltrace.schema import SCHEMA_VERSION
 from modeltrace.stats import format_p, holm_log10
 
 #: Models compared sample by sample after the summary-vector ranking (fewer when their fingerprints are large:
@@ -41,7 +42,6 @@ MAX_RELATED = 8
 #: ... with this many reserved for each family (summary vectors alike), so a merge across families keeps both parents.
 MIN_PER_FAMILY = 2
 FAMILY_COSINE = 0.5
-SCHEMA_VERSION = "1"
 
 
 def _alpha_log10() -> float:

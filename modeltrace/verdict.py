@@ -14,13 +14,13 @@ from modeltrace.audit import AuditRun, SlotResult
 from modeltrace.detectors.accumulate import is_lossy
 from modeltrace.detectors.registry import METHODS
 from modeltrace.relatives import place
+from modeltrace.schema import SCHEMA_VERSION
 from modeltrace.stats import fisher_log10, format_p, log10_sf, mean_interval, pooled_interval, stouffer
 
 #: A candidate is called related when its combined independence p-value is below this.
 ALPHA = 1e-6
 SPARSE_METHODS = ("ties", "dare_linear", "dare_ties", "della", "breadcrumbs", "sparse")
 MERGE_METHODS = ("linear", "task_arithmetic", "model_stock", "slerp", *SPARSE_METHODS)
-SCHEMA_VERSION = "1"
 
 
 def _majority(results: list[SlotResult]) -> tuple[str, float]:

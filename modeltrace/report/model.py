@@ -5,8 +5,12 @@ so a finding means the same thing wherever it lands. Sections owned by other mod
 description) are typed for the fields the renderers use and let every other field through (`extra="allow"`), so the
 report never drops what the library computed. The JSON Schema is published at docs/report.schema.json.
 
-Versioning: `schema_version` is MAJOR.MINOR. A reader accepts any minor version of its own major (unknown fields are
-kept) and refuses other majors with a message that says what to do.
+Versioning: `schema_version` is MAJOR.MINOR (one constant, modeltrace/schema.py, for the report and the verdict,
+identify and inspect documents in it). A reader accepts any minor version of its own major, "1" included (unknown
+fields are kept), and refuses other majors with a message that says what to do.
+
+The verdict types (Verdict, Parent, PValue, LayerRow, LayerMapEntry) are frozen: the public API (modeltrace/api.py)
+returns them as they are, and no step after `verdict.decide` may change a verdict.
 """
 
 from __future__ import annotations
@@ -18,11 +22,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from modeltrace.errors import InputError
+from modeltrace.schema import SCHEMA_VERSION, major
 
 DOCUMENT = "modeltrace-report"
-SCHEMA_VERSION = "1.0"
 
 Severity = Literal["info", "low", "medium", "high", "critical"]
+#: What a suspect is to its candidates (modeltrace/verdict.py decides it; docs/api.md says what each one means).
+Relation = Literal["copy", "recast", "finetune", "merge", "stack", "partial", "related", "independent"]
+RELATIONS: tuple[str, ...] = ("copy", "recast", "finetune", "merge", "stack", "partial", "related", "independent")
 SEVERITY_RANK: dict[str, int] = {"info": 0, "low": 1, "medium": 2, "high": 3, "critical": 4}
 Pair = list[float | None]
 
@@ -33,21 +40,27 @@ class Loose(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class Frozen(BaseModel):
+    """A Loose model that cannot be changed once built (results handed to library users)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
 # ---- what the library computed ------------------------------------------------------------------------------------
-class Parent(Loose):
+class Parent(Frozen):
     model: str
     weight: float | None = Field(None, description="mean recipe weight across matrix tensors")
     interval: Pair | None = Field(None, description="95% t-interval of the weight across tensors")
     layers: int | None = Field(None, description="stacks: how many suspect layers come from this parent")
 
 
-class PValue(Loose):
+class PValue(Frozen):
     log10_p: float
     p: float
     text: str
 
 
-class LayerRow(Loose):
+class LayerRow(Frozen):
     layer: int = Field(description="-1 = embeddings, final norm and lm_head")
     method: str
     share: float | None = None
@@ -56,20 +69,21 @@ class LayerRow(Loose):
     z: dict[str, float | None] = {}
 
 
-class LayerMapEntry(Loose):
+class LayerMapEntry(Frozen):
     layer: int
     model: str
     source_layer: int
 
 
-class Verdict(Loose):
+class Verdict(Frozen):
     """`modeltrace audit`'s verdict (modeltrace/verdict.py); see docs/inspect.md for every key."""
 
     suspect: str
     candidates: list[str] = []
     base: str | None = None
-    relation: str = Field(description="copy, recast, finetune, merge, stack, partial, related (a relative through "
-                                      "training whose direction the weights cannot give) or independent")
+    relation: Relation = Field(description="copy, recast, finetune, merge, stack, partial, related (a relative "
+                                           "through training whose direction the weights cannot give) or "
+                                           "independent")
     method: str | None = None
     summary: str = ""
     parents: list[Parent] = []
@@ -315,14 +329,13 @@ def parse_report(text: str, where: str = "report") -> Report:
                              "re-run inspect with --format json to get a report")
         raise InputError(f"{where}: not a modeltrace report (no \"document\": \"{DOCUMENT}\" field)")
     version = str(doc.get("schema_version", ""))
-    major = version.split(".")[0]
-    mine = SCHEMA_VERSION.split(".")[0]
-    if not major.isdigit():
+    theirs, mine = major(version), major(SCHEMA_VERSION)
+    if theirs is None or mine is None:
         raise InputError(f"{where}: report has no valid schema_version ({version!r})")
-    if int(major) < int(mine):
+    if theirs < mine:
         raise InputError(f"{where}: report schema {version} is older than this modeltrace's {SCHEMA_VERSION} "
                          f"(written by modeltrace {_tool_version(doc)}); re-run the command to write a current one")
-    if int(major) > int(mine):
+    if theirs > mine:
         raise InputError(f"{where}: report schema {version} is newer than this modeltrace's {SCHEMA_VERSION} "
                          f"(written by modeltrace {_tool_version(doc)}); upgrade modeltrace to read it")
     try:
