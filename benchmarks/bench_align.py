@@ -29,9 +29,9 @@ from safetensors.numpy import save_file  # noqa: E402
 
 from benchmarks.common import data_dir, rss_mb  # noqa: E402
 from modeltrace.align.disguise import RES_SAMPLE_WIDE, _Sketcher, _unit_features, res_coords  # noqa: E402
+from modeltrace.align.match_test import unit_test  # noqa: E402
 from modeltrace.align.view import open_view  # noqa: E402
 from modeltrace.architectures import Slot  # noqa: E402
-from modeltrace.detectors.match_test import unit_test  # noqa: E402
 
 
 def _layer(folder: Path, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> Path:

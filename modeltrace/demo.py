@@ -10,11 +10,12 @@ from __future__ import annotations
 import importlib.util
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import ml_dtypes
 import numpy as np
-from rich.console import Console
 from safetensors.numpy import save_file
 
 from modeltrace.errors import InputError
@@ -78,13 +79,13 @@ def build_demo(workdir: Path) -> dict[str, Path]:
     return paths
 
 
-def run_demo(workdir: Path | None, console: Console, text: bool = True) -> Report:
+def run_demo(workdir: Path | None, show: Callable[[str, dict[str, Any]], None] | None = None) -> Report:
     """Build the example models, audit rio-mini and the control, and return one report about both (built while the
-    models still exist, so its evidence hashes are real; pass --workdir to keep them for `modeltrace verify`)."""
-    from modeltrace.audit import DEFAULT_AUDIT_CHUNK, run_audit
-    from modeltrace.cli import render_audit
-    from modeltrace.report.build import audit_parameters, audit_subject, new_report
-    from modeltrace.verdict import decide
+    models still exist, so its evidence hashes are real; pass --workdir to keep them for `modeltrace verify`).
+    `show(title, verdict)` is called after each audit (the command line prints it)."""
+    from modeltrace.api import audit_subjects
+    from modeltrace.options import AuditOptions
+    from modeltrace.report.build import new_report
 
     tmp = None
     if workdir is None:
@@ -96,15 +97,14 @@ def run_demo(workdir: Path | None, console: Console, text: bool = True) -> Repor
         subjects, findings = [], []
         for name, title in (("rio-mini", "audit: rio-mini, released as an original MIT model"),
                             ("indie-mini", "control: indie-mini, an independent model of the same shape")):
-            run = run_audit(str(paths[name]), cands)
-            verdict = decide(run)
-            if text:
-                console.rule(title)
-                render_audit(verdict)
-            params = audit_parameters(cands, None, None, DEFAULT_AUDIT_CHUNK, False, False)
-            subject, found = audit_subject(run, verdict, params, seeds={"demo_models": DEMO_SEED})
-            subjects.append(subject)
-            findings += found
+            result = audit_subjects(str(paths[name]), cands, None, AuditOptions(), seeds={"demo_models": DEMO_SEED},
+                                    command="demo")
+            if show is not None:
+                doc = result.document()
+                doc.pop("mergekit_yaml", None)  # the demo's text has always shown the recipe as weights, not YAML
+                show(title, doc)
+            subjects += result.report.subjects
+            findings += result.report.findings
         return new_report("demo", subjects, findings)
     finally:
         if tmp:

@@ -12,7 +12,6 @@ from modeltrace.sources.base import Source
 from modeltrace.tokenizer_info import tokenizer_summary
 
 
-
 def _first(cfg: dict, *keys: str) -> Any:
     for k in keys:
         v = cfg.get(k)

@@ -1,9 +1,11 @@
 """A recovered recipe as mergekit YAML, and `--verify`: replay it with modeltrace's own merge code and measure.
 
-The replay streams the suspect and the parents slot by slot, computes what the recipe would produce (per layer
-parameters as recovered), and reports the relative error per tensor. Linear, task arithmetic, model stock and SLERP
-are deterministic and must match to storage precision; TIES is replayed for tensors small enough to rank in memory;
-DARE drops at random, so only its expected value can be compared (reported as such).
+Both are the merge method's own (modeltrace/methods: each method writes its mergekit configuration and combines
+parents' rows); this module streams the models. The replay reads the suspect and the parents slot by slot, asks the
+method what the recipe would produce (per-layer parameters as recovered), and reports the relative error per tensor.
+Linear, task arithmetic, model stock and SLERP are deterministic and must match to storage precision; TIES is
+replayed for tensors small enough to rank in memory; DARE drops at random, so only its expected value can be
+compared (reported as such).
 """
 
 from __future__ import annotations
@@ -16,83 +18,22 @@ import yaml
 
 from modeltrace.align.view import ModelView, open_view
 from modeltrace.architectures import Slot, is_structured
+from modeltrace.methods import MergeMethod, merge_method
+from modeltrace.methods.base import MERGEKIT_DTYPE
+from modeltrace.methods.builtin import TIES_REPLAY_MAX_ELEMENTS
 
-TIES_REPLAY_MAX_ELEMENTS = 16 * 1024 * 1024
+__all__ = ["MERGEKIT_DTYPE", "TIES_REPLAY_MAX_ELEMENTS", "replay", "to_mergekit", "to_yaml"]
 
-
-def _ref(spec: str) -> str:
-    return spec[5:] if spec.startswith("hf://") else spec
-
-
-def _per_layer(verdict: dict, key: str, model: str | None = None) -> list[float] | float | None:
-    """Per-layer values (a mergekit gradient) when they vary across layers, else one number."""
-    vals = []
-    for e in verdict["layers"]:
-        if e["layer"] < 0:
-            continue
-        v = e.get(key) if model is None else e.get("weights", {}).get(model)
-        if v is None:
-            return None
-        vals.append(float(v))
-    if not vals:
-        return None
-    if max(vals) - min(vals) < 0.01:
-        return None if model is not None else round(float(np.mean(vals)), 4)  # a parent: its pooled weight
-    return [round(v, 4) for v in vals]
-
-
-#: mergekit's name for the suspect's storage dtype (what the recipe must write to reproduce the bytes)
-MERGEKIT_DTYPE = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+#: the replay's row chunks (float64 copies of every model's rows)
+REPLAY_CHUNK_BYTES = 8 * 1024 * 1024
 
 
 def to_mergekit(verdict: dict, specs: dict[str, str]) -> dict[str, Any] | None:
     """mergekit config (as a dict) that reproduces the suspect, or None when there is no recipe to write."""
-    rel, method = verdict["relation"], verdict.get("method")
-    if rel == "stack":
-        slices = []
-        for run in _runs(verdict["layer_map"]):
-            slices.append({"sources": [{"model": _ref(specs[run[0]]), "layer_range": [run[1], run[2] + 1]}]})
-        return {"merge_method": "passthrough", "slices": slices,
-                "dtype": MERGEKIT_DTYPE.get(verdict.get("suspect_dtype", ""), "bfloat16")}
-    if rel != "merge" or not method:
+    if verdict["relation"] not in ("merge", "stack"):
         return None
-    parents = [p["model"] for p in verdict["parents"]]
-    cfg: dict[str, Any] = {"merge_method": method,
-                           "dtype": MERGEKIT_DTYPE.get(verdict.get("suspect_dtype", ""), "bfloat16")}
-    models = []
-    for p in verdict["parents"]:
-        params: dict[str, Any] = {}
-        if method in ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "della"):
-            params["weight"] = _per_layer(verdict, "weights", p["model"]) or p["weight"]
-        if method in ("ties", "dare_linear", "dare_ties", "breadcrumbs", "della"):
-            dens = verdict.get("parameters", {}).get("density", {}).get("value")
-            if dens is not None:
-                params["density"] = round(float(dens), 3)
-        models.append({"model": _ref(specs[p["model"]]), **({"parameters": params} if params else {})})
-    if method == "slerp":
-        cfg["base_model"] = _ref(specs[parents[0]])
-        cfg["models"] = [{"model": _ref(specs[m])} for m in parents]
-        cfg["parameters"] = {"t": _per_layer(verdict, "t")}
-    else:
-        cfg["models"] = models
-        if verdict.get("base"):
-            cfg["base_model"] = _ref(specs[verdict["base"]])
-            if verdict["base"] not in parents and method == "model_stock":
-                pass
-        if method == "linear":
-            s = verdict.get("parameters", {}).get("sum_weights", {}).get("value", 1.0)
-            cfg["parameters"] = {"normalize": bool(abs(s - 1) < 0.01)}
-    return cfg
-
-
-def _runs(layer_map: list[dict]) -> list[tuple[str, int, int]]:
-    runs: list[tuple[str, int, int]] = []
-    for e in layer_map:
-        if runs and runs[-1][0] == e["model"] and runs[-1][2] + 1 == e["source_layer"]:
-            runs[-1] = (runs[-1][0], runs[-1][1], e["source_layer"])
-        else:
-            runs.append((e["model"], e["source_layer"], e["source_layer"]))
-    return runs
+    method = merge_method(verdict.get("method"))
+    return None if method is None else method.to_mergekit(verdict, specs)
 
 
 def to_yaml(cfg: dict[str, Any]) -> str:
@@ -100,58 +41,17 @@ def to_yaml(cfg: dict[str, Any]) -> str:
 
 
 # ---- replay ----------------------------------------------------------------------------------------------------
-def _layer_value(value: Any, layer: int, n_layers: int) -> float:
-    if isinstance(value, list):
-        if len(value) == 1 or n_layers <= 1:
-            return float(value[0])
-        pos = layer / (n_layers - 1) * (len(value) - 1) if layer >= 0 else 0
-        return float(np.interp(pos, np.arange(len(value)), value))
-    return float(value)
-
-
-def _slerp_rows(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
-    from modeltrace.detectors.fits import SLERP_DOT_THRESHOLD
-
-    na = np.linalg.norm(a, axis=1, keepdims=True)
-    nb = np.linalg.norm(b, axis=1, keepdims=True)
-    na = np.where(na > 1e-8, na, 1)
-    nb = np.where(nb > 1e-8, nb, 1)
-    dot = np.clip(((a / na) * (b / nb)).sum(axis=1, keepdims=True), -1, 1)
-    lin = np.abs(dot) > SLERP_DOT_THRESHOLD
-    theta = np.arccos(np.where(lin, 0, dot))
-    s = np.where(lin, 1, np.sin(theta))
-    ca = np.where(lin, 1 - t, np.sin((1 - t) * theta) / s)
-    cb = np.where(lin, t, np.sin(t * theta) / s)
-    return ca * a + cb * b
-
-
-def _ties(base: np.ndarray, parents: list[np.ndarray], weights: list[float], density: float) -> np.ndarray:
-    deltas = []
-    for p in parents:
-        d = (p - base).ravel()
-        k = max(1, int(density * d.size))
-        keep = np.zeros(d.size, dtype=bool)
-        keep[np.argpartition(-np.abs(d), k - 1)[:k]] = True
-        deltas.append(np.where(keep, d, 0))
-    D = np.stack(deltas) * np.asarray(weights)[:, None]
-    sign = np.where(D.sum(axis=0) >= 0, 1.0, -1.0)
-    mask = np.sign(D) == sign
-    mixed = (D * mask).sum(axis=0)
-    div = (np.asarray(weights)[:, None] * mask).sum(axis=0)
-    div[div == 0] = 1
-    return base + (mixed / div).reshape(base.shape)
-
-
 def replay(verdict: dict, specs: dict[str, str], cfg: dict[str, Any]) -> dict[str, Any]:
     """Re-run the recipe with modeltrace's own implementation and compare with the suspect, tensor by tensor."""
-    method = cfg["merge_method"]
-    if method in ("dare_linear", "dare_ties", "della", "breadcrumbs"):
-        return {"method": method, "replayed": False,
-                "reason": f"{method} drops entries at random (or by a rule that needs the whole-model ranking); "
-                          "its exact output cannot be replayed, only its statistics (see the audit's parameters)"}
+    name = cfg["merge_method"]
+    method = merge_method(name)
+    if method is None:
+        return {"method": name, "replayed": False, "reason": f"{name} is not a merge method modeltrace knows"}
+    if method.not_replayable:
+        return {"method": name, "replayed": False, "reason": f"{name} {method.not_replayable}"}
     undone = [n for a in (verdict.get("alignment") or {}).values() for n in a.get("undone", [])]
     if undone:  # the replay reads parents in stored order; a disguised suspect only matches them through the alignment
-        return {"method": method, "replayed": False,
+        return {"method": name, "replayed": False,
                 "reason": "the suspect is disguised (" + "; ".join(dict.fromkeys(undone)) + "): the recipe was fitted "
                           "through the recovered alignment, and a replay in stored order would not match"}
     views: dict[str, ModelView] = {}
@@ -183,7 +83,7 @@ def replay(verdict: dict, specs: dict[str, str], cfg: dict[str, Any]) -> dict[st
                 if err > worst[1]:
                     worst = (slot.key, err)
         return {
-            "method": method,
+            "method": name,
             "replayed": True,
             "tensors": len(errors),
             "skipped": skipped,
@@ -196,43 +96,28 @@ def replay(verdict: dict, specs: dict[str, str], cfg: dict[str, Any]) -> dict[st
             v.close()
 
 
-def _replay_slot(method: str, verdict: dict, cfg: dict[str, Any], suspect: ModelView, views: dict[str, ModelView],
-                 slot: Slot, n_layers: int) -> float | None:
-    parents = [p["model"] for p in verdict["parents"]]
+def _replay_slot(method: MergeMethod, verdict: dict, cfg: dict[str, Any], suspect: ModelView,
+                 views: dict[str, ModelView], slot: Slot, n_layers: int) -> float | None:
+    """Relative error of the recipe on one tensor: whole tensors for methods that rank them (TIES, within
+    TIES_REPLAY_MAX_ELEMENTS), else row chunks in float64."""
     layer = slot.layer
     part = suspect.parts[slot]
-    num = den = 0.0
-    step = max(1, (8 * 1024 * 1024) // max(1, part.cols * 4))
-    if method == "ties":
+    if method.whole_tensor:
         if part.numel > TIES_REPLAY_MAX_ELEMENTS:
             return None
-        base = views[verdict["base"]].read(slot)
-        ps = [views[p].read(slot) for p in parents]
-        ws = [_layer_value(m["parameters"]["weight"], layer, n_layers) for m in cfg["models"]]
-        dens = float(cfg["models"][0]["parameters"].get("density", 1.0))
-        pred = _ties(base, ps, ws, dens)
+        pred = method.combine({n: v.read(slot) for n, v in views.items()}, verdict, cfg, layer, n_layers)
+        if pred is None:
+            return None
         s = suspect.read(slot)
         return float(np.linalg.norm(s - pred) / max(np.linalg.norm(s), 1e-30))
+    num = den = 0.0
+    step = max(1, REPLAY_CHUNK_BYTES // max(1, part.cols * 4))
     for a in range(0, part.rows, step):
         b = min(a + step, part.rows)
         s = suspect.read(slot, a, b).astype(np.float64)
         chunks = {n: v.read(slot, a, b).astype(np.float64) for n, v in views.items()}
-        if method == "slerp":
-            t = _layer_value(cfg["parameters"]["t"], layer, n_layers)
-            pred = _slerp_rows(chunks[parents[0]], chunks[parents[1]], t)
-        elif method == "linear":
-            ws = {p["model"]: _layer_value(m["parameters"]["weight"], layer, n_layers)
-                  for p, m in zip(verdict["parents"], cfg["models"], strict=True)}
-            pred = sum(w * chunks[n] for n, w in ws.items())
-            if cfg.get("parameters", {}).get("normalize"):
-                pred = pred / sum(ws.values())
-        elif method in ("task_arithmetic", "model_stock"):
-            base = chunks[verdict["base"]]
-            ws = {p["model"]: _layer_value(m["parameters"].get("weight", p["weight"]) if "parameters" in m
-                                           else p["weight"], layer, n_layers)
-                  for p, m in zip(verdict["parents"], cfg["models"], strict=True)}
-            pred = base + sum(w * (chunks[n] - base) for n, w in ws.items())
-        else:
+        pred = method.combine(chunks, verdict, cfg, layer, n_layers)
+        if pred is None:
             return None
         num += float(((s - pred) ** 2).sum())
         den += float((s**2).sum())

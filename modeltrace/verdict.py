@@ -12,7 +12,7 @@ from modeltrace.align.coverage import stack_summary
 from modeltrace.align.layers import stack_map
 from modeltrace.audit import AuditRun, SlotResult
 from modeltrace.detectors.accumulate import is_lossy
-from modeltrace.detectors.registry import METHODS
+from modeltrace.methods import merge_method
 from modeltrace.relatives import place
 from modeltrace.schema import SCHEMA_VERSION
 from modeltrace.stats import fisher_log10, format_p, log10_sf, mean_interval, pooled_interval, stouffer
@@ -225,9 +225,10 @@ def _decide(run: AuditRun) -> dict[str, Any]:
     # A merge involves no training: a linear-family recipe that leaves a residual above the storage rounding in most
     # tensors is training on top of something (a merge then trained, or a relative through a common ancestor).
     noisy = sum(r.stats.numel for r in agree if r.fit.params.get("noisy")) > 0.5 * sum(r.stats.numel for r in agree)
-    if method in MERGE_METHODS and not noisy:
+    merger = merge_method(method)
+    if merger is not None and merger.family != "stack" and not noisy:
         parents = [c for c, v in ws.items() if abs(float(np.mean(v))) >= 0.02]
-        if len(parents) >= 2 or method in ("task_arithmetic", "model_stock", *SPARSE_METHODS):
+        if len(parents) >= 2 or merger.needs_base:
             out["relation"] = "merge"
             out["method"] = _method_name(method, agree)
             out["method_info"] = _info(out["method"])
@@ -436,29 +437,19 @@ def _method_name(method: str, agree: list[SlotResult]) -> str:
 
 
 def _info(method: str) -> dict[str, str] | None:
-    info = METHODS.get(method)
-    return None if info is None else {"description": info.description, "paper": info.paper}
+    m = merge_method(method)
+    return None if m is None else m.info()
 
 
 def _merge_summary(out: dict, suspect: str, agree: list[SlotResult], n_layers: int, logp: dict[int, float],
                    names: dict[int, str]) -> str:
-    method = out["method"]
-    terms = " + ".join(f"{p['weight']:.2f}·{p['model']}" for p in out["parents"])
+    method = merge_method(out["method"])
+    assert method is not None
     layers_hit = len({r.slot.layer for r in agree if r.slot.layer >= 0})
     worst = min(logp.values())
     pname = min(logp, key=logp.get)
-    if method == "slerp":
-        t = out["parameters"].get("t", {}).get("value")
-        text = f"{suspect} is a SLERP merge of {' and '.join(p['model'] for p in out['parents'])} (mean t = {t})"
-    elif method in ("task_arithmetic", "model_stock"):
-        text = f"{suspect} ≈ {out['base']} + task vectors: {terms} ({method})"
-    elif method in SPARSE_METHODS:
-        d = out["parameters"].get("density", {}).get("value")
-        text = (f"{suspect} is a sparse task-vector merge ({method}, density ≈ {d}) of "
-                f"{', '.join(p['model'] for p in out['parents'])} over base {out['base']}")
-    else:
-        r2 = out["parameters"].get("r2_min")
-        text = f"{suspect} ≈ {terms} (linear merge), R² ≥ {r2:.4f}" if r2 is not None else f"{suspect} ≈ {terms}"
+    text = method.summarise(out, suspect)  # the method says what it found (modeltrace/methods)
+    if method.family == "linear" and not method.needs_base:
         noisy = sum(1 for r in agree if r.fit.params.get("noisy"))
         if noisy:
             text += (f" (in {noisy} of {len(agree)} tensors a residual above storage rounding remains: noise or "

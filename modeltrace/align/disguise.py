@@ -31,10 +31,10 @@ from scipy.optimize import linear_sum_assignment
 
 from modeltrace.align.layers import LayerMatch, sample_row_ids
 from modeltrace.align.match import agreements, identity_score, match, standardize
+from modeltrace.align.match_test import UnitTest, unit_test
 from modeltrace.align.transform import ResidualMap, SlotTransform, gather
 from modeltrace.align.view import ModelView
 from modeltrace.architectures import Slot
-from modeltrace.detectors.match_test import UnitTest, unit_test
 from modeltrace.errors import InputError
 from modeltrace.stats import fisher_log10, poisson_log10_sf, z_from_log10p
 

@@ -13,8 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from typing import TYPE_CHECKING
 
-from modeltrace.sources.base import TensorInfo
+if TYPE_CHECKING:  # annotations only: sources/ reads family data from here (gguf_names)
+    from modeltrace.sources.base import TensorInfo
 
 
 @dataclass(frozen=True, order=True)

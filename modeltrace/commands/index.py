@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from modeltrace.cli import ConnectionsOpt, TimeoutOpt, _human_bytes, err, guarded, out, print_json, remote_limits
+from modeltrace.console import ConnectionsOpt, TimeoutOpt, _human_bytes, err, guarded, out, print_json, remote_limits
 from modeltrace.engine import RAY_ADDRESS_HELP
 from modeltrace.errors import InputError
 

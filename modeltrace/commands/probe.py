@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from modeltrace.cli import FormatOpt, JsonOpt, OutputOpt, _report_format, deliver, err, guarded, out
+from modeltrace.console import FormatOpt, JsonOpt, OutputOpt, _report_format, deliver, err, guarded, out
 from modeltrace.errors import InputError
 
 probe_app = typer.Typer(

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from modeltrace.cli import err, guarded, out, print_json
+from modeltrace.console import err, guarded, out, print_json
 from modeltrace.errors import InputError
 
 

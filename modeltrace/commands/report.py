@@ -12,7 +12,7 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    from modeltrace.cli import _human_bytes, err, guarded, out
+    from modeltrace.console import _human_bytes, err, guarded, out
 
     @app.command("verify")
     @guarded
@@ -90,17 +90,17 @@ def register(app: typer.Typer) -> None:
 
         Example: modeltrace render rio.json -o rio.html
         """
+        from modeltrace.api import load_report, render, save
         from modeltrace.errors import InputError
-        from modeltrace.report import formats
-        from modeltrace.report.model import load_report
+        from modeltrace.report.formats import format_for
 
         doc = load_report(report)
         if fmt is None:
             if output is None:
                 raise InputError("render needs --format or an --output file name to tell the format")
-            fmt = formats.format_for(output)
+            fmt = format_for(output)
         if output is None:
-            sys.stdout.write(formats.render(doc, fmt))
+            sys.stdout.write(render(doc, fmt))
             return
-        size = formats.write(doc, fmt, output)
+        size = save(doc, output, fmt)
         err.print(f"wrote {fmt} report to {output} ({_human_bytes(size)})", markup=False, highlight=False)

@@ -14,7 +14,7 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    from modeltrace.cli import err, guarded
+    from modeltrace.console import err, guarded
 
     @app.command("serve")
     @guarded

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from modeltrace.architectures import Slot
-from modeltrace.fingerprint.sampling import HALF_EXACT, KEEP_COLS, column_order
+from modeltrace.fingerprint.sampling import HALF_EXACT, KEEP_COLS, column_order, widen_scaled
 
 if TYPE_CHECKING:
     from modeltrace.align.view import ModelView
@@ -304,8 +304,6 @@ _WIDTH = {"u8": ("<u8", 8), "u4": ("<u4", 4), "f2": ("<f2", 2), "f4": ("<f4", 4)
 
 
 def decode(head: dict[str, Any], buf: memoryview, off: int) -> tuple[RobustSection, int]:
-    from modeltrace.fingerprint.core import widen_scaled  # core imports this module
-
     arrays: dict[str, np.ndarray] = {}
     order: list[str] = []
     for name, store, shape, exp in head["arrays"]:

@@ -101,7 +101,7 @@ class Verdict(Frozen):
     verify: dict[str, Any] | None = None
 
 
-class Description(Loose):
+class Description(Frozen):
     """`modeltrace inspect`'s description (modeltrace/describe.py); see docs/inspect.md."""
 
     location: str

@@ -1,0 +1,238 @@
+"""The public API: one function per question, each returning a typed, frozen result (modeltrace/results.py).
+
+    inspect(model)                          what a checkpoint is (headers only; `hashes=True` reads everything)
+    audit(suspect, candidates, base)        what it was made from, and exactly how (streams the weights once)
+    identify(suspect, index)                which indexed models it is made from (fingerprints only)
+    fingerprint(model)                      the small sample of a model an `Index` keeps (Index.add)
+    probe_identity(model) / probe_compare   behavioural evidence (local models or OpenAI-compatible endpoints)
+    load_report(path), render(report, fmt), save(report, path)    reports without re-running anything
+
+Data flow of `audit`, the one pipeline the command line and the demo share: open and stream the models
+(audit.run_audit) -> verdict.decide -> the recipe as mergekit configuration and, with `verify`, its replay
+(recipe.py) -> the report subject (report/build.py: card audit, ancestors' licences, evidence) -> AuditResult.
+The command line (cli.py) only turns flags into options and prints what comes back. Heavy modules are imported
+inside the functions, so `import modeltrace` stays cheap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from modeltrace.errors import InputError
+from modeltrace.options import AuditOptions, ProbeOptions, ReadOptions, remote_limits
+from modeltrace.results import (
+    AuditResult,
+    CompareProbe,
+    IdentifyResult,
+    IdentityProbe,
+    InspectResult,
+    Recipe,
+    Replay,
+    Report,
+)
+
+if TYPE_CHECKING:
+    from modeltrace.fingerprint.core import Fingerprint
+    from modeltrace.index.store import Index
+
+__all__ = ["audit", "fingerprint", "identify", "inspect", "load_report", "probe_compare", "probe_identity", "render",
+           "save"]
+
+#: (done, total) in bytes of the streaming pass
+Progress = Callable[[int, int], None]
+
+
+def inspect(model: str | Path, *, hashes: bool = False, options: ReadOptions | None = None) -> InspectResult:
+    """Describe a checkpoint: architecture, parameters (MoE aware), dtypes, shards, tokenizer, model card and its
+    problems. Only headers and small metadata files are read, unless `hashes` (file SHA-256s and the content
+    digest: every byte)."""
+    from modeltrace.align.view import label_for
+    from modeltrace.describe import describe
+    from modeltrace.report.build import inspect_subject, new_report
+    from modeltrace.results import Description
+    from modeltrace.sources import open_source
+    from modeltrace.sources.base import recording_remote_ranges
+
+    o = options or ReadOptions()
+    spec = str(model)
+    with remote_limits(o), recording_remote_ranges(), open_source(spec, allow_pickle=o.allow_pickle) as src:
+        d = describe(src, hashes=hashes)
+        if hashes:
+            from modeltrace.provenance.content import content_digest
+
+            d["content"] = content_digest(src).to_dict()
+        subject, findings = inspect_subject(label_for(spec), spec, d, src, hashes=hashes)
+    return InspectResult(description=subject.description or Description.model_validate(d),
+                         report=new_report("inspect", [subject], findings))
+
+
+def audit(suspect: str | Path, candidates: Sequence[str | Path], base: str | Path | None = None,
+          options: AuditOptions | None = None, *, progress: Progress | None = None) -> AuditResult:
+    """What was `suspect` made from, and exactly how? Compares its weights with each candidate's, tensor by tensor,
+    in one streaming pass: relation (copy, recast, finetune, merge, stack, partial, related, independent), merge
+    method and recipe with 95% intervals, per-layer rows and p-values of independence; then its model card against
+    those findings. `base`: the candidates' common base, when known (task arithmetic, TIES, DARE)."""
+    return audit_subjects(str(suspect), [str(c) for c in candidates], None if base is None else str(base),
+                          options or AuditOptions(), progress=progress)
+
+
+def audit_subjects(suspect: str, candidates: list[str], base: str | None, o: AuditOptions,
+                   progress: Progress | None = None, seeds: dict[str, Any] | None = None,
+                   command: str = "audit") -> AuditResult:
+    """`audit` with the report's seeds and command named (the demo audits two models into one report)."""
+    from modeltrace.audit import run_audit
+    from modeltrace.report.build import audit_parameters, audit_subject, new_report
+    from modeltrace.sources.base import recording_remote_ranges
+    from modeltrace.verdict import decide
+
+    nbytes = o.budget_bytes()
+    with remote_limits(o, nbytes):
+        sample = o.sample
+        if nbytes is not None and sample is None:
+            from modeltrace.sources.hub import sample_for_budget
+
+            sample = sample_for_budget([suspect, *candidates], nbytes)
+        with recording_remote_ranges():
+            run = run_audit(suspect, candidates, base=base, sample=sample, chunk_bytes=o.chunk_bytes,
+                            progress=progress, allow_pickle=o.allow_pickle, workers=o.workers, ray=o.ray,
+                            address=o.address)
+        verdict = decide(run)
+        recipe, replayed = _recipe(verdict, o.verify)
+        verdict["mergekit_yaml"] = recipe.yaml if recipe else None
+        if replayed is not None:
+            verdict["verify"] = replayed.model_dump(exclude_unset=True)
+        params = audit_parameters(candidates, base, sample, o.chunk_bytes, o.allow_pickle, o.hashes)
+        subject, findings = audit_subject(run, verdict, params, full_hashes=o.hashes, allow_pickle=o.allow_pickle,
+                                          seeds=seeds)
+    assert subject.audit is not None
+    return AuditResult(verdict=subject.audit, recipe=recipe, replay=replayed,
+                       report=new_report(command, [subject], findings))
+
+
+def _recipe(verdict: dict[str, Any], verify: bool) -> tuple[Recipe | None, Replay | None]:
+    from modeltrace.recipe import replay, to_mergekit, to_yaml
+
+    cfg = to_mergekit(verdict, verdict["sources"])
+    recipe = Recipe(method=cfg["merge_method"], config=cfg, yaml=to_yaml(cfg)) if cfg else None
+    if not verify:
+        return recipe, None
+    if cfg is None:
+        return recipe, Replay(replayed=False, reason="no merge recipe to replay")
+    return recipe, Replay.model_validate(replay(verdict, verdict["sources"], cfg))
+
+
+def fingerprint(model: str | Path, *, options: ReadOptions | None = None) -> Fingerprint:
+    """A model's fingerprint: a deterministic sample of every canonical tensor (at most ~16 MB, Range reads only for
+    hf:// models), what `Index.add` stores and `identify` compares."""
+    from modeltrace.fingerprint import make_fingerprint
+
+    o = options or ReadOptions()
+    with remote_limits(o):
+        return make_fingerprint(str(model), allow_pickle=o.allow_pickle)
+
+
+def identify(suspect: str | Path, index: Index | str | Path | None = None, *, top: int = 5, digest: bool = False,
+             options: ReadOptions | None = None) -> IdentifyResult:
+    """Which indexed models is `suspect` made from, and how? Ranks the index (an open `Index`, a path, or None for
+    $MODELTRACE_INDEX / the default) by evidence of ancestry, p-values Holm-adjusted over all of it, and recovers
+    relation and recipe from fingerprints; `audit_command` confirms it on the weights. `digest`: also compute the
+    suspect's content digest (reads every tensor), so identical models are named at once."""
+    from modeltrace.identify import identify as run_identify
+    from modeltrace.index.store import Index, default_index_path
+
+    o = options or ReadOptions()
+    if top < 1:
+        raise InputError("top must be at least 1")
+    spec = str(suspect)
+    with remote_limits(o):
+        owned = not isinstance(index, Index)
+        ix = index if isinstance(index, Index) else Index(Path(index) if index is not None else default_index_path())
+        try:
+            fp = fingerprint(spec, options=o)
+            cd = None
+            if digest:
+                from modeltrace.provenance.content import content_digest
+                from modeltrace.sources import open_source
+
+                with open_source(spec, allow_pickle=o.allow_pickle) as src:
+                    cd = content_digest(src)
+            doc = run_identify(fp, ix, top=top, digest=cd)
+        finally:
+            if owned:
+                ix.close()
+    return IdentifyResult.from_document(doc)
+
+
+def probe_identity(model: str, *, languages: Sequence[str] | None = None, questions: int | None = None,
+                   samples: int = 1, system_prompt: str | None = None, no_system_prompt: bool = False,
+                   expect: Sequence[str] | None = None, options: ProbeOptions | None = None,
+                   progress: Callable[[int], None] | None = None) -> IdentityProbe:
+    """Ask `model` who it is (128 questions in en, pt, es and zh; `questions` per language, `samples` answers each)
+    and count the names its answers give, with 95% intervals; `expect`: names it should give."""
+    from modeltrace.probes.backends import open_backend
+    from modeltrace.probes.bank import select_questions
+    from modeltrace.probes.identity import run_identity
+    from modeltrace.probes.reporting import identity_report
+
+    o = options or ProbeOptions()
+    if system_prompt is not None and no_system_prompt:
+        raise InputError("--system-prompt and --no-system-prompt are exclusive")
+    if samples < 1 or (o.max_tokens is not None and o.max_tokens < 1):
+        raise InputError("--samples and --max-tokens must be at least 1")
+    qs = select_questions(list(languages) if languages else None, questions)
+    with open_backend(model, **_backend_options(o, len(qs) * samples)) as backend:
+        rep = run_identity(backend, qs, samples=samples, system_prompt=system_prompt,
+                           no_system_prompt=no_system_prompt, expected=list(expect) if expect else None,
+                           max_tokens=o.max_tokens or 200, temperature=o.temperature, top_p=o.top_p, seed=o.seed,
+                           progress=progress)
+    return IdentityProbe(summary=rep["summary"], names=rep["names"], warnings=rep["warnings"],
+                         report=identity_report(rep, model), data=rep)
+
+
+def probe_compare(suspect: str, candidates: Sequence[str], references: Sequence[str] = (), *, prompts: int = 48,
+                  positions: int = 8, alpha: float = 0.01, options: ProbeOptions | None = None) -> CompareProbe:
+    """Which candidate does `suspect` behave like? The same prompts to every model; greedy outputs and next-token
+    distributions compared against unrelated `references`, Holm-adjusted p-values."""
+    from modeltrace.probes.backends import open_backend
+    from modeltrace.probes.compare import run_compare
+    from modeltrace.probes.reporting import compare_report
+
+    o = options or ProbeOptions()
+    max_tokens = o.max_tokens or 32
+    if not 0 < alpha < 1 or max_tokens < 1 or positions < 1:
+        raise InputError("--alpha must be in (0, 1); --max-tokens and --positions at least 1")
+    backend_opts = _backend_options(o, 4 * prompts)
+    rep = run_compare(suspect, list(candidates), list(references), lambda spec: open_backend(spec, **backend_opts),
+                      n_prompts=prompts, max_tokens=max_tokens, positions=positions, seed=o.seed, alpha=alpha)
+    return CompareProbe(summary=rep["summary"], models=rep["models"], warnings=rep["warnings"],
+                        report=compare_report(rep, suspect), data=rep)
+
+
+def _backend_options(o: ProbeOptions, planned: int) -> dict[str, Any]:
+    return {"endpoint": o.endpoint, "api_key_env": o.api_key_env, "concurrency": o.concurrency,
+            "timeout": o.timeout, "retries": o.retries, "budget": o.budget or 2 * planned, "device": o.device}
+
+
+def load_report(path: str | Path) -> Report:
+    """A report written with `--format json` (or `save(report, "x.json")`); any schema 1.x; one-line errors."""
+    from modeltrace.report.model import load_report as load
+
+    return load(path)
+
+
+def render(report: Report, fmt: str = "json") -> str:
+    """The report as text: json, md, html, cyclonedx (CycloneDX 1.6 ML-BOM) or spdx (SPDX 3.0.1 AI)."""
+    from modeltrace.report import formats
+
+    return formats.render(report, fmt)
+
+
+def save(report: Report, path: str | Path, fmt: str | None = None) -> int:
+    """Write the report (format from `fmt`, else from the file name: .json, .md, .html, .cdx.json, .spdx.json),
+    atomically; returns its size in bytes."""
+    from modeltrace.report import formats
+
+    out = Path(path)
+    return formats.write(report, fmt or formats.format_for(out), out)
