@@ -55,11 +55,11 @@ def imports_before_mark(stderr: str) -> tuple[float, bool]:
     return total_us / 1e6, seen
 
 
-def run(args: list[str], hook: bool = True) -> tuple[float, bool]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+def run(args: list[str], hook: bool = True, root: Path = ROOT) -> tuple[float, bool]:
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-X", "importtime", "-c", _HOOK, *args] if hook else [sys.executable, "-X", "importtime",
                                                                                "-c", args[0]]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
     return imports_before_mark(p.stderr)
 
 
@@ -69,13 +69,14 @@ def main() -> None:
     ap.add_argument("--suspect", default=str(corpus / "m_linear_rio"))
     ap.add_argument("-c", dest="candidates", action="append")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--root", type=Path, default=ROOT, help="the checkout whose modeltrace is measured")
     a = ap.parse_args()
     cands = a.candidates or [str(corpus / "ft_a1"), str(corpus / "ft_a2")]
     audit = ["audit", a.suspect, *sum((["-c", c] for c in cands), []), "--json"]
     rows = {
-        "import modeltrace": lambda: run(["import modeltrace"], hook=False),
-        "audit: imports before the first weight byte": lambda: run(audit),
-        "--help": lambda: run(["--help"]),
+        "import modeltrace": lambda: run(["import modeltrace"], hook=False, root=a.root),
+        "audit: imports before the first weight byte": lambda: run(audit, root=a.root),
+        "--help": lambda: run(["--help"], root=a.root),
     }
     for label, fn in rows.items():
         got = [fn() for _ in range(a.repeat)]

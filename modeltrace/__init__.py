@@ -18,7 +18,10 @@ from __future__ import annotations
 import importlib
 import sys
 import types
-from typing import TYPE_CHECKING, Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat the name alike)
+if TYPE_CHECKING:
+    from typing import Any
 
 __version__ = "0.1.0"
 

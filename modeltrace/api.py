@@ -22,20 +22,20 @@ from typing import TYPE_CHECKING, Any
 
 from modeltrace.errors import InputError
 from modeltrace.options import AuditOptions, ProbeOptions, ReadOptions, remote_limits
-from modeltrace.results import (
-    AuditResult,
-    CompareProbe,
-    IdentifyResult,
-    IdentityProbe,
-    InspectResult,
-    Recipe,
-    Replay,
-    Report,
-)
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the results import pydantic: each function imports them when it builds one
     from modeltrace.fingerprint.core import Fingerprint
     from modeltrace.index.store import Index
+    from modeltrace.results import (
+        AuditResult,
+        CompareProbe,
+        IdentifyResult,
+        IdentityProbe,
+        InspectResult,
+        Recipe,
+        Replay,
+        Report,
+    )
 
 __all__ = ["audit", "fingerprint", "identify", "inspect", "load_report", "probe_compare", "probe_identity", "render",
            "save"]
@@ -51,7 +51,7 @@ def inspect(model: str | Path, *, hashes: bool = False, options: ReadOptions | N
     from modeltrace.align.view import label_for
     from modeltrace.describe import describe
     from modeltrace.report.build import inspect_subject, new_report
-    from modeltrace.results import Description
+    from modeltrace.results import Description, InspectResult
     from modeltrace.sources import open_source
     from modeltrace.sources.base import recording_remote_ranges
 
@@ -83,9 +83,7 @@ def audit_subjects(suspect: str, candidates: list[str], base: str | None, o: Aud
                    command: str = "audit") -> AuditResult:
     """`audit` with the report's seeds and command named (the demo audits two models into one report)."""
     from modeltrace.audit import run_audit
-    from modeltrace.report.build import audit_parameters, audit_subject, new_report
     from modeltrace.sources.base import recording_remote_ranges
-    from modeltrace.verdict import decide
 
     nbytes = o.budget_bytes()
     with remote_limits(o, nbytes):
@@ -98,6 +96,10 @@ def audit_subjects(suspect: str, candidates: list[str], base: str | None, o: Aud
             run = run_audit(suspect, candidates, base=base, sample=sample, chunk_bytes=o.chunk_bytes,
                             progress=progress, allow_pickle=o.allow_pickle, workers=o.workers, ray=o.ray,
                             address=o.address)
+        from modeltrace.report.build import audit_parameters, audit_subject, new_report  # after the reading
+        from modeltrace.results import AuditResult
+        from modeltrace.verdict import decide
+
         verdict = decide(run)
         recipe, replayed = _recipe(verdict, o.verify)
         verdict["mergekit_yaml"] = recipe.yaml if recipe else None
@@ -113,6 +115,7 @@ def audit_subjects(suspect: str, candidates: list[str], base: str | None, o: Aud
 
 def _recipe(verdict: dict[str, Any], verify: bool) -> tuple[Recipe | None, Replay | None]:
     from modeltrace.recipe import replay, to_mergekit, to_yaml
+    from modeltrace.results import Recipe, Replay
 
     cfg = to_mergekit(verdict, verdict["sources"])
     recipe = Recipe(method=cfg["merge_method"], config=cfg, yaml=to_yaml(cfg)) if cfg else None
@@ -141,6 +144,7 @@ def identify(suspect: str | Path, index: Index | str | Path | None = None, *, to
     suspect's content digest (reads every tensor), so identical models are named at once."""
     from modeltrace.identify import identify as run_identify
     from modeltrace.index.store import Index, default_index_path
+    from modeltrace.results import IdentifyResult
 
     o = options or ReadOptions()
     if top < 1:
@@ -175,6 +179,7 @@ def probe_identity(model: str, *, languages: Sequence[str] | None = None, questi
     from modeltrace.probes.bank import select_questions
     from modeltrace.probes.identity import run_identity
     from modeltrace.probes.reporting import identity_report
+    from modeltrace.results import IdentityProbe
 
     o = options or ProbeOptions()
     if system_prompt is not None and no_system_prompt:
@@ -198,6 +203,7 @@ def probe_compare(suspect: str, candidates: Sequence[str], references: Sequence[
     from modeltrace.probes.backends import open_backend
     from modeltrace.probes.compare import run_compare
     from modeltrace.probes.reporting import compare_report
+    from modeltrace.results import CompareProbe
 
     o = options or ProbeOptions()
     max_tokens = o.max_tokens or 32

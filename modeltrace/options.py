@@ -12,6 +12,7 @@ processes it starts, and the previous settings are restored after it.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -109,9 +110,13 @@ class ProbeOptions:
 def remote_limits(options: ReadOptions, budget: int | None = None) -> Iterator[None]:
     """Apply `options`' remote limits (and a byte budget) for the duration of one call, then restore the previous
     settings. The limits live in the environment so that worker processes started meanwhile share them."""
+    saved = {k: os.environ.get(k) for k in _LIMIT_ENV}
+    if (options.timeout is None and options.connections is None and budget is None
+            and not any(saved.values()) and "modeltrace.sources.remote" not in sys.modules):
+        yield  # nothing to set, and no remote read has run in this process: no state to reset either
+        return
     from modeltrace.sources.remote import configure
 
-    saved = {k: os.environ.get(k) for k in _LIMIT_ENV}
     try:
         configure(timeout=options.timeout, connections=options.connections, budget=budget)
         yield

@@ -12,9 +12,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from types import ModuleType
 
 import numpy as np
-from scipy import stats as sps
+
+
+def _sps() -> ModuleType:
+    """scipy.stats, imported on first use (about 0.4 s): a command pays for it when it computes its first p-value,
+    not before it reads its first byte, and commands that compute none never pay it."""
+    from scipy import stats
+
+    return stats
+
 
 #: p-values are reported down to this floor; below it, as "< 1e-300".
 P_FLOOR = 1e-300
@@ -35,7 +44,7 @@ def stouffer(zs: Sequence[float]) -> float:
 
 def log10_sf(z: float) -> float:
     """log10 of the one-sided normal tail probability, exact far into the tail."""
-    return float(sps.norm.logsf(z) / math.log(10))
+    return float(_sps().norm.logsf(z) / math.log(10))
 
 
 def z_from_log10p(log10p: float) -> float:
@@ -51,7 +60,7 @@ def poisson_log10_sf(k: int, lam: float) -> float:
     if k <= 0:
         return 0.0
     lam = max(lam, 1e-12)
-    ln = float(sps.poisson.logsf(k - 1, lam))
+    ln = float(_sps().poisson.logsf(k - 1, lam))
     if not np.isfinite(ln) or ln < -700:  # far tail: P(X >= k) = P(X = k) (1 + lam/(k+1) + ...) <= P(X = k)/(1 - r)
         r = lam / (k + 1)
         ln = k * math.log(lam) - lam - math.lgamma(k + 1) - (math.log1p(-r) if r < 1 else 0.0)
@@ -82,7 +91,7 @@ def fisher_log10(log10ps: Sequence[float]) -> float:
         return 0.0
     stat = -2.0 * math.log(10) * sum(lp)
     df = 2 * len(lp)
-    ln = float(sps.chi2.logsf(stat, df))
+    ln = float(_sps().chi2.logsf(stat, df))
     if not np.isfinite(ln) or ln < -700:  # upper incomplete gamma, far tail: x^(a-1) e^-x / Gamma(a) (x = stat/2)
         a, x = df / 2, stat / 2
         ln = (a - 1) * math.log(x) - x - math.lgamma(a) + math.log1p((a - 1) / x)
@@ -90,7 +99,7 @@ def fisher_log10(log10ps: Sequence[float]) -> float:
 
 
 def p_from_z(z: float) -> float:
-    return max(float(sps.norm.sf(z)), 0.0)
+    return max(float(_sps().norm.sf(z)), 0.0)
 
 
 def format_p(log10p: float) -> str:
@@ -109,7 +118,7 @@ def mean_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, 
     m = float(v.mean())
     if v.size == 1:
         return m, m, m
-    half = float(sps.t.ppf(0.5 + level / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
+    half = float(_sps().t.ppf(0.5 + level / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
     return m, m - half, m + half
 
 
@@ -132,7 +141,7 @@ def pooled_interval(values: Sequence[float], ses: Sequence[float], level: float 
     w = 1 / se**2
     m_fe = float((w * x).sum() / w.sum())
     if x.size == 1:
-        half = float(sps.norm.ppf(0.5 + level / 2) * se[0])
+        half = float(_sps().norm.ppf(0.5 + level / 2) * se[0])
         half = max(half, floor * max(1.0, abs(m_fe)))
         return m_fe, m_fe - half, m_fe + half
     q = float((w * (x - m_fe) ** 2).sum())
@@ -140,9 +149,9 @@ def pooled_interval(values: Sequence[float], ses: Sequence[float], level: float 
     tau2 = max(0.0, (q - (x.size - 1)) / c) if c > 0 else 0.0
     ws = 1 / (se**2 + tau2)
     m = float((ws * x).sum() / ws.sum())
-    z_half = float(sps.norm.ppf(0.5 + level / 2) / math.sqrt(ws.sum()))
+    z_half = float(_sps().norm.ppf(0.5 + level / 2) / math.sqrt(ws.sum()))
     hk = float((ws * (x - m) ** 2).sum() / ((x.size - 1) * ws.sum()))
-    t_half = float(sps.t.ppf(0.5 + level / 2, x.size - 1) * math.sqrt(hk))
+    t_half = float(_sps().t.ppf(0.5 + level / 2, x.size - 1) * math.sqrt(hk))
     half = max(z_half, t_half, floor * max(1.0, abs(m)))
     return m, m - half, m + half
 
@@ -150,7 +159,7 @@ def pooled_interval(values: Sequence[float], ses: Sequence[float], level: float 
 def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float, float]:
     if n == 0:
         return 0.0, 0.0, 1.0
-    z = sps.norm.ppf(0.5 + level / 2)
+    z = _sps().norm.ppf(0.5 + level / 2)
     p = k / n
     den = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / den
@@ -188,7 +197,7 @@ def best_of_z(z: float | np.ndarray, m: int) -> float | np.ndarray:
         return z
     arr = np.asarray(z, dtype=float)
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-        logp = sps.norm.logsf(arr)
+        logp = _sps().norm.logsf(arr)
         lp = np.where(logp > -30, np.log(-np.expm1(m * np.log1p(-np.exp(np.minimum(logp, 0))))),
                       logp + math.log(m))
         out = -ndtri_exp(np.clip(lp, -np.inf, math.log1p(-1e-16)))
@@ -220,9 +229,9 @@ def wilson_modified(k: int, n: int, level: float = 0.95) -> tuple[float, float, 
     x_star = 2 if n <= 50 else 3
     alpha = 1 - level
     if 1 <= k <= x_star:
-        lo = float(sps.chi2.ppf(alpha, 2 * k) / (2 * n))
+        lo = float(_sps().chi2.ppf(alpha, 2 * k) / (2 * n))
     if 1 <= n - k <= x_star:
-        hi = 1 - float(sps.chi2.ppf(alpha, 2 * (n - k)) / (2 * n))
+        hi = 1 - float(_sps().chi2.ppf(alpha, 2 * (n - k)) / (2 * n))
     return float(p), float(lo), float(hi)
 
 
@@ -255,7 +264,7 @@ def paired_greater(x: Sequence[float], y: Sequence[float]) -> float:
     if sd == 0.0 or not np.isfinite(sd):
         return 0.0 if mean > 0 else 1.0
     t = mean / (sd / math.sqrt(d.size))
-    return float(sps.t.sf(t, d.size - 1))
+    return float(_sps().t.sf(t, d.size - 1))
 
 
 def intersection_union(pvalues: Sequence[float]) -> float:

@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 #: Layers up to this many units get a full exact assignment (Hungarian on 1024 x 1024 takes ~0.15 s).
 EXACT_ALL = 1024
@@ -62,6 +61,8 @@ class Match:
 
 
 def _exact(sim: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    from scipy.optimize import linear_sum_assignment  # 0.5 s to import: paid only when units must be matched
+
     rows, cols = linear_sum_assignment(sim, maximize=True)
     return rows, cols
 

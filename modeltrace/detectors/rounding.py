@@ -19,8 +19,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import optimize
-from scipy.special import log_ndtr
 
 #: Informative elements used per slot: 16k resolve a weight to ~1e-4 when parents differ by a few ulps.
 MAX_ELEMENTS = 1 << 14
@@ -61,6 +59,8 @@ def _log_mass(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     flip = b > 0
     hi = np.where(flip, -b, a)
     lo = np.where(flip, -a, b)
+    from scipy.special import log_ndtr  # scipy on first use: an audit's first read does not wait for it
+
     la, lb = log_ndtr(hi), log_ndtr(lo)
     return la + np.log1p(-np.exp(np.minimum(lb - la, -1e-15)))
 
@@ -106,6 +106,8 @@ def fit(sample: np.ndarray, parents: list[int], dtype: str, start: np.ndarray) -
     if not scale > 0:
         return None
     theta0 = np.concatenate([np.asarray(start, dtype=float), [math.log(0.3)]])
+    from scipy import optimize
+
     res = optimize.minimize(_nll, theta0, args=(P, lo, hi, scale), jac=_grad, method="L-BFGS-B",
                             bounds=[(None, None)] * len(parents) + [(math.log(1e-4), math.log(10.0))],
                             options={"maxiter": 200})

@@ -6,8 +6,12 @@ declared base that was not among the candidates) are shown but never fail a buil
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from modeltrace.errors import InputError
-from modeltrace.report.model import SEVERITY_RANK, Finding, Report
+
+if TYPE_CHECKING:  # the report model (pydantic) is imported when a report is gated, not when flags are checked
+    from modeltrace.report.model import Finding, Report
 
 GATES = {"undisclosed": ("disclosure",), "license": ("license",), "any": ("disclosure", "license", "card",
                                                                           "provenance")}
@@ -26,6 +30,8 @@ def check_gates(values: list[str] | None) -> list[str]:
 
 
 def tripped(report: Report, gates: list[str]) -> list[Finding]:
+    from modeltrace.report.model import SEVERITY_RANK
+
     cats = {c for g in gates for c in GATES[g]}
     return [f for f in report.findings if f.category in cats and SEVERITY_RANK[f.severity] >= SEVERITY_RANK[
         MIN_SEVERITY]]
