@@ -109,13 +109,13 @@ def _replay_slot(method: MergeMethod, verdict: dict, cfg: dict[str, Any], suspec
         if pred is None:
             return None
         s = suspect.read(slot)
-        return float(np.linalg.norm(s - pred) / max(np.linalg.norm(s), 1e-30))
+        return float(np.linalg.norm(s - pred) / np.maximum(np.linalg.norm(s), 1e-30))
     num = den = 0.0
     step = max(1, REPLAY_CHUNK_BYTES // max(1, part.cols * 4))
     for a in range(0, part.rows, step):
         b = min(a + step, part.rows)
         s = suspect.read(slot, a, b).astype(np.float64)
-        chunks = {n: v.read(slot, a, b).astype(np.float64) for n, v in views.items()}
+        chunks: dict[str, np.ndarray] = {n: v.read(slot, a, b).astype(np.float64) for n, v in views.items()}
         pred = method.combine(chunks, verdict, cfg, layer, n_layers)
         if pred is None:
             return None

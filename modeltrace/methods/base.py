@@ -133,7 +133,8 @@ class MergeMethod:
         """What the recipe makes of the same rows (float64) of each parent and the base (keyed by model name), at
         `layer`; None when this method cannot be replayed on them."""
         ws = self.weights_at(verdict, cfg, layer, n_layers)
-        return sum(w * rows[n] for n, w in ws.items())  # type: ignore[return-value]
+        out: np.ndarray = sum(w * rows[n] for n, w in ws.items())  # type: ignore[assignment]
+        return out
 
     @staticmethod
     def weights_at(verdict: dict[str, Any], cfg: dict[str, Any], layer: int, n_layers: int) -> dict[str, float]:

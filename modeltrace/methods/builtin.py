@@ -7,7 +7,7 @@ ranking, so only their statistics can be compared (the audit's parameters), not 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -98,10 +98,11 @@ class Slerp(MergeMethod):
 
 class _Sparse(MergeMethod):
     family = "sparse"
-    parameters = ("weight", "density")
+    parameters: ClassVar[tuple[str, ...]] = ("weight", "density")
     needs_base = True
-    not_replayable = ("drops entries at random (or by a rule that needs the whole-model ranking); its exact output "
-                      "cannot be replayed, only its statistics (see the audit's parameters)")
+    not_replayable: ClassVar[str | None] = (
+        "drops entries at random (or by a rule that needs the whole-model ranking); its exact output cannot be "
+        "replayed, only its statistics (see the audit's parameters)")
 
     def summarise(self, verdict: dict[str, Any], suspect: str) -> str:
         d = (verdict.get("parameters") or {}).get("density", {}).get("value")

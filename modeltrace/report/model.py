@@ -271,7 +271,7 @@ class Report(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    document: Literal["modeltrace-report"] = DOCUMENT
+    document: Literal["modeltrace-report"] = "modeltrace-report"
     schema_version: str = SCHEMA_VERSION
     command: str
     created: str = Field(description="UTC time, ISO 8601")
