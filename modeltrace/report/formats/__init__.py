@@ -9,9 +9,12 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from modeltrace.errors import InputError
-from modeltrace.report.model import Report
+
+if TYPE_CHECKING:  # flags are checked (format_for) before any report exists: no pydantic for that
+    from modeltrace.report.model import Report
 
 
 class ReportFormat(ABC):
