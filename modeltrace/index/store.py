@@ -16,6 +16,7 @@ structure); `check` lists damaged entries and `repair` drops them and records ch
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import os
 import secrets
@@ -29,6 +30,7 @@ import numpy as np
 from modeltrace.errors import InputError, ModelTraceError
 from modeltrace.fingerprint.core import SKETCH_DIM, Fingerprint
 from modeltrace.index.integrity import Problem, blob_checksum, problem_of, sketch_checksum, sketch_problem
+from modeltrace.redact import scrub_obj
 
 __all__ = ["FORMAT_VERSION", "AddResult", "CheckResult", "Entry", "Index", "default_index_path"]
 
@@ -258,6 +260,8 @@ class Index:
         same = db.execute("SELECT name FROM models WHERE content_hash = ?", (fp.content_hash,)).fetchone()
         if same is not None:
             return AddResult("unchanged" if same[0] == name else "duplicate", same[0])
+        if scrub_obj(fp.model) != fp.model:  # a credential in a location (URL userinfo, a token): never stored
+            fp = dataclasses.replace(fp, model=scrub_obj(fp.model))
         m = fp.model
         sketch, blob = fp.sketch().astype("<f2").tobytes(), fp.to_bytes()
         values = (fp.spec, fp.content_hash, m.get("family"), m.get("model_type"), m.get("layers"),

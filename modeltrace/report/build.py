@@ -11,6 +11,7 @@ from typing import Any
 from modeltrace import __version__
 from modeltrace.card import parse_card
 from modeltrace.errors import ModelTraceError
+from modeltrace.redact import scrub
 from modeltrace.report import card_audit
 from modeltrace.report.evidence import collect
 from modeltrace.report.licenses import parse_licence
@@ -49,8 +50,8 @@ def now() -> str:
 def new_report(command: str, subjects: list[Subject], findings: list[Finding], argv: list[str] | None = None
                ) -> Report:
     findings = sorted(findings, key=lambda f: -SEVERITY_RANK[f.severity])  # stable: worst first, then found order
-    return Report(command=command, created=now(), tool=tool_info(), argv=list(sys.argv[1:] if argv is None else argv),
-                  subjects=subjects, findings=findings)
+    args = [scrub(a) or "" for a in (sys.argv[1:] if argv is None else argv)]  # ?api-key=... in an endpoint URL
+    return Report(command=command, created=now(), tool=tool_info(), argv=args, subjects=subjects, findings=findings)
 
 
 def _card_of(spec: str | None, allow_pickle: bool) -> str | None:
