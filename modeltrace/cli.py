@@ -103,14 +103,24 @@ def _report_format(fmt: str | None, json_out: bool, output: Path | None) -> str 
 
 
 def check_output(output: Path) -> None:
-    """Fail before any work when the report could not be written: a missing folder, a folder, no permission."""
+    """Fail before any work when a report could not be written there: a missing folder, a folder as the file, no
+    permission or a read-only file system (a probe file is created and removed, which also holds for root)."""
+    import tempfile
+
     folder = output.parent if str(output.parent) else Path(".")
     if output.is_dir():
         raise InputError(f"{output}: is a folder; give a file name for the report")
     if not folder.is_dir():
-        raise InputError(f"{output}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK) or (output.exists() and not os.access(output, os.W_OK)):
+        raise InputError(f"{output}: folder {folder} does not exist" if not folder.exists() else
+                         f"{output}: {folder} is not a folder")
+    if output.exists() and not os.access(output, os.W_OK):
         raise InputError(f"{output}: not writable (permission denied)")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".probe", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(f"{output}: cannot write there ({exc.strerror or exc})") from None
 
 
 def render_findings(findings: list) -> None:
@@ -382,6 +392,8 @@ def audit_cmd(
     address, suspect_spec = split_address(list(suspect), ray, "audit takes one SUSPECT (preceded by a Ray ADDRESS "
                                           "only with --ray)")
     fmt = _report_format(fmt, json_out, output)
+    if recipe_out is not None:
+        check_output(recipe_out)
     gates = check_gates(fail_on)
     show = (fmt is None or output is not None) and err.is_terminal
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TimeRemainingColumn(),
