@@ -6,11 +6,11 @@ out calls `scrub` (text) or `scrub_obj` (JSON-like data): the probe backends on 
 and error bodies; the CLI on every error line, on stdout/stderr as a whole (`ScrubbingStream`) and on `argv`; the
 report formats on the rendered document; the index on the metadata it stores.
 
-`scrub` replaces (1) the userinfo of any URL (`scheme://user:pass@host` -> `scheme://***@host`), (2) the value of
-query parameters that carry credentials (`api-key`, `key`, `token`, `sig`, `password`, ...), (3) a bearer token after
-`Bearer`, and (4) every registered secret and HF_TOKEN: the whole value and every piece of it at least MIN_PIECE
-characters long (a key cut in half by a length limit, a line wrap or a server's truncation is still removed), also in
-their URL-encoded form.
+`scrub` replaces (1) the userinfo of any URL (`scheme://user:pass@host` -> `scheme://***@host`; not the model spec
+`hf://name@rev`), (2) the value of query parameters that carry credentials (`api-key`, `key`, `token`, `sig`,
+`password`, ...), (3) a bearer token after `Bearer`, and (4) every registered secret and HF_TOKEN: the whole value and
+every piece of it at least MIN_PIECE characters long (a key cut in half by a length limit, a line wrap or a server's
+truncation is still removed), also in their URL-encoded form.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ ENV_SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 _QUERY_KEYS = (r"api[-_]?key|apikey|key|access[-_]?token|token|auth|authorization|sig|signature|password|passwd|pwd|"
                r"secret|client[-_]?secret|x-api-key")
 
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^/\s@?#'\"<>]+@")
+#: hf://name@revision is a model spec, not credentials
+_USERINFO = re.compile(r"(?i)\b(?!hf://)([a-z][a-z0-9+.\-]*://)[^/\s@?#'\"<>]+@")
 _QUERY = re.compile(rf"(?i)([?&;](?:{_QUERY_KEYS})=)[^&#\s'\"<>]+")
 _BEARER = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/\-]{16,}=*")
 

@@ -106,8 +106,8 @@ def test_scrub_removes_whole_keys_pieces_and_url_credentials():
     assert redact.scrub("http://user:pa55@host:9/x?api-key=abc&api_version=2") == \
         "http://***@host:9/x?api-key=***&api_version=2"
     assert redact.scrub("Authorization: Bearer abcdefghijklmnopqrst") == "Authorization: Bearer ***"
-    assert redact.scrub("hf://org/model@main and sent as a bearer token") == "hf://org/model@main and sent as a " \
-                                                                             "bearer token"
+    assert redact.scrub("hf://org/model@main, hf://gpt2@v1 and sent as a bearer token") == \
+        "hf://org/model@main, hf://gpt2@v1 and sent as a bearer token"  # model specs and prose stay
     assert redact.scrub_obj({KEY: [KEY, 1]}) == {"***": ["***", 1]}
 
 
