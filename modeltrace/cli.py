@@ -5,6 +5,10 @@ Exit codes (stable, for CI gates):
   1  the check ran and found what --fail-on asked to fail on (audit/gate commands)
   2  bad input or usage: unreadable checkpoint, refused pickle, unreachable remote, bad arguments
   70 internal error (a bug: please report it; MODELTRACE_DEBUG=1 shows the traceback)
+
+Every error is one line on stderr, usage errors included (with a pointer to --help). Everything the CLI prints and
+every report it writes goes through modeltrace.redact, so credentials (API keys, HF_TOKEN, URL userinfo, ?api-key=)
+never reach the terminal or a file. A report's --output path is checked before the work starts.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from rich.table import Table
 
 from modeltrace.engine import RAY_ADDRESS_HELP
 from modeltrace.errors import InputError, ModelTraceError
+from modeltrace.redact import ScrubbingStream, scrub
 
 app = typer.Typer(
     name="modeltrace",
@@ -44,7 +49,7 @@ def guarded(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except ModelTraceError as exc:
-            err.print(f"modeltrace: error: {exc}", markup=False, highlight=False, soft_wrap=True)
+            err.print(f"modeltrace: error: {scrub(str(exc))}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except (typer.Exit, typer.Abort):
             raise
@@ -57,7 +62,7 @@ def guarded(fn: Callable) -> Callable:
         except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
             if os.environ.get("MODELTRACE_DEBUG"):
                 raise
-            msg = str(exc).splitlines()[0] if str(exc) else ""
+            msg = (scrub(str(exc)) or "").splitlines()[0] if str(exc) else ""
             err.print(f"modeltrace: internal error: {type(exc).__name__}: {msg} (MODELTRACE_DEBUG=1 for details)",
                       markup=False, soft_wrap=True)
             raise typer.Exit(70) from None
@@ -112,7 +117,30 @@ def _report_format(fmt: str | None, json_out: bool, output: Path | None) -> str 
         fmt = format_for(output)
     if fmt is not None and fmt not in FORMATS:
         raise InputError(f"unknown report format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if output is not None:
+        check_output(output)
     return fmt
+
+
+def check_output(output: Path) -> None:
+    """Fail before any work when a report could not be written there: a missing folder, a folder as the file, no
+    permission or a read-only file system (a probe file is created and removed, which also holds for root)."""
+    import tempfile
+
+    folder = output.parent if str(output.parent) else Path(".")
+    if output.is_dir():
+        raise InputError(f"{output}: is a folder; give a file name for the report")
+    if not folder.is_dir():
+        raise InputError(f"{output}: folder {folder} does not exist" if not folder.exists() else
+                         f"{output}: {folder} is not a folder")
+    if output.exists() and not os.access(output, os.W_OK):
+        raise InputError(f"{output}: not writable (permission denied)")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".probe", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(f"{output}: cannot write there ({exc.strerror or exc})") from None
 
 
 def render_findings(findings: list) -> None:
@@ -400,6 +428,8 @@ def audit_cmd(
     address, suspect_spec = split_address(list(suspect), ray, "audit takes one SUSPECT (preceded by a Ray ADDRESS "
                                           "only with --ray)")
     fmt = _report_format(fmt, json_out, output)
+    if recipe_out is not None:
+        check_output(recipe_out)
     gates = check_gates(fail_on)
     nbytes = remote_limits(timeout, connections, budget)
     if nbytes is not None and sample is None:
@@ -457,11 +487,47 @@ def demo_cmd(
     deliver(report, fmt, output, lambda: None)
 
 
+def _click_errors() -> tuple[type[Exception], type[Exception]]:
+    """(UsageError, ClickException) of the click typer runs on (its own copy since typer 0.2x, click before)."""
+    mro = typer.BadParameter.__mro__
+    return (next(c for c in mro if c.__name__ == "UsageError"), next(c for c in mro if c.__name__ == "ClickException"))
+
+
 def main() -> None:
     from modeltrace.commands import register_all
 
     register_all(app)
-    app()
+    sys.stdout = ScrubbingStream(sys.stdout)  # type: ignore[assignment]
+    sys.stderr = ScrubbingStream(sys.stderr)  # type: ignore[assignment]
+    usage_error, click_exception = _click_errors()
+    code: Any = 0
+    try:
+        code = app(standalone_mode=False)
+    except usage_error as exc:  # one line, not a usage block and a box
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            sys.stdout.write(ctx.get_help() + "\n")  # a bare `modeltrace` or `modeltrace index`: the help
+            code = 0
+        else:
+            names = []
+            while ctx is not None and ctx.parent is not None:  # the sub-command path, whatever the program is called
+                names.append(ctx.info_name)
+                ctx = ctx.parent
+            where = " ".join(["modeltrace", *reversed(names)])
+            err.print(f"modeltrace: error: {scrub(exc.format_message())} (see `{where} --help`)",  # type: ignore[attr-defined]
+                      markup=False, highlight=False, soft_wrap=True)
+            code = 2
+    except click_exception as exc:
+        err.print(f"modeltrace: error: {scrub(exc.format_message())}", markup=False, highlight=False,  # type: ignore[attr-defined]
+                  soft_wrap=True)
+        code = getattr(exc, "exit_code", 2)
+    except (typer.Abort, KeyboardInterrupt):
+        err.print("modeltrace: interrupted", markup=False)
+        code = 130
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -117,9 +117,9 @@ def _role_table(run: AuditRun, matrix: list[SlotResult], method: str) -> dict[st
 def decide(run: AuditRun) -> dict[str, Any]:
     out = _decide(run)
     names = {i: v.label for i, v in enumerate(run.views)}
-    lossy = sorted({names[c] for r in run.slots for c in r.cands if is_lossy(run.views[c].dtype(r.slot))
-                    and r.stats.cand_noise is not None
-                    and r.stats.cand_noise[r.cands.index(c) + 1] > 0})
+    lossy = sorted({names[c] for r in run.slots for k, c in enumerate(r.cands)
+                    if k < len(r.stats.cand_dtypes) and is_lossy(r.stats.cand_dtypes[k])
+                    and r.stats.cand_noise is not None and r.stats.cand_noise[k + 1] > 0})
     if lossy and out.get("relation") == "merge":
         out["warnings"].append(f"candidate(s) {', '.join(lossy)} are stored quantized: their rounding noise pulls "
                                "recipe weights toward each other (errors in variables); audit against "

@@ -90,10 +90,13 @@ def register(app: typer.Typer) -> None:
 
         Example: modeltrace render rio.json -o rio.html
         """
+        from modeltrace.cli import check_output
         from modeltrace.errors import InputError
         from modeltrace.report import formats
         from modeltrace.report.model import load_report
 
+        if output is not None:
+            check_output(output)
         doc = load_report(report)
         if fmt is None:
             if output is None:
