@@ -54,6 +54,8 @@ class SlotResult:
     #: candidates compared through an alignment chosen by matching: their z is the match test's, not the
     #: elementwise correlation's (a correlation maximised by the alignment is no longer a valid null)
     selected: set[int] = field(default_factory=set)
+    #: candidates compared through a part of another role (an expert against a dense MLP: upcycling)
+    cross: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -237,7 +239,8 @@ def _process_slot(views: list[ModelView], item: _PlanItem, base: int | None, sam
     st = acc.finish()
     local = list(range(1, len(cands) + 1))
     fit = _to_global(fit_slot(st, local, idx_base), cands)
-    res = SlotResult(slot, cands, st, fit, structured, rows_compared=st.rows, rows_total=part.rows, note=note)
+    res = SlotResult(slot, cands, st, fit, structured, rows_compared=st.rows, rows_total=part.rows, note=note,
+                     cross={i: item.tfs[i].slot.role for i in cands if item.tfs[i].slot.role != slot.role})
     for li, ci in zip(local, cands, strict=True):
         r = st.corr(li)
         res.corr[ci] = r
@@ -292,7 +295,21 @@ def _transform(views: list[ModelView], i: int, slot: Slot, layer_source: dict[tu
     if al is not None:
         return al.transform(slot, views[i])
     cs = _aligned_slot(views, i, slot, layer_source)
-    return SlotTransform(cs) if cs in views[i].parts else None
+    if cs in views[i].parts:
+        return SlotTransform(cs)
+    dense = _upcycle_source(views, i, slot, cs)
+    return SlotTransform(dense) if dense is not None else None
+
+
+def _upcycle_source(views: list[ModelView], i: int, slot: Slot, cs: Slot) -> Slot | None:
+    """For an expert of the suspect with no expert counterpart in a dense candidate: that candidate's dense MLP
+    part of the same layer and shape (MoE upcycling copies the dense MLP into every expert)."""
+    if not slot.role.startswith("expert_") or any(s.role.startswith("expert_") for s in views[i].parts):
+        return None
+    dense = Slot("mlp_" + slot.role.removeprefix("expert_"), cs.layer, -1)
+    part = views[i].parts.get(dense)
+    mine = views[0].parts[slot]
+    return dense if part is not None and (part.rows, part.cols) == (mine.rows, mine.cols) else None
 
 
 def _plan_item(views: list[ModelView], slot: Slot, tfs: dict[int, SlotTransform]) -> _PlanItem:
