@@ -12,6 +12,7 @@ from modeltrace.align.layers import stack_map
 from modeltrace.audit import AuditRun, SlotResult
 from modeltrace.detectors.accumulate import is_lossy
 from modeltrace.detectors.registry import METHODS
+from modeltrace.detectors.rounding import ROUNDED
 from modeltrace.lineage_verdict import parent_entry, pooled, trained, upcycled
 from modeltrace.stats import fisher_log10, format_p, log10_sf, mean_interval, stouffer
 
@@ -289,11 +290,13 @@ def _absorb_copies(results: list[SlotResult], method: str) -> None:
             continue
         r.fit.method = method
         r.fit.weights = {n: (1.0 if n == c else 0.0) for n in names}
-        # a copy of c says w_c = 1 exactly where the others differ from c there, and nothing where they are equal
+        # a copy of c says w_c = 1 exactly where the others differ from c there, and nothing where they are equal;
+        # in rounded storage (bf16, fp16, fp8) it says only that the parents' differences round away here
         e = r.stats.sqdist()
         lc = r.cands.index(c) + 1
         same = any(n in r.cands and e[lc, r.cands.index(n) + 1] == 0 for n in names if n != c)
-        r.fit.se = {n: (float("inf") if same else 2.0**-23) for n in names}
+        rounded = r.stats.suspect_dtype in ROUNDED or "rounded" in r.fit.params
+        r.fit.se = {n: (float("inf") if same or rounded else 2.0**-23) for n in names}
         if method == "slerp":
             r.fit.params["t"] = 0.0 if c == pair0 else 1.0
 
