@@ -27,7 +27,7 @@ from modeltrace.tree.evidence import Pair
 __all__ = ["TreeCache"]
 
 #: Bump when the evidence or solver changes meaning: cached rows of another version are ignored and rebuilt.
-VERSION = "1"
+VERSION = "3"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tree_models (content_hash TEXT PRIMARY KEY, version TEXT NOT NULL, info TEXT NOT NULL,
@@ -108,7 +108,7 @@ class TreeCache:
 
 
 def _encode(p: Pair) -> tuple[str, bytes]:
-    meta = {"z": p.z, "corr": p.corr, "min_corr": p.min_corr, "keys": p.keys,
+    meta = {"z": p.z, "equal": p.equal, "corr": p.corr, "min_corr": p.min_corr, "keys": p.keys,
             "copies_ab": {str(k): v for k, v in p.copies_ab.items()},
             "copies_ba": {str(k): v for k, v in p.copies_ba.items()}}
     grams = np.stack([p.gaa, p.gab, p.gbb]).astype("<f8").tobytes() if p.keys else b""
@@ -121,4 +121,4 @@ def _decode(a: str, b: str, lp: float, meta_text: str, grams: bytes) -> Pair:
     g = np.frombuffer(grams, dtype="<f8").reshape(3, n) if n else np.zeros((3, 0))
     return Pair(a, b, float(lp), float(m["z"]), float(m["corr"]), float(m["min_corr"]), list(m["keys"]),
                 g[0], g[1], g[2], {int(k): int(v) for k, v in m["copies_ab"].items()},
-                {int(k): int(v) for k, v in m["copies_ba"].items()})
+                {int(k): int(v) for k, v in m["copies_ba"].items()}, float(m.get("equal", 0.0)))

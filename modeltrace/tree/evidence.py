@@ -140,6 +140,7 @@ class Pair:
     gbb: np.ndarray
     copies_ab: dict[int, int]  # layer of a -> layer of b it copies whole
     copies_ba: dict[int, int]
+    equal: float = 0.0  # share of shared coordinates where a and b are exactly equal, median over tensors (sparse screen)
 
     @property
     def copy(self) -> bool:
@@ -197,8 +198,11 @@ def pair_evidence(ra: Record, rb: Record) -> Pair:
         for i, j in back.layer_map.items():
             copies_ba.setdefault(i, j)
     lp = min(0.0, log10_sf(z) + math.log10(2)) if (ia or z) else 0.0
+    # median over tensors, so whole copied layers (stacks, gradient SLERP ends) do not look like sparse merges
+    equal = float(np.median(np.add.reduceat((fa == fb).astype(np.float64), starts)
+                            / np.diff(np.append(starts, fa.size)))) if ia else 0.0
     return Pair(ra.content_hash, rb.content_hash, float(lp), float(z), float(np.median(r)) if r.size else 0.0,
-                float(r.min()) if r.size else 0.0, keys, gaa, gab, gbb, copies_ab, copies_ba)
+                float(r.min()) if r.size else 0.0, keys, gaa, gab, gbb, copies_ab, copies_ba, equal)
 
 
 def _same_place_copies(ra: Record, ia: list[int], r: np.ndarray, gab: np.ndarray, gbb: np.ndarray,

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from modeltrace.fingerprint.compare import GramStack, gram_stack
+from modeltrace.fingerprint.compare import GramStack
 from modeltrace.fingerprint.core import Fingerprint
 from modeltrace.fingerprint.lineage import Explanation, explanations
 from modeltrace.stats import log10_sf
@@ -210,17 +210,17 @@ def _ranges(xs: list[int]) -> str:
 # ---- 3. merges --------------------------------------------------------------------------------------------------
 def _between(f: _Family, x: str, rel: list[str]) -> list[tuple[float, str, str]]:
     """Pairs of x's relatives making an obtuse angle at x (ratio <= BETWEEN), best first."""
-    d = {y: f.dist2(x, y)[0] for y in rel}
-    found = []
-    for a, b in itertools.combinations(rel, 2):
-        dab = f.dist2(a, b)[0]
+    d = np.array([f.dist2(x, y)[0] for y in rel])
+    out = []
+    for i, j in itertools.combinations(range(len(rel)), 2):
+        if d[i] + d[j] > BETWEEN * max(d[i], d[j]) * 4:  # cannot be obtuse: d(a,b) <= d(x,a) + d(x,b)
+            continue
+        dab = f.dist2(rel[i], rel[j])[0]
         if math.isnan(dab):
-            if not (f.related(a, b) or True):
-                continue
-            dab = f.dist2(a, b, compute=True)[0]
-        if dab > 0 and (d[a] + d[b]) <= BETWEEN * dab:
-            found.append(((d[a] + d[b]) / dab, a, b))
-    return sorted(found)
+            dab = f.dist2(rel[i], rel[j], compute=True)[0]
+        if dab > 0 and d[i] + d[j] <= BETWEEN * dab:
+            out.append(((d[i] + d[j]) / dab, rel[i], rel[j]))
+    return sorted(out)
 
 
 def _stack_of(f: _Family, group: list[str]) -> GramStack:
@@ -254,21 +254,19 @@ def _stack_of(f: _Family, group: list[str]) -> GramStack:
                      np.zeros((n, n, 0), dtype=bool), np.zeros((n, 0), dtype=bool))
 
 
-def _merge_options(f: _Family, x: str, cands: list[str]) -> list[Explanation]:
-    rel = sorted((y for y in cands if y != x and f.related(x, y)), key=lambda y: f.dist2(x, y)[0])
-    obtuse = _between(f, x, rel[:2 * POOL])
-    if not obtuse:
-        return []
-    pool: list[str] = []
-    for _, a, b in obtuse:
-        pool += [h for h in (a, b) if h not in pool]
-    pool = (pool + [y for y in rel if y not in pool])[:POOL]
-    group = [x, *pool]
-    exps = explanations(_stack_of(f, group), 0, list(range(1, len(group))))
-    if not any(e.kind == "exact" for e in exps):  # sparse signatures need the coordinates themselves
-        fps = [f.load(h) for h in group]
-        exps = explanations(gram_stack(fps, [{} for _ in group], [f.m[h]["name"] for h in group]), 0,
-                            list(range(1, len(group))))
+def _merge_options(f: _Family, x: str, rel: list[str], obtuse: list[tuple[float, str, str]],
+                   explained: set[str]) -> list[Explanation]:
+    """Plausible recipes for x over the relatives making an obtuse angle at it, those not in `explained` (models
+    some recipe reproduces) first, so a merge's true parents are in its pool even among many sibling merges."""
+    exps: list[Explanation] = []
+    group: list[str] = [x]
+    if obtuse:
+        pool: list[str] = []
+        for _, a, b in sorted(obtuse, key=lambda o: ((o[1] in explained) + (o[2] in explained), o[0])):
+            pool += [h for h in (a, b) if h not in pool]
+        near = [y for y in rel if y not in pool and y not in explained]  # a task-arithmetic base sits off the segment
+        group = [x, *pool[:POOL - 2], *near[:2]] if len(pool) > POOL - 2 else [x, *(pool + near)[:POOL]]
+        exps = [e for e in explanations(_stack_of(f, group), 0, list(range(1, len(group)))) if e.kind == "exact"]
     for e in exps:
         e.target = x  # type: ignore[assignment]
         e.weights = {group[i]: w for i, w in e.weights.items()}  # type: ignore[assignment]
@@ -278,7 +276,11 @@ def _merge_options(f: _Family, x: str, cands: list[str]) -> list[Explanation]:
 
 def _merges(f: _Family, reps: list[str], stacks: set[str], out: dict) -> dict[str, Explanation]:
     plain = [x for x in reps if x not in stacks]
-    options = {x: _merge_options(f, x, reps) for x in plain}
+    rel = {x: sorted((y for y in reps if y != x and f.related(x, y)), key=lambda y: f.dist2(x, y)[0]) for x in plain}
+    obtuse = {x: _between(f, x, rel[x]) for x in plain}
+    options = {x: _merge_options(f, x, rel[x], obtuse[x], set()) for x in plain}
+    first = {x for x, o in options.items() if o}  # again, offering models that no recipe explains first
+    options.update({x: _merge_options(f, x, rel[x], obtuse[x], first) for x in first})
     explained = {x for x, o in options.items() if o}
     ranked = sorted(((e.kind != "exact", len(e.members), sum(m in explained for m in e.members), rank, x), e)
                     for x, opts in options.items() for rank, e in enumerate(opts))
