@@ -140,7 +140,7 @@ class Pair:
     gbb: np.ndarray
     copies_ab: dict[int, int]  # layer of a -> layer of b it copies whole
     copies_ba: dict[int, int]
-    equal: float = 0.0  # share of shared coordinates where a and b are exactly equal, median over tensors (sparse screen)
+    equal: float = 0.0  # share of coordinates where a == b exactly (median over tensors)
 
     @property
     def copy(self) -> bool:

@@ -33,7 +33,6 @@ import numpy as np
 from modeltrace.fingerprint.compare import GramStack
 from modeltrace.fingerprint.core import Fingerprint
 from modeltrace.fingerprint.lineage import Explanation, explanations
-from modeltrace.stats import log10_sf
 from modeltrace.tree.evidence import COPY_SCALE_TOL, Pair
 
 __all__ = ["solve_family"]
@@ -191,7 +190,8 @@ def _stacks(f: _Family, reps: list[str], out: dict) -> set[str]:
         for y, c in chosen:
             p = f.pair(x, y, compute=False)
             out["edges"].append(_edge(y, x, "stack", p.log10_p if p else None, "stack",
-                                      f"layers {_ranges(sorted(c))} copied from its layers {_ranges(sorted(c.values()))}",
+                                      f"layers {_ranges(sorted(c))} copied from its layers "
+                                      f"{_ranges(sorted(c.values()))}",
                                       layers=sorted(c)))
     return set(out["stacks"])
 
@@ -261,8 +261,8 @@ def _merge_options(f: _Family, x: str, rel: list[str], obtuse: list[tuple[float,
     exps: list[Explanation] = []
     group: list[str] = [x]
     if obtuse:
-        pool: list[str] = []
-        for _, a, b in sorted(obtuse, key=lambda o: ((o[1] in explained) + (o[2] in explained), o[0])):
+        pool: list[str] = []  # the two most obtuse pairs (merges of merges), then unexplained models first
+        for _, a, b in obtuse[:2] + sorted(obtuse, key=lambda o: ((o[1] in explained) + (o[2] in explained), o[0])):
             pool += [h for h in (a, b) if h not in pool]
         near = [y for y in rel if y not in pool and y not in explained]  # a task-arithmetic base sits off the segment
         group = [x, *pool[:POOL - 2], *near[:2]] if len(pool) > POOL - 2 else [x, *(pool + near)[:POOL]]

@@ -24,8 +24,8 @@ import numpy as np
 from modeltrace.fingerprint.core import Fingerprint
 from modeltrace.index.store import Index
 from modeltrace.tree import cache as tree_cache
-from modeltrace.tree.evidence import Pair, pair_evidence, record
 from modeltrace.tree.describe import assemble
+from modeltrace.tree.evidence import Pair, pair_evidence, record
 from modeltrace.tree.family import solve_family
 
 __all__ = ["SKETCH_MIN", "Tree", "build_tree"]
@@ -178,7 +178,7 @@ def build_tree(index: Index) -> Tree:
     fams = _families(hashes, cached, alpha)
     name_of = {h: entries[h].name for h in hashes}
     spec_of = {h: entries[h].spec for h in hashes}
-    for h, info in infos.items():
+    for info in infos.values():
         info["declared_hashes"] = _resolve(info.get("declared", []), name_of, spec_of)
     extra: list[Pair] = []
 
