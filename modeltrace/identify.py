@@ -145,6 +145,9 @@ def _identify(suspect: Fingerprint, index: Index, top: int) -> dict[str, Any]:
         "audit_command": _audit_command(suspect, verdict, fps, chosen) if verdict else None,
         "elapsed_s": round(time.perf_counter() - t0, 3),
     }
+    from modeltrace.tree.graph import ancestry  # ancestors of ancestors, from the family tree when it was built
+
+    out["ancestry"] = ancestry(index, [p["model"] for p in out["parents"]])
     declared = out["suspect"]["card_base_model"]
     if verdict and verdict["relation"] not in ("independent",) and not declared:
         out["undisclosed"] = "the model card names no base_model although ancestors were found"

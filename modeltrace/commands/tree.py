@@ -44,7 +44,7 @@ def _text(tree) -> None:
         if again:
             return
         shown.add(n)
-        for e in sorted((e for e in tree.edges if e["parent"] == n), key=lambda e: e["child"]):
+        for e in sorted(tree.children(n), key=lambda e: e["child"]):
             walk(e["child"], depth + 1)
 
     for r in roots:

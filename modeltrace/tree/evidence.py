@@ -12,7 +12,8 @@ new model's pairs.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -60,14 +61,13 @@ class Record:
     keys: list[str]  # role:layer:expert:rows:cols:nrows:ncols of each matrix slot used
     layers: list[int]  # layer of each key (-1 outside the layers)
     offsets: np.ndarray  # start of each key's coordinates in `flat`
-    flat: np.ndarray  # float64 samples, concatenated
-    unit: np.ndarray  # float64 double-centred unit samples, concatenated
+    flat: np.ndarray  # float32 samples, concatenated
+    unit: np.ndarray  # float32 double-centred unit samples, concatenated
     dof: np.ndarray  # degrees of freedom of each key's correlation
     floors: np.ndarray  # expected squared storage rounding per key
     dtype: str  # dominant storage dtype
     grid: str  # the grid the values lie on: bf16 | f16 | f32 | quant
     n_layers: int
-    fp: Fingerprint = field(repr=False)
 
 
 def _key(fp_slot) -> str:
@@ -91,37 +91,44 @@ def _grid(values: np.ndarray) -> str:
 
 
 def record(fp: Fingerprint) -> Record:
-    """The matrix samples of `fp` (at most MAX_GRAM_SLOTS, spread over the model, as identify's Gram stage)."""
-    cached = fp.cache.get("tree_record")
-    if cached is not None:
-        return cached
+    """The matrix samples of `fp` (at most MAX_GRAM_SLOTS, spread over the model, as identify's Gram stage),
+    centred in batches of one sample shape; stored as float32 (Grams are summed in float64)."""
     items = [s for s in fp.slots.values() if not s.structured and s.values.size > 1]
     if len(items) > MAX_GRAM_SLOTS:
         items = [items[i] for i in np.linspace(0, len(items) - 1, MAX_GRAM_SLOTS).astype(int)]
-    keys, layers, flats, units, dofs, floors, dts = [], [], [], [], [], [], {}
+    units: list[np.ndarray | None] = [None] * len(items)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, s in enumerate(items):
+        by_shape.setdefault(s.values.shape, []).append(i)
+    for shape, idx in by_shape.items():
+        x = np.stack([items[i].values for i in idx]).astype(np.float64)
+        if not np.isfinite(x).all():
+            x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+        if shape[0] > 1 and shape[1] > 1:
+            x -= x.mean(axis=2, keepdims=True)
+            x -= x.mean(axis=1, keepdims=True)
+        else:
+            x -= x.mean(axis=(1, 2), keepdims=True)
+        n = np.sqrt(np.einsum("sij,sij->s", x, x))
+        x /= np.where(n > 0, n, 1.0)[:, None, None]
+        for k, i in enumerate(idx):
+            units[i] = x[k].ravel()
+    dts: dict[str, int] = {}
     for s in items:
-        v = np.nan_to_num(s.values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-        r, c = v.shape
-        u = v - v.mean(axis=1, keepdims=True) - v.mean(axis=0, keepdims=True) + v.mean() if r > 1 and c > 1 \
-            else v - v.mean()
-        n = float(np.linalg.norm(u))
-        keys.append(_key(s))
-        layers.append(s.slot.layer)
-        flats.append(v.ravel())
-        units.append((u / n if n > 0 else u).ravel())
-        dofs.append((r - 1) * (c - 1) if r > 1 and c > 1 else r * c - 1)
-        floors.append(rounding_variance(s.values, s.dtype))
-        dts[s.dtype] = dts.get(s.dtype, 0) + v.size
-    sizes = np.array([f.size for f in flats], dtype=np.int64)
+        dts[s.dtype] = dts.get(s.dtype, 0) + s.values.size
+    sizes = np.array([s.values.size for s in items], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if len(sizes) else np.zeros(0, np.int64)
-    flat = np.concatenate(flats) if flats else np.zeros(0)
+    flat = np.concatenate([s.values.ravel() for s in items]).astype(np.float32) if items else np.zeros(0, np.float32)
+    flat = np.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
     dtype = max(dts, key=lambda d: dts[d]) if dts else "?"
-    grid = "quant" if is_quantized(dtype) else _grid(flat[:65536])
-    rec = Record(fp.content_hash, keys, layers, offsets, flat, np.concatenate(units) if units else np.zeros(0),
-                 np.array(dofs, dtype=np.float64), np.array(floors), dtype, grid,
-                 int(fp.model.get("layers") or (max(layers) + 1 if layers else 0)), fp)
-    fp.cache["tree_record"] = rec
-    return rec
+    layers = [s.slot.layer for s in items]
+    return Record(fp.content_hash, [_key(s) for s in items], layers, offsets, flat,
+                  np.concatenate(units).astype(np.float32) if items else np.zeros(0, np.float32),  # type: ignore[arg-type]
+                  np.array([(r - 1) * (c - 1) if r > 1 and c > 1 else r * c - 1
+                            for r, c in (s.values.shape for s in items)], dtype=np.float64),
+                  np.array([rounding_variance(s.values, s.dtype) for s in items]), dtype,
+                  "quant" if is_quantized(dtype) else _grid(flat[:65536]),
+                  int(fp.model.get("layers") or (max(layers) + 1 if layers else 0)))
 
 
 @dataclass
@@ -160,8 +167,9 @@ def _segments(rec: Record, idx: list[int]) -> np.ndarray:
         else np.zeros(0, np.int64)
 
 
-def pair_evidence(ra: Record, rb: Record) -> Pair:
-    """Evidence between two records (order-free: the pair is stored with a < b)."""
+def pair_evidence(ra: Record, rb: Record, load: Callable[[str], Fingerprint]) -> Pair:
+    """Evidence between two records (order-free: the pair is stored with a < b); `load` gives a fingerprint by
+    content hash when layers moved and identify's layer-matched comparison is needed."""
     if rb.content_hash < ra.content_hash:
         ra, rb = rb, ra
     if ra.keys == rb.keys:
@@ -177,10 +185,11 @@ def pair_evidence(ra: Record, rb: Record) -> Pair:
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if ia else np.zeros(0, np.int64)
     keys = [ra.keys[i] for i in ia]
     if ia:
+        fa, fb = fa.astype(np.float64), fb.astype(np.float64)
         gaa = np.add.reduceat(fa * fa, starts)
         gab = np.add.reduceat(fa * fb, starts)
         gbb = np.add.reduceat(fb * fb, starts)
-        r = np.clip(np.add.reduceat(ua * ub, starts), -1.0, 1.0)
+        r = np.clip(np.add.reduceat(ua.astype(np.float64) * ub, starts), -1.0, 1.0)
         dof = ra.dof[ia]
         zs = np.arctanh(np.clip(r, -0.999999999999, 0.999999999999)) * np.sqrt(np.maximum(dof - 3, 0))
         z_same = stouffer([float(v) for v in zs])  # fisher_z per tensor, as compare's same-layer statistic
@@ -190,11 +199,12 @@ def pair_evidence(ra: Record, rb: Record) -> Pair:
     copies_ab, copies_ba = _same_place_copies(ra, ia, r, gab, gbb, gaa)
     z = z_same
     if ra.n_layers != rb.n_layers or (r.size and r.max() >= COPY_CORR and r.min() < 0.9) or not ia:
-        e = compare(ra.fp, rb.fp)  # layers moved (stacks): identify's layer-matched statistic and layer map
+        fa_, fb_ = load(ra.content_hash), load(rb.content_hash)
+        e = compare(fa_, fb_)  # layers moved (stacks): identify's layer-matched statistic and layer map
         z = max(z, e.z)
         for i, j in e.layer_map.items():
             copies_ab.setdefault(i, j)
-        back = compare(rb.fp, ra.fp)
+        back = compare(fb_, fa_)
         for i, j in back.layer_map.items():
             copies_ba.setdefault(i, j)
     lp = min(0.0, log10_sf(z) + math.log10(2)) if (ia or z) else 0.0

@@ -305,9 +305,17 @@ def _merges(f: _Family, reps: list[str], stacks: set[str], out: dict) -> dict[st
     return accepted
 
 
-def _recipe(f: _Family, x: str, e: Explanation) -> dict[str, Any]:
-    """Method, weights and intervals from the audit's detectors on the fingerprints (as identify reports them)."""
+def _recipe(f: _Family, x: str, e: Explanation, audit: bool) -> dict[str, Any]:
+    """Method, weights and intervals from the audit's detectors on the fingerprints (as identify reports them); with
+    `audit` off, the exact fit's own weights (median over tensors) and linear / task arithmetic by their signs."""
     from modeltrace.identify import _audit_on
+
+    if not audit:
+        neg = [m for m, w in e.weights.items() if w < 0]
+        return {"method": "task_arithmetic" if neg else "linear", "kind": e.kind, "base": neg[0] if neg else None,
+                "audit_relation": None, "weights": {m: {"weight": round(w, 4), "interval": None}
+                                                    for m, w in e.weights.items()},
+                "fit_weights": {h: round(w, 4) for h, w in e.weights.items()}, "parameters": {}, "layers": None}
 
     members = sorted(e.weights, key=lambda m: -abs(e.weights[m]))
     base = e.base
@@ -432,8 +440,9 @@ def _edge(parent: str, child: str, relation: str, log10_p: float | None, directi
 
 
 def solve_family(members: list[dict], pairs: dict[tuple[str, str], Pair], alpha_log10: float, get_pair: Getter,
-                 load: Loader) -> dict[str, Any]:
-    """Edges (parent -> child, relation, evidence), merge recipes and stack layer maps of one family; hashes as ids."""
+                 load: Loader, audit_recipes: bool = True) -> dict[str, Any]:
+    """Edges (parent -> child, relation, evidence), merge recipes and stack layer maps of one family; hashes as ids.
+    `audit_recipes`: name each merge's method and weight intervals with the audit's detectors (~0.1 s a merge)."""
     f = _Family(members, pairs, alpha_log10, get_pair, load)
     out: dict[str, Any] = {"edges": [], "merges": {}, "stacks": {}}
     rep = _copies(f, out)
@@ -442,7 +451,7 @@ def solve_family(members: list[dict], pairs: dict[tuple[str, str], Pair], alpha_
     merges = _merges(f, reps, stacks, out)
     fixed: dict[str, set[str]] = {x: {e["parent"] for e in out["edges"] if e["child"] == x} for x in stacks}
     for x, e in merges.items():
-        recipe = _recipe(f, x, e)
+        recipe = _recipe(f, x, e, audit_recipes)
         out["merges"][x] = recipe
         fixed[x] = set(e.members)  # type: ignore[arg-type]
         for m in e.members:

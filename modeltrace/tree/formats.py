@@ -92,8 +92,9 @@ def to_cyclonedx(tree: Tree) -> str:
         if a.get("recipe"):
             props.append(prop("recipe", a["recipe"]["text"]))
         ancestors = []
+        line = {n, *tree.ancestors(n)}
         for anc in tree.ancestors(n):
-            edge = next((e for e in tree.edges if e["parent"] == anc and e["child"] in {n, *tree.ancestors(n)}), None)
+            edge = next((e for e in tree.children(anc) if e["child"] in line), None)
             ap = [prop("location", tree.nodes[anc]["spec"])]
             if edge is not None:
                 ap += [prop("relation", edge["relation"]), prop("of", edge["child"]),

@@ -25,17 +25,22 @@ from modeltrace.fingerprint.core import Fingerprint
 from modeltrace.index.store import Index
 from modeltrace.tree import cache as tree_cache
 from modeltrace.tree.describe import assemble
-from modeltrace.tree.evidence import Pair, pair_evidence, record
+from modeltrace.tree.evidence import Pair, Record, pair_evidence, record
 from modeltrace.tree.family import solve_family
 
-__all__ = ["SKETCH_MIN", "Tree", "build_tree"]
+__all__ = ["SKETCH_MIN", "Tree", "ancestry", "build_tree"]
 
 #: Pairs whose summary vectors' cosine reaches this are compared (unrelated models score 0 +- 0.03; a stack or a
 #: merge with a far parent still scores ~0.45 against it).
 SKETCH_MIN = 0.2
 #: Decoded fingerprints kept while pairs are computed (pairs are worked through in index order).
-FP_CACHE = 256
+FP_CACHE = 64
+#: Tree records kept (about 8 bytes per sampled coordinate each).
+RECORD_CACHE = 2048
 SCHEMA_VERSION = "1"
+#: Up to this many indexed models each merge's method and weight intervals come from the audit's detectors on the
+#: fingerprints (~0.1 s a merge); above, from the exact fit alone (linear or task arithmetic, no intervals).
+AUDIT_RECIPES_UP_TO = 1000
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,13 @@ class Tree:
     nodes: dict[str, dict[str, Any]]
     edges: list[dict[str, Any]]
     stats: dict[str, Any] = field(default_factory=dict)
+    _in: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False, compare=False)
+    _out: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for e in self.edges:
+            self._in.setdefault(e["child"], []).append(e)
+            self._out.setdefault(e["parent"], []).append(e)
 
     def graph(self):
         import networkx as nx
@@ -58,7 +70,10 @@ class Tree:
         return g
 
     def parents(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in self.edges if e["child"] == name]
+        return list(self._in.get(name, []))
+
+    def children(self, name: str) -> list[dict[str, Any]]:
+        return list(self._out.get(name, []))
 
     def ancestors(self, name: str) -> list[str]:
         """Every ancestor, nearest first."""
@@ -80,8 +95,8 @@ class Tree:
         while todo:
             nxt = []
             for x in todo:
-                for e in self.edges:
-                    if e["parent"] == x and e["child"] not in seen and e["child"] != name:
+                for e in self._out.get(x, []):
+                    if e["child"] not in seen and e["child"] != name:
                         seen.append(e["child"])
                         nxt.append(e["child"])
             todo = nxt
@@ -99,11 +114,12 @@ class Tree:
 
 
 class _Fps:
-    """Decoded fingerprints by content hash (an LRU), loaded from the index on demand."""
+    """Decoded fingerprints (a small LRU) and their tree records (a larger one) by content hash, from the index."""
 
     def __init__(self, index: Index, ids: dict[str, int]) -> None:
         self.index, self.ids = index, ids
         self.lru: OrderedDict[str, Fingerprint] = OrderedDict()
+        self.records: OrderedDict[str, Record] = OrderedDict()
         self.loaded = 0
 
     def __call__(self, h: str) -> Fingerprint:
@@ -118,9 +134,21 @@ class _Fps:
             self.lru.move_to_end(h)
         return fp
 
+    def record(self, h: str) -> Record:
+        r = self.records.get(h)
+        if r is None:
+            r = self.records[h] = record(self(h))
+            if len(self.records) > RECORD_CACHE:
+                self.records.popitem(last=False)
+        else:
+            self.records.move_to_end(h)
+        return r
 
-def _info(fp: Fingerprint, spec: str) -> dict[str, Any]:
-    r = record(fp)
+    def pair(self, a: str, b: str) -> Pair:
+        return pair_evidence(self.record(a), self.record(b), self)
+
+
+def _info(fp: Fingerprint, r: Record, spec: str) -> dict[str, Any]:
     card = fp.model.get("card") or {}
     declared = card.get("base_model") or []
     return {"dtype": r.dtype, "grid": r.grid, "n_layers": r.n_layers, "keys": r.keys,
@@ -148,9 +176,10 @@ def build_tree(index: Index) -> Tree:
     hashes = [by_name[n] for n in names if n in by_name]
     tc = tree_cache.TreeCache(index)
     fps = _Fps(index, {h: e.id for h, e in entries.items()})
-    infos = {h: i for h, (i, _) in tc.model_infos().items() if h in entries}
-    scanned = {h for h, (_, s) in tc.model_infos().items() if s}
-    fresh = {h: _info(fps(h), entries[h].spec) for h in hashes if h not in infos}
+    known = tc.model_infos()
+    infos = {h: i for h, (i, _) in known.items() if h in entries}
+    scanned = {h for h, (_, s) in known.items() if s}
+    fresh = {h: _info(fps(h), fps.record(h), entries[h].spec) for h in hashes if h not in infos}
     tc.put_models(fresh)
     infos.update(fresh)
     # candidate pairs: each model not yet scanned against every model indexed
@@ -168,7 +197,7 @@ def build_tree(index: Index) -> Tree:
                         need.add((a, b))
     pos = {h: i for i, h in enumerate(hashes)}
     need_order = sorted(need, key=lambda p: (min(pos[p[0]], pos[p[1]]), p))  # index order: the LRU stays warm
-    new_pairs = [pair_evidence(record(fps(a)), record(fps(b))) for a, b in need_order]
+    new_pairs = [fps.pair(a, b) for a, b in need_order]
     tc.put_pairs(new_pairs)
     tc.mark_scanned(hashes[i] for i in todo)
     for p in new_pairs:
@@ -183,10 +212,11 @@ def build_tree(index: Index) -> Tree:
     extra: list[Pair] = []
 
     def get_pair(a: str, b: str) -> Pair:
-        p = pair_evidence(record(fps(a)), record(fps(b)))
+        p = fps.pair(a, b)
         extra.append(p)
         return p
 
+    audit = len(hashes) <= AUDIT_RECIPES_UP_TO
     solved_now: dict[str, dict] = {}
     solutions: list[dict] = []
     reused = 0
@@ -194,12 +224,12 @@ def build_tree(index: Index) -> Tree:
         if len(fam) == 1:
             continue
         members = [{"hash": h, "name": name_of[h], "added_at": entries[h].added_at, **infos[h]} for h in fam]
-        digest = hashlib.sha256(json.dumps([tree_cache.VERSION, alpha, members], sort_keys=True,
-                                           default=str).encode()).hexdigest()
+        key = [(m["hash"], m["name"], m["added_at"], m["declared_hashes"]) for m in members]  # the rest follows
+        digest = hashlib.sha256(json.dumps([tree_cache.VERSION, alpha, audit, key]).encode()).hexdigest()
         sol = tc.family(digest)
         if sol is None:
             fam_pairs = {k: p for k, p in cached.items() if k[0] in fam and k[1] in fam}
-            sol = solve_family(members, fam_pairs, alpha, get_pair, fps)
+            sol = solve_family(members, fam_pairs, alpha, get_pair, fps, audit)
             solved_now[digest] = sol
         else:
             reused += 1
@@ -210,7 +240,7 @@ def build_tree(index: Index) -> Tree:
     tree.stats.update({"models": len(hashes), "pairs": len(cached), "pairs_computed": len(new_pairs) + len(extra),
                        "families": sum(len(f) > 1 for f in fams), "families_solved": len(solved_now),
                        "families_reused": reused, "fingerprints_decoded": fps.loaded,
-                       "alpha_log10": alpha, "seconds_pairs": round(t_pairs - t0, 3),
+                       "alpha_log10": alpha, "audit_recipes": audit, "seconds_pairs": round(t_pairs - t0, 3),
                        "seconds": round(time.perf_counter() - t0, 3)})
     return tree
 
@@ -243,3 +273,15 @@ def _resolve(declared: list[str], name_of: dict[str, str], spec_of: dict[str, st
             if d and (d == n or spec.rstrip("/").endswith("/" + d) or spec == d or spec.startswith(f"hf://{d}@")):
                 out.append(h)
     return out
+
+
+def ancestry(index: Index, names: list[str]) -> dict[str, list[dict[str, str]]] | None:
+    """Ancestors of `names` (indexed models, e.g. identify's parents), nearest first, from the family tree; None when
+    the tree was never built for this index (`modeltrace tree` builds it; identify then keeps it up to date)."""
+    with index._errors():
+        built = index.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'tree_families'").fetchone()
+    if not built or not names:
+        return None
+    tree = build_tree(index)
+    return {n: [{"model": a, "summary": tree.nodes[a]["summary"]} for a in tree.ancestors(n)]
+            for n in names if n in tree.nodes}

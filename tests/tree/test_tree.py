@@ -177,3 +177,13 @@ def test_html_in_chromium(tree, tmp_path):
         assert errors == [] and requests == []
     finally:
         b.close()
+
+
+def test_identify_reports_ancestors_of_ancestors(tree, index_path, fps):
+    from modeltrace.identify import identify
+
+    with Index(index_path) as ix:
+        res = identify(fps["t_c1a1x"], ix)
+    parent = res["parents"][0]["model"]
+    assert parent in ("t_c1a1", "t_c1a1_f16")  # the model itself is in the index, so its copy is a candidate too
+    assert [a["model"] for a in res["ancestry"][parent]][-3:] == ["t_c1a", "t_c1", "t_base_c"]
