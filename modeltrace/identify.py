@@ -248,6 +248,9 @@ def _result(suspect: Fingerprint, index: Index, ids: np.ndarray, tested: list[st
         "verdict": verdict,
         "audit_command": _audit_command(suspect, verdict, fps, chosen) if verdict else None,
     }
+    from modeltrace.tree.graph import ancestry  # ancestors of ancestors, from the family tree when it was built
+
+    out["ancestry"] = ancestry(index, [p["model"] for p in out["parents"]])
     declared = out["suspect"]["card_base_model"]
     if verdict and verdict["relation"] not in ("independent",) and not declared:
         out["undisclosed"] = "the model card names no base_model although ancestors were found"

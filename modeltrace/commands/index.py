@@ -216,6 +216,10 @@ def render_identify(r: dict[str, Any]) -> None:
     for h in r["hits"]:
         t.add_row(str(h["rank"]), h["model"], h["role"], h["p"], f"{h['similarity']:.3f}", h["note"])
     out.print(t)
+    for parent, line in (r.get("ancestry") or {}).items():
+        if line:
+            out.print(f"{parent} descends from " + " <- ".join(a["model"] for a in line), markup=False,
+                      highlight=False)
     if r.get("undisclosed"):
         err.print(f"warning: {r['undisclosed']}", markup=False, highlight=False)
     warn_damaged(r)
