@@ -197,10 +197,12 @@ def _decide(run: AuditRun) -> dict[str, Any]:
                                   "original).")
                 out["direction"] = "suspect-to-parent"
             else:
+                verified = all("rounded" in r.fit.params or r.fit.rel_rss == 0 for r in run.slots)
                 out["summary"] = (f"{names[0]} is {_article(_word(sd))} {_word(sd)} re-encoding of {names[c]} "
                                   f"(stored {_word(cd)}): every one of {len(run.slots)} tensors "
                                   + ("holds the same values, widened." if wider else
-                                     f"equals {names[c]}'s rounded to {_word(sd)}."))
+                                     f"equals {names[c]}'s rounded to {_word(sd)}." if verified else
+                                     f"matches {names[c]}'s up to {_word(sd)}'s rounding."))
         return out
     if smap is not None and not _identity(smap):
         out["relation"] = "stack"
