@@ -317,7 +317,9 @@ def render_audit(v: dict) -> None:
         t.add_column("weight", justify="right")
         t.add_column("95% interval", justify="right")
         for p in v["parents"]:
-            t.add_row(p["model"], f"{p['weight']:.4f}", f"[{p['interval'][0]:.4f}, {p['interval'][1]:.4f}]")
+            w, iv = p.get("weight"), p.get("interval")
+            t.add_row(p["model"], "-" if w is None else f"{w:.4f}",
+                      "-" if not iv or None in iv else f"[{iv[0]:.4f}, {iv[1]:.4f}]")
         out.print(t)
     params = v.get("parameters") or {}
     for k, val in params.items():

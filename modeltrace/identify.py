@@ -393,8 +393,9 @@ def _rank(verdict: dict | None, chosen: list[str], related: list[str], merges: d
             if p in roles:
                 continue
             w = weights[p]
-            note = (f"weight {w['weight']:.4f} [{w['interval'][0]:.4f}, {w['interval'][1]:.4f}]" if "weight" in w
-                    else f"{w['layers']} layers" if "layers" in w else "")
+            iv = w.get("interval")
+            note = (f"weight {w['weight']:.4f}" + (f" [{iv[0]:.4f}, {iv[1]:.4f}]" if iv and None not in iv else "")
+                    if w.get("weight") is not None else f"{w['layers']} layers" if "layers" in w else "")
             roles[p] = ("parent", note)
         if verdict.get("base") and verdict["base"] not in roles:
             roles[verdict["base"]] = ("base", f"base model of the {verdict.get('method') or 'merge'}")
@@ -488,6 +489,9 @@ def _lineage_text(verdict: dict, adj: dict[str, float], copies: dict[str, tuple[
         return f"{recipe}, {method}; {p_text}{also}"
     if rel == "finetune":
         return f"fine-tune of {with_copies(parents[0], copies, fps)}; {p_text}"
+    if rel == "related":  # training lineage without its common base indexed: no direction from the weights
+        return (f"related to {with_copies(parents[0], copies, fps)} through training (its parent, a sibling or a "
+                f"child: no common base indexed to tell); {p_text}")
     if rel == "stack":
         return f"layer stack of {' and '.join(parents)}: " + verdict["summary"].split(": ", 1)[-1] \
             .rstrip(".") + f"; {p_text}{also}"

@@ -94,7 +94,7 @@ def trained(out: dict[str, Any], run: AuditRun, matrix: list[SlotResult], relate
     rel = sorted(related, key=lambda c: D[0, c])
     out["relation"] = "related"
     out["direction"] = "unknown"
-    out["parents"] = [{"model": names[c], "weight": None, "interval": None} for c in rel]
+    out["parents"] = [{"model": names[c]} for c in rel]
     if len(heavy) >= 2:
         hint = [parent_entry(names[c], merge_weights[c]) for c in heavy]
         out["recipe_hint"] = hint
@@ -153,7 +153,7 @@ def upcycled(out: dict[str, Any], run: AuditRun, related: list[int], logp: dict[
     s, d = names[0], names[dense]
     out["relation"] = "upcycled"
     out["method"] = "moe_upcycling"
-    out["parents"] = [{"model": d, "weight": None, "interval": None}]
+    out["parents"] = [{"model": d}]
     out["upcycling"] = {"dense": d, "layers": len(layers), "experts": len(experts),
                         "experts_copied": [{"layer": k[0], "expert": k[1]} for k in copied],
                         "experts_trained": len(experts) - len(copied),

@@ -85,7 +85,7 @@ def test_home_page_shows_a_new_upload_without_reload(browser, svc):
              "the new upload to appear on the open page")
     assert tab.eval("window.__marker") == 42
     row = tab.eval("document.querySelector('#results tr').innerText")
-    assert "org/ft" in row and "finetune" in row
+    assert "org/ft" in row and ("finetune" in row or "related" in row)
     errors, urls = tab.log()
     assert errors == []
     assert urls and all(u.startswith(svc.url + "/") for u in urls), urls
