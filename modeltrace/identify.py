@@ -489,7 +489,7 @@ def _lineage_text(verdict: dict, adj: dict[str, float], copies: dict[str, tuple[
         return f"{recipe}, {method}; {p_text}{also}"
     if rel == "finetune":
         return f"fine-tune of {with_copies(parents[0], copies, fps)}; {p_text}"
-    if rel == "related":  # training lineage without its common base indexed: no direction from the weights
+    if rel == "related" and verdict.get("direction") == "unknown":  # a training lineage with no base indexed
         return (f"related to {with_copies(parents[0], copies, fps)} through training (its parent, a sibling or a "
                 f"child: no common base indexed to tell); {p_text}")
     if rel == "stack":
