@@ -465,7 +465,10 @@ def _summary(answer: dict | None, lineage: dict | None, hits: list[dict], adj: d
         best = hits[0] if hits else None
         closest = f" (closest: {best['model']}, {best['p']} after Holm over {family} models)" if best else ""
         return f"no ancestor in the index{closest}{entry}"
-    return _lineage_text(lineage, adj, copies, fps) + entry
+    if itself:  # the suspect's own entry first, then what those weights descend from
+        return (f"identical in every sampled value to indexed {itself}. Lineage of these weights: "
+                + _lineage_text(lineage, adj, copies, fps))
+    return _lineage_text(lineage, adj, copies, fps)
 
 
 def _lineage_text(verdict: dict, adj: dict[str, float], copies: dict[str, tuple[str | None, str]],
