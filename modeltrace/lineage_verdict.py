@@ -21,11 +21,13 @@ def pooled(values: list[float], ses: list[float]) -> float | None:
     return None if m is None else round(float(m), 4)
 
 
-def parent_entry(model: str, values: list[float], ses: list[float] | None = None) -> dict[str, Any]:
+def parent_entry(model: str, values: list[float], ses: list[float] | None = None,
+                 floor: float = 2.0**-23) -> dict[str, Any]:
     """A parent with its weight pooled over tensors and a 95% interval (rounded outwards, so that display rounding
     never excludes what the interval contains)."""
     if ses is not None and any(np.isfinite(x) for x in ses):
-        m, lo, hi = pooled_interval(values, [x if np.isfinite(x) or x == np.inf else np.inf for x in ses])
+        m, lo, hi = pooled_interval(values, [x if np.isfinite(x) or x == np.inf else np.inf for x in ses],
+                                    floor=floor)
     else:
         m, lo, hi = mean_interval(values)
     if not np.isfinite(m):

@@ -12,7 +12,7 @@ from modeltrace.align.layers import stack_map
 from modeltrace.audit import AuditRun, SlotResult
 from modeltrace.detectors.accumulate import is_lossy
 from modeltrace.detectors.registry import METHODS
-from modeltrace.detectors.rounding import ROUNDED
+from modeltrace.detectors.rounding import RESOLUTION, ROUNDED
 from modeltrace.lineage_verdict import parent_entry, pooled, trained, upcycled
 from modeltrace.stats import fisher_log10, format_p, log10_sf, mean_interval, stouffer
 
@@ -238,7 +238,8 @@ def _decide(run: AuditRun) -> dict[str, Any]:
             out["method"] = _method_name(method, agree)
             out["method_info"] = _info(out["method"])
             ses = _ses(agree)
-            out["parents"] = [parent_entry(names[c], ws[c], ses[c]) for c in parents]
+            floor = RESOLUTION if out["suspect_dtype"] in ROUNDED else 2.0**-23
+            out["parents"] = [parent_entry(names[c], ws[c], ses[c], floor) for c in parents]
             out["parameters"] = _params(agree, method)
             out["by_role"] = _role_table(run, matrix, method)
             out["method_share"] = round(share, 4)
