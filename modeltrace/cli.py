@@ -402,10 +402,6 @@ def audit_cmd(
     fmt = _report_format(fmt, json_out, output)
     gates = check_gates(fail_on)
     nbytes = remote_limits(timeout, connections, budget)
-    if nbytes is not None and sample is None:
-        from modeltrace.sources.hub import sample_for_budget
-
-        sample = sample_for_budget([suspect_spec, *candidate], nbytes)
     show = (fmt is None or output is not None) and err.is_terminal
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TimeRemainingColumn(),
                   console=err, disable=not show, transient=True) as bar:
@@ -416,7 +412,7 @@ def audit_cmd(
 
         with recording_remote_ranges():
             run = run_audit(suspect_spec, list(candidate), base=base, sample=sample, progress=progress,
-                            allow_pickle=allow_pickle, workers=workers, ray=ray, address=address)
+                            allow_pickle=allow_pickle, workers=workers, ray=ray, address=address, budget=nbytes)
     verdict = decide(run)
     from modeltrace.recipe import replay, to_mergekit, to_yaml
 
@@ -427,7 +423,7 @@ def audit_cmd(
     if verify:
         verdict["verify"] = replay(verdict, verdict["sources"], cfg) if cfg else {
             "replayed": False, "reason": "no merge recipe to replay"}
-    params = audit_parameters(list(candidate), base, sample, DEFAULT_AUDIT_CHUNK, allow_pickle, hashes)
+    params = audit_parameters(list(candidate), base, run.sample, DEFAULT_AUDIT_CHUNK, allow_pickle, hashes)
     subject, findings = audit_subject(run, verdict, params, full_hashes=hashes, allow_pickle=allow_pickle)
     report = new_report("audit", [subject], findings)
     deliver(report, fmt, output, lambda: render_audit(verdict))
