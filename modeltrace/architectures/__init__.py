@@ -9,6 +9,7 @@ their own components, so a 93k-tensor MoE is classified in about half a second.
 
 from __future__ import annotations
 
+import gc
 import re
 import tomllib
 from collections.abc import Mapping
@@ -243,6 +244,19 @@ def _name_plan(family: Family, hit: tuple[Rule, dict[str, str], bool], entry: ob
 def canonical_parts(tensors: Mapping[str, TensorInfo], family: Family, config: Mapping | None = None
                     ) -> tuple[dict[Slot, Part], list[str]]:
     """Map every stored tensor to canonical parts. Returns (parts by slot, names no rule recognised)."""
+    # hundreds of thousands of small acyclic objects: the cyclic collector would rescan the growing heap many
+    # times over (a third of the time for 93k tensors)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _canonical_parts(tensors, family, config)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _canonical_parts(tensors: Mapping[str, TensorInfo], family: Family, config: Mapping | None
+                     ) -> tuple[dict[Slot, Part], list[str]]:
     parts: dict[Slot, Part] = {}
     unknown: list[str] = []
     plans: dict[int, tuple] = {}  # id(template entry) -> what every name of that template becomes
