@@ -392,6 +392,7 @@ def audit_cmd(
 
     from modeltrace.audit import DEFAULT_AUDIT_CHUNK, run_audit
     from modeltrace.engine import split_address
+    from modeltrace.progress import RemoteReadsColumn
     from modeltrace.report.build import audit_parameters, audit_subject, new_report
     from modeltrace.report.gate import check_gates
     from modeltrace.sources.base import recording_remote_ranges
@@ -403,12 +404,12 @@ def audit_cmd(
     gates = check_gates(fail_on)
     nbytes = remote_limits(timeout, connections, budget)
     show = (fmt is None or output is not None) and err.is_terminal
-    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                  console=err, disable=not show, transient=True) as bar:
-        task = bar.add_task("streaming weights", total=None)
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), RemoteReadsColumn(),
+                  TimeRemainingColumn(), console=err, disable=not show, transient=True) as bar:
+        task = bar.add_task("opening models", total=None)
 
         def progress(done: int, total: int) -> None:
-            bar.update(task, completed=done * 4, total=total * 4)
+            bar.update(task, description="streaming weights", completed=done * 4, total=total * 4)
 
         with recording_remote_ranges():
             run = run_audit(suspect_spec, list(candidate), base=base, sample=sample, progress=progress,

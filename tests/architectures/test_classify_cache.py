@@ -12,7 +12,8 @@ NAMES = [
     *(f"model.layers.{i}.self_attn.{p}_proj.{s}" for i in (0, 7, 12) for p in "qkvo" for s in ("weight", "bias")),
     *(f"model.layers.{i}.mlp.experts.{e}.{p}_proj.weight" for i in (0, 59) for e in (0, 3, 511)
       for p in ("gate", "up", "down")),
-    *(f"model.layers.{i}.linear_attn.{p}.weight" for i in (2, 30) for p in ("conv1d", "conv2d", "in_proj_qkvz", "7", "8")),
+    *(f"model.layers.{i}.linear_attn.{p}.weight" for i in (2, 30)
+      for p in ("conv1d", "conv2d", "in_proj_qkvz", "7", "8")),
     *(f"model.layers.{i}.linear_attn.{p}" for i in (1, 4) for p in ("A_log", "dt_bias")),
     *(f"transformer.h.{i}.{p}.weight" for i in (0, 5, 11) for p in ("ln_1", "ln_2", "attn.c_attn", "mlp.c_fc")),
     *(f"encoder.layer.{i}.attention.self.{p}.weight" for i in (0, 3) for p in ("query", "key", "value")),

@@ -9,6 +9,7 @@ from modeltrace import audit
 from modeltrace.audit import run_audit
 from modeltrace.audit_design import chosen_experts
 from modeltrace.errors import InputError
+from modeltrace.progress import RemoteReadsColumn
 from modeltrace.sources import remote
 from modeltrace.verdict import decide
 from tests.sources.test_hub import hub_env, hub_server  # noqa: F401 - fixtures
@@ -83,10 +84,16 @@ def test_budgeted_remote_moe_audit_stays_within_its_bytes(corpus, hub_server, mo
     srv.clear()
     budget = 200_000  # about a sixth of the three models' weights
     remote.configure(budget=budget)
+    column = RemoteReadsColumn()
+    ticks: list[tuple[int, int]] = []
     sampled = decide(run_audit("hf://org/moe_linear", ["hf://org/moe_ft1", "hf://org/moe_ft2"], budget=budget,
-                               max_requests=FIXED["moe"] + 37))
+                               max_requests=FIXED["moe"] + 37, progress=lambda d, t: ticks.append((d, t))))
     srv.wait_idle()
     assert 0 < srv.bytes_sent() <= budget and remote.spent_bytes() <= budget
+    # the progress bar: elements compared out of a total that is the sampled rows', requests and bytes fetched
+    assert ticks[-1][0] == ticks[-1][1] == ticks[0][1] and [d for d, _ in ticks] == sorted(d for d, _ in ticks)
+    got = srv.requests("GET", "/resolve/")
+    assert column.render(None).plain == f"{len(got):,} requests, {sum(r.sent for r in got) / 1e6:,.1f} MB fetched"
     _same_verdict(local, sampled)
     assert 0 < sampled["sample"] < 0.5 and sampled["coverage"]["budget"] == budget
 
