@@ -31,7 +31,7 @@ from modeltrace.align.layers import map_layers
 from modeltrace.align.transform import WHOLE_BYTES, AlignedReader, SlotTransform, gather
 from modeltrace.align.view import ModelView, open_view
 from modeltrace.architectures import Slot, is_structured
-from modeltrace.audit_design import Coverage, default_budget, design, is_remote
+from modeltrace.audit_design import Coverage, default_budget, design, is_remote, limit_read_ahead
 from modeltrace.detectors import kernels
 from modeltrace.detectors.accumulate import SlotAccumulator, SlotStats
 from modeltrace.detectors.fits import SlotFit, fit_slot
@@ -173,6 +173,7 @@ def run_audit(
             if budget is not None or sample is not None:
                 spent = sum(v.source.stats.bytes_read for v in views if v.spec.startswith("hf://"))
                 plan_design = _Design(budget, spent, max_requests)
+                limit_read_ahead(views)
         slots, coverage = _stream(views, base_idx, sample, chunk_bytes, progress, warnings, layer_matches,
                                   alignments, dispatch=dispatch, plan_design=plan_design)
         if coverage is not None:
@@ -249,8 +250,7 @@ def _process_slot(views: list[ModelView], item: _PlanItem, base: int | None, sam
     else:
         ranges = _row_plan(rows, part.cols, sample if not structured else None, chunk_bytes * RAW_WINDOW_FACTOR,
                            kernels.itemsize(raw_dtype))
-    acc = SlotAccumulator(1 + len(cands), part.cols, idx_base, s.dtype(slot),
-                          total_rows=sum(b - a for a, b in ranges),
+    acc = SlotAccumulator(1 + len(cands), part.cols, idx_base, s.dtype(slot), total_rows=rows,
                           cand_dtypes=[views[i].dtype(item.tfs[i].slot) for i in cands])
     note = ""
     if rows < part.rows or any(item.tfs[i].shape(views[i])[0] != rows and item.tfs[i].rows is None for i in cands):

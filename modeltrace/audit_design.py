@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from modeltrace.audit import _PlanItem
 
 __all__ = ["BUDGET_SHARE", "Coverage", "DEFAULT_MAX_REQUESTS", "DEFAULT_REMOTE_SHARE", "REMOTE_FULL_BYTES",
-           "SMALL_WHOLE", "chosen_experts", "default_budget", "design", "is_remote"]
+           "READ_AHEAD_BYTES", "SMALL_WHOLE", "chosen_experts", "default_budget", "design", "is_remote",
+           "limit_read_ahead"]
 
 #: Streaming-pass requests planned for all models together (one per tensor and model, before coalescing). With
 #: the headers (about 2 per shard) and the layer map (one per non-expert matrix) of four Rio-sized models this
@@ -45,6 +46,9 @@ SMALL_WHOLE = 1 << 20
 BUDGET_SHARE = 0.5
 #: Routed experts kept per layer at least, however tight the request target.
 MIN_EXPERTS = 2
+#: Bytes each remote model fetches ahead of the comparison in a designed pass (the planner's default is 256 MB): row
+#: blocks are small, so this keeps the link busy while bounding memory with many models open.
+READ_AHEAD_BYTES = 32 * 1024 * 1024
 #: Without --sample or --budget, remote models larger than this (all together) are audited by this design ...
 REMOTE_FULL_BYTES = 16 * 10**9
 #: ... with row blocks planned to about this share of every model's bytes.
@@ -100,6 +104,14 @@ def default_budget(views: list[ModelView]) -> int | None:
     if not remote or total <= REMOTE_FULL_BYTES:
         return None
     return int(DEFAULT_REMOTE_SHARE * sum(_model_bytes(v) for v in views) / BUDGET_SHARE)
+
+
+def limit_read_ahead(views: list[ModelView], cap: int = READ_AHEAD_BYTES) -> None:
+    """Bound what each remote model's read planner holds fetched ahead for a designed pass."""
+    for v in views:
+        planner = getattr(getattr(v.source, "store", None), "prefetcher", None)
+        if planner is not None:
+            planner.cap = min(planner.cap, cap)
 
 
 def chosen_experts(ids: list[int], k: int, layer: int) -> tuple[int, ...]:

@@ -20,7 +20,7 @@ from importlib import resources
 from modeltrace.sources.base import TensorInfo
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class Slot:
     """What a tensor *is*, independent of its name: role, layer index and expert index."""
 
@@ -34,7 +34,7 @@ class Slot:
         return s if self.expert < 0 else f"{s}.E{self.expert}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Part:
     """A canonical tensor: rows [row_start, row_stop) of the stored tensor `name`."""
 
