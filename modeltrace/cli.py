@@ -349,8 +349,9 @@ def audit_cmd(
     candidate: Annotated[list[str], typer.Option("--candidate", "-c", help="A possible ancestor; repeat for more.")],
     base: Annotated[str | None, typer.Option(help="The common base of the candidates, if known (enables task "
                                              "arithmetic, TIES, DARE detection).")] = None,
-    sample: Annotated[float | None, typer.Option(help="Read only this fraction of rows per tensor (e.g. 0.01).")]
-    = None,
+    sample: Annotated[float | None, typer.Option(help="Read only this fraction of rows per tensor (e.g. 0.01); "
+                                                 "of a remote MoE also only a seeded subset of routed experts "
+                                                 "(docs/remote.md).")] = None,
     json_out: JsonOpt = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Read .bin pickles with the restricted loader.")]
     = False,

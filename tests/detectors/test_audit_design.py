@@ -105,3 +105,19 @@ def test_chosen_experts_depend_on_layer_and_count_only():
     assert set(a) <= set(ids) and chosen_experts(ids[:8], 12, 3) == tuple(range(8))
     # a layer whose experts are numbered differently keeps the same positions among them
     assert chosen_experts([i + 1000 for i in ids], 12, 3) == tuple(e + 1000 for e in a)
+
+
+def test_huge_remote_models_are_planned_by_default_small_ones_read_in_full():
+    from types import SimpleNamespace
+
+    from modeltrace.audit_design import BUDGET_SHARE, DEFAULT_REMOTE_SHARE, default_budget
+    from modeltrace.sources.base import TensorInfo
+
+    def view(spec: str, nbytes: int):
+        info = TensorInfo("w", "BF16", (nbytes // 2,), nbytes, "f")
+        return SimpleNamespace(spec=spec, source=SimpleNamespace(tensors=lambda: {"w": info}))
+
+    big = [view("hf://o/a", 10**10), view("hf://o/b", 10**10)]
+    assert default_budget(big) == int(DEFAULT_REMOTE_SHARE * 2 * 10**10 / BUDGET_SHARE)
+    assert default_budget([view("hf://o/a", 10**9), view("/local/b", 10**11)]) is None  # 1 GB remote: read it all
+    assert default_budget([view("/local/a", 10**11)]) is None
