@@ -379,8 +379,9 @@ def audit_cmd(
     candidate: Annotated[list[str], typer.Option("--candidate", "-c", help="A possible ancestor; repeat for more.")],
     base: Annotated[str | None, typer.Option(help="The common base of the candidates, if known (enables task "
                                              "arithmetic, TIES, DARE detection).")] = None,
-    sample: Annotated[float | None, typer.Option(help="Read only this fraction of rows per tensor (e.g. 0.01).")]
-    = None,
+    sample: Annotated[float | None, typer.Option(help="Read only this fraction of rows per tensor (e.g. 0.01); "
+                                                 "of a remote MoE also only a seeded subset of routed experts "
+                                                 "(docs/remote.md).")] = None,
     json_out: JsonOpt = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Read .bin pickles with the restricted loader.")]
     = False,
@@ -422,6 +423,7 @@ def audit_cmd(
 
     from modeltrace.audit import DEFAULT_AUDIT_CHUNK, run_audit
     from modeltrace.engine import split_address
+    from modeltrace.progress import RemoteReadsColumn
     from modeltrace.report.build import audit_parameters, audit_subject, new_report
     from modeltrace.report.gate import check_gates
     from modeltrace.sources.base import recording_remote_ranges
@@ -434,21 +436,17 @@ def audit_cmd(
         check_output(recipe_out)
     gates = check_gates(fail_on)
     nbytes = remote_limits(timeout, connections, budget)
-    if nbytes is not None and sample is None:
-        from modeltrace.sources.hub import sample_for_budget
-
-        sample = sample_for_budget([suspect_spec, *candidate], nbytes)
     show = (fmt is None or output is not None) and err.is_terminal
-    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                  console=err, disable=not show, transient=True) as bar:
-        task = bar.add_task("streaming weights", total=None)
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), RemoteReadsColumn(),
+                  TimeRemainingColumn(), console=err, disable=not show, transient=True) as bar:
+        task = bar.add_task("opening models", total=None)
 
         def progress(done: int, total: int) -> None:
-            bar.update(task, completed=done * 4, total=total * 4)
+            bar.update(task, description="streaming weights", completed=done * 4, total=total * 4)
 
         with recording_remote_ranges():
             run = run_audit(suspect_spec, list(candidate), base=base, sample=sample, progress=progress,
-                            allow_pickle=allow_pickle, workers=workers, ray=ray, address=address)
+                            allow_pickle=allow_pickle, workers=workers, ray=ray, address=address, budget=nbytes)
     verdict = decide(run)
     from modeltrace.recipe import replay, to_mergekit, to_yaml
 
@@ -459,7 +457,7 @@ def audit_cmd(
     if verify:
         verdict["verify"] = replay(verdict, verdict["sources"], cfg) if cfg else {
             "replayed": False, "reason": "no merge recipe to replay"}
-    params = audit_parameters(list(candidate), base, sample, DEFAULT_AUDIT_CHUNK, allow_pickle, hashes)
+    params = audit_parameters(list(candidate), base, run.sample, DEFAULT_AUDIT_CHUNK, allow_pickle, hashes)
     subject, findings = audit_subject(run, verdict, params, full_hashes=hashes, allow_pickle=allow_pickle)
     report = new_report("audit", [subject], findings)
     deliver(report, fmt, output, lambda: render_audit(verdict))

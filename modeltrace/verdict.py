@@ -124,6 +124,8 @@ def decide(run: AuditRun) -> dict[str, Any]:
         out["warnings"].append(f"candidate(s) {', '.join(lossy)} are stored quantized: their rounding noise pulls "
                                "recipe weights toward each other (errors in variables); audit against "
                                "full-precision parents for exact weights")
+    if getattr(run, "coverage", None) is not None:  # a sampled remote audit: what was and was not read
+        out["coverage"] = run.coverage.as_dict()
     aligned = {names[i]: al.summary() for i, al in enumerate(run.alignments, 1) if al is not None}
     if aligned:
         out["alignment"] = aligned
