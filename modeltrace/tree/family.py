@@ -307,7 +307,7 @@ def solve_family(members: list[dict], pairs: dict[tuple[str, str], Pair], alpha_
     rep = _copies(f, out)
     reps = sorted({r for r in rep.values()})
     stacks = _stacks(f, reps, out)
-    merges = find_merges(f, reps, stacks, out)
+    merges = find_merges(f, reps, stacks, out, audit_recipes)
     fixed: dict[str, set[str]] = {x: {e["parent"] for e in out["edges"] if e["child"] == x} for x in stacks}
     for x, e in merges.items():
         recipe = merge_recipe(f, x, e, audit_recipes)

@@ -4,6 +4,14 @@ Data flow: a family's cached pairs -> per model, relatives making an obtuse angl
 the cached pairs (no fingerprint decoded) -> fingerprint/lineage.py's `explanations` -> accepted fewest parents first,
 then parents no recipe explains, never a cycle -> method, weights and intervals from the audit's detectors on the
 fingerprints (identify's `_audit_on`), or the fit's own weights in large indexes.
+
+Recipes that are not exact (sparse merges: TIES, DARE, DELLA, breadcrumbs; model stock; unnormalised linear merges)
+are searched after (indexes of up to 1,000 models): for a model no exact recipe explains, candidate sets of two of
+its nearest relatives a, b that no recipe explains plus a base m they meet at (relatives.middle: the angle at m is
+the obtuse one), ranked by how much of x - m lies outside the span of a - m, b - m (from the cached squared
+distances), the best few audited on the fingerprints (`_audit_on`); a merge is accepted only when the verdict's
+relation is "merge" (a recipe to storage rounding, or the sparse signature for sparse methods), never on "related",
+"finetune" (also a merge then trained: `chain`) or "upcycled".
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import numpy as np
 
 from modeltrace.fingerprint.compare import GramStack
 from modeltrace.fingerprint.lineage import Explanation, explanations
+from modeltrace.relatives import middle
 
 if TYPE_CHECKING:
     from modeltrace.tree.family import _Family
@@ -27,6 +36,11 @@ __all__ = ["find_merges", "recipe"]
 BETWEEN = 0.9
 #: Relatives a merge's recipe is searched among.
 POOL = 8
+#: Audited search: nearest unexplained relatives offered as parents, candidate sets audited per model, and the
+#: largest share of |x - m|^2 left outside span(a - m, b - m) for a set to be audited.
+AUDIT_POOL = 5
+AUDIT_SETS = 4
+AUDIT_RESIDUAL = 0.6
 
 
 # ---- 3. merges --------------------------------------------------------------------------------------------------
@@ -96,8 +110,68 @@ def _merge_options(f: _Family, x: str, rel: list[str], obtuse: list[tuple[float,
     return exps
 
 
-def find_merges(f: _Family, reps: list[str], stacks: set[str], out: dict) -> dict[str, Explanation]:
-    """Accepted recipes by model (`out` holds the stack edges found before, which count as ancestry)."""
+def _task_sets(f: _Family, x: str, rel: list[str], explained: set[str]) -> list[tuple[float, str, str, str]]:
+    """(residual share, a, b, m): two relatives of x that no recipe explains and that lie between no two others, and
+    a base they meet at from which x, a and b all grew (training adds norm: r >= DIRECTED_R), best explaining x - m."""
+    from modeltrace.tree.family import DIRECTED_R
+
+    bases = [y for y in rel if y not in explained]
+    pool = bases[:AUDIT_POOL]
+    grew = {(m, y): f.growth(m, y)[0] >= DIRECTED_R for m in bases for y in [x, *pool] if m != y}
+    out = []
+    for a, b in itertools.combinations(pool, 2):
+        for m in bases:
+            if m in (a, b) or not (grew[m, x] and grew[m, a] and grew[m, b]):
+                continue
+            hs = [x, a, b, m]
+            D = np.array([[f.dist2(u, v)[0] if u != v else 0.0 for v in hs] for u in hs])
+            if np.isnan(D).any() or middle(D, 1, 2, 3) != 3:
+                continue
+            # inner products of x - m, a - m, b - m from squared distances (law of cosines)
+            g = np.array([[(D[i, 3] + D[j, 3] - D[i, j]) / 2 for j in range(3)] for i in range(3)])
+            if g[0, 0] <= 0:
+                continue
+            try:
+                coef = np.linalg.solve(g[1:, 1:], g[1:, 0])
+            except np.linalg.LinAlgError:
+                continue
+            res = 1 - float(g[0, 1:] @ coef) / g[0, 0]
+            if res <= AUDIT_RESIDUAL:
+                out.append((res, a, b, m))
+    return sorted(out)[:AUDIT_SETS]
+
+
+def _audited(f: _Family, x: str, sets: list[tuple[float, str, str, str]]) -> list[Explanation]:
+    """Explanations the audit's verdict on the fingerprints calls a merge, one per candidate set."""
+    from modeltrace.identify import _audit_on
+
+    found = []
+    for _, a, b, m in sets:
+        cands = [a, b, m]
+        names = {h: f.m[h]["name"] for h in cands}
+        fps = {names[h]: f.load(h) for h in cands}
+        try:
+            v = _audit_on(f.load(x), f.m[x]["name"], fps, [names[h] for h in cands], names[m])
+        except Exception:  # noqa: BLE001 - the detectors cannot run on this set: no claim
+            continue
+        if v.get("relation") != "merge":  # "related", "finetune" (with or without a chain), "upcycled": no merge
+            continue
+        by_name = {n: h for h, n in names.items()}
+        ws = {by_name[p["model"]]: float(p.get("weight") or 0.0) for p in v.get("parents", [])
+              if p.get("model") in by_name and by_name[p["model"]] != m}
+        if len(ws) < 2 and v.get("method") not in ("model_stock",):
+            continue
+        e = Explanation(0, "audit", ws or {a: 0.5, b: 0.5}, m, float((v.get("parameters") or {}).get("r2_min", 0)))
+        e.target = x  # type: ignore[assignment]
+        e.verdict = v  # type: ignore[attr-defined]
+        found.append(e)
+    return found
+
+
+def find_merges(f: _Family, reps: list[str], stacks: set[str], out: dict, audit: bool = False
+                ) -> dict[str, Explanation]:
+    """Accepted recipes by model (`out` holds the stack edges found before, which count as ancestry); with `audit`,
+    also the audited search for recipes that are not exact."""
     plain = [x for x in reps if x not in stacks]
     rel = {x: sorted((y for y in reps if y != x and f.related(x, y)), key=lambda y: f.dist2(x, y)[0]) for x in plain}
     obtuse = {x: _between(f, x, rel[x]) for x in plain}
@@ -125,6 +199,19 @@ def find_merges(f: _Family, reps: list[str], stacks: set[str], out: dict) -> dic
             continue
         accepted[x] = e  # type: ignore[index]
         parents[x] = set(e.members)  # type: ignore[arg-type,index]
+    if not audit:
+        return accepted
+    done = set(accepted) | {x for x, o in obtuse.items() if o}  # explained, or between two others
+    audited = {x: _audited(f, x, _task_sets(f, x, rel[x], done)) for x in plain if x not in accepted}
+    audited = {x: o for x, o in audited.items() if o}
+    ranked_a = sorted(((sum(m in audited for m in e.members), rank, x), e)
+                      for x, opts in audited.items() for rank, e in enumerate(opts))
+    for _, e in ranked_a:
+        x = e.target
+        if x in accepted or any(m == x or x in ancestors(m) or m in accepted and m in audited for m in e.members):
+            continue
+        accepted[x] = e  # type: ignore[index]
+        parents[x] = set(e.members)  # type: ignore[arg-type,index]
     return accepted
 
 
@@ -133,6 +220,8 @@ def recipe(f: _Family, x: str, e: Explanation, audit: bool) -> dict[str, Any]:
     `audit` off, the exact fit's own weights (median over tensors) and linear / task arithmetic by their signs."""
     from modeltrace.identify import _audit_on
 
+    if e.kind == "audit":
+        return _from_verdict(f, e, e.verdict)  # type: ignore[attr-defined]
     if not audit:
         neg = [m for m, w in e.weights.items() if w < 0]
         return {"method": "task_arithmetic" if neg else "linear", "kind": e.kind, "base": neg[0] if neg else None,
@@ -164,3 +253,13 @@ def recipe(f: _Family, x: str, e: Explanation, audit: bool) -> dict[str, Any]:
             "fit_weights": {h: round(w, 4) for h, w in e.weights.items()},
             "parameters": {k: d.get("value") for k, d in (v.get("parameters") or {}).items()
                            if isinstance(d, dict)}, "layers": v.get("layers")}
+
+
+def _from_verdict(f: _Family, e: Explanation, v: dict[str, Any]) -> dict[str, Any]:
+    by_name = {f.m[h]["name"]: h for h in e.members}
+    return {"method": v.get("method") or "sparse", "kind": e.kind, "base": e.base, "audit_relation": v.get("relation"),
+            "weights": {by_name[p["model"]]: {"weight": p.get("weight"), "interval": p.get("interval")}
+                        for p in v.get("parents", []) if p.get("model") in by_name},
+            "fit_weights": {h: round(w, 4) for h, w in e.weights.items()},
+            "parameters": {k: d.get("value") for k, d in (v.get("parameters") or {}).items() if isinstance(d, dict)},
+            "layers": v.get("layers")}
