@@ -36,11 +36,14 @@ __all__ = ["find_merges", "recipe"]
 BETWEEN = 0.9
 #: Relatives a merge's recipe is searched among.
 POOL = 8
-#: Audited search: nearest unexplained relatives offered as parents, candidate sets audited per model, and the
+#: Audited search: nearest relatives no exact recipe explains, offered as parents and bases, candidate sets audited
+#: per model, and the
 #: largest share of |x - m|^2 left outside span(a - m, b - m) for a set to be audited.
-AUDIT_POOL = 5
+AUDIT_POOL = 16
 AUDIT_SETS = 4
 AUDIT_RESIDUAL = 0.6
+#: A parent of an audited merge carries at least this weight (a relative at weight ~0.03 is a fit's leftover).
+AUDIT_MIN_WEIGHT = 0.05
 
 
 # ---- 3. merges --------------------------------------------------------------------------------------------------
@@ -111,33 +114,34 @@ def _merge_options(f: _Family, x: str, rel: list[str], obtuse: list[tuple[float,
 
 
 def _task_sets(f: _Family, x: str, rel: list[str], explained: set[str]) -> list[tuple[float, str, str, str]]:
-    """(residual share, a, b, m): two relatives of x that no recipe explains and that lie between no two others, and
-    a base they meet at from which x, a and b all grew (training adds norm: r >= DIRECTED_R), best explaining x - m."""
+    """(cosine, a, b, m): two relatives of x that no exact recipe explains and a base m that x, a and b all grew
+    from (training adds norm: r >= DIRECTED_R), x - m mostly in the span of a - m, b - m; the most independent task
+    vectors a - m, b - m first (fine-tunes of one base meet at ~90 degrees, merges of them lie between)."""
     from modeltrace.tree.family import DIRECTED_R
 
-    bases = [y for y in rel if y not in explained]
-    pool = bases[:AUDIT_POOL]
-    grew = {(m, y): f.growth(m, y)[0] >= DIRECTED_R for m in bases for y in [x, *pool] if m != y}
+    pool = [y for y in rel if y not in explained][:AUDIT_POOL]
+    hs = [x, *pool]
+    DD = np.array([[f.dist2(u, v)[0] if u != v else 0.0 for v in hs] for u in hs])
+    bases = [k for k in range(1, len(hs)) if f.growth(hs[k], x)[0] >= DIRECTED_R]
+    grew = {(m, k): f.growth(hs[m], hs[k])[0] >= DIRECTED_R for m in bases for k in range(1, len(hs)) if m != k}
     out = []
-    for a, b in itertools.combinations(pool, 2):
-        for m in bases:
-            if m in (a, b) or not (grew[m, x] and grew[m, a] and grew[m, b]):
+    for ia, ib in itertools.combinations(range(1, len(hs)), 2):
+        for im in bases:
+            if im in (ia, ib) or not (grew[im, ia] and grew[im, ib]):
                 continue
-            hs = [x, a, b, m]
-            D = np.array([[f.dist2(u, v)[0] if u != v else 0.0 for v in hs] for u in hs])
+            D = DD[np.ix_([0, ia, ib, im], [0, ia, ib, im])]
             if np.isnan(D).any() or middle(D, 1, 2, 3) != 3:
                 continue
             # inner products of x - m, a - m, b - m from squared distances (law of cosines)
             g = np.array([[(D[i, 3] + D[j, 3] - D[i, j]) / 2 for j in range(3)] for i in range(3)])
-            if g[0, 0] <= 0:
+            if min(g[0, 0], g[1, 1], g[2, 2]) <= 0:
                 continue
             try:
                 coef = np.linalg.solve(g[1:, 1:], g[1:, 0])
             except np.linalg.LinAlgError:
                 continue
-            res = 1 - float(g[0, 1:] @ coef) / g[0, 0]
-            if res <= AUDIT_RESIDUAL:
-                out.append((res, a, b, m))
+            if 1 - float(g[0, 1:] @ coef) / g[0, 0] <= AUDIT_RESIDUAL:
+                out.append((g[1, 2] / math.sqrt(g[1, 1] * g[2, 2]), hs[ia], hs[ib], hs[im]))
     return sorted(out)[:AUDIT_SETS]
 
 
@@ -159,9 +163,10 @@ def _audited(f: _Family, x: str, sets: list[tuple[float, str, str, str]]) -> lis
         by_name = {n: h for h, n in names.items()}
         ws = {by_name[p["model"]]: float(p.get("weight") or 0.0) for p in v.get("parents", [])
               if p.get("model") in by_name and by_name[p["model"]] != m}
-        if len(ws) < 2 and v.get("method") not in ("model_stock",):
+        if len(ws) < 2 or min(abs(w) for w in ws.values()) < AUDIT_MIN_WEIGHT:
             continue
-        e = Explanation(0, "audit", ws or {a: 0.5, b: 0.5}, m, float((v.get("parameters") or {}).get("r2_min", 0)))
+        r2 = [lay["r2_min"] for lay in v.get("layers") or [] if "r2_min" in lay]
+        e = Explanation(0, "audit", ws or {a: 0.5, b: 0.5}, m, float(np.mean(r2)) if r2 else 0.0)
         e.target = x  # type: ignore[assignment]
         e.verdict = v  # type: ignore[attr-defined]
         found.append(e)
@@ -201,11 +206,10 @@ def find_merges(f: _Family, reps: list[str], stacks: set[str], out: dict, audit:
         parents[x] = set(e.members)  # type: ignore[arg-type,index]
     if not audit:
         return accepted
-    done = set(accepted) | {x for x, o in obtuse.items() if o}  # explained, or between two others
-    audited = {x: _audited(f, x, _task_sets(f, x, rel[x], done)) for x in plain if x not in accepted}
+    audited = {x: _audited(f, x, _task_sets(f, x, rel[x], set(accepted))) for x in plain if x not in accepted}
     audited = {x: o for x, o in audited.items() if o}
-    ranked_a = sorted(((sum(m in audited for m in e.members), rank, x), e)
-                      for x, opts in audited.items() for rank, e in enumerate(opts))
+    ranked_a = sorted(((sum(m in audited for m in e.members), -e.quality, x), e)  # the closest fit of a model first
+                      for x, opts in audited.items() for e in opts)
     for _, e in ranked_a:
         x = e.target
         if x in accepted or any(m == x or x in ancestors(m) or m in accepted and m in audited for m in e.members):
