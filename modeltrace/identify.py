@@ -393,8 +393,9 @@ def _rank(verdict: dict | None, chosen: list[str], related: list[str], merges: d
             if p in roles:
                 continue
             w = weights[p]
-            note = (f"weight {w['weight']:.4f} [{w['interval'][0]:.4f}, {w['interval'][1]:.4f}]" if "weight" in w
-                    else f"{w['layers']} layers" if "layers" in w else "")
+            iv = w.get("interval")
+            note = (f"weight {w['weight']:.4f}" + (f" [{iv[0]:.4f}, {iv[1]:.4f}]" if iv else "")
+                    if w.get("weight") is not None else f"{w['layers']} layers" if w.get("layers") else "")
             roles[p] = ("parent", note)
         if verdict.get("base") and verdict["base"] not in roles:
             roles[verdict["base"]] = ("base", f"base model of the {verdict.get('method') or 'merge'}")

@@ -5,13 +5,13 @@ the cached pairs (no fingerprint decoded) -> fingerprint/lineage.py's `explanati
 then parents no recipe explains, never a cycle -> method, weights and intervals from the audit's detectors on the
 fingerprints (identify's `_audit_on`), or the fit's own weights in large indexes.
 
-Recipes that are not exact (sparse merges: TIES, DARE, DELLA, breadcrumbs; model stock; unnormalised linear merges)
-are searched after (indexes of up to 1,000 models): for a model no exact recipe explains, candidate sets of two of
-its nearest relatives a, b that no recipe explains plus a base m they meet at (relatives.middle: the angle at m is
-the obtuse one), ranked by how much of x - m lies outside the span of a - m, b - m (from the cached squared
-distances), the best few audited on the fingerprints (`_audit_on`); a merge is accepted only when the verdict's
-relation is "merge" (a recipe to storage rounding, or the sparse signature for sparse methods), never on "related",
-"finetune" (also a merge then trained: `chain`) or "upcycled".
+Recipes that are not exact (sparse merges: TIES, DARE, DELLA, breadcrumbs; model stock) are searched after, in
+indexes of up to 1,000 models: for a model no exact recipe explains, candidate sets of two relatives a, b and a base m
+among its nearest relatives no exact recipe explains (x, a, b all grew from m; a, b meet at m, relatives.middle; x - m
+mostly in the span of a - m, b - m: all from cached squared distances), the most nearly orthogonal task vectors first;
+the best few are audited on the fingerprints (`_audit_on`). A set counts only when the verdict's relation is "merge"
+(a recipe to storage rounding, or the sparse signature for sparse methods), never "related", "finetune" (also a
+merge then trained: `chain`) or "upcycled"; sets whose parents are not audited merges first, then the closest fit.
 """
 
 from __future__ import annotations
