@@ -394,8 +394,8 @@ def _rank(verdict: dict | None, chosen: list[str], related: list[str], merges: d
                 continue
             w = weights[p]
             iv = w.get("interval")
-            note = (f"weight {w['weight']:.4f}" + (f" [{iv[0]:.4f}, {iv[1]:.4f}]" if iv else "")
-                    if w.get("weight") is not None else f"{w['layers']} layers" if w.get("layers") else "")
+            note = (f"weight {w['weight']:.4f}" + (f" [{iv[0]:.4f}, {iv[1]:.4f}]" if iv and None not in iv else "")
+                    if w.get("weight") is not None else f"{w['layers']} layers" if "layers" in w else "")
             roles[p] = ("parent", note)
         if verdict.get("base") and verdict["base"] not in roles:
             roles[verdict["base"]] = ("base", f"base model of the {verdict.get('method') or 'merge'}")
