@@ -11,7 +11,8 @@ Data flow: members (tree/cache.py model infos) + their pairs (tree/evidence.py) 
    fingerprint/lineage.py's `explanations` (exact recipes to storage rounding) over its relatives; explanations are
    accepted fewest parents first, then those whose parents are not themselves explained, never making a cycle. A
    merge's method and weights (with intervals) then come from the audit's own detectors run on the fingerprints
-   (identify's `_audit_on`);
+   (identify's `_audit_on`); then, for models no exact recipe explains, candidate parent sets (two relatives and a
+   base they grew from) audited on the fingerprints, a merge accepted only on the verdict's relation "merge";
 4. fine-tunes: a minimum spanning arborescence (Edmonds, networkx) over the rest, merges and stacks entering only as
    parents. Edge cost u -> v is the relative distance times a direction penalty: a child is its parent plus one
    training delta that does not depend on the parent's weights, so tensor by tensor |v|^2 - |u|^2 = |v - u|^2
@@ -307,7 +308,7 @@ def solve_family(members: list[dict], pairs: dict[tuple[str, str], Pair], alpha_
     rep = _copies(f, out)
     reps = sorted({r for r in rep.values()})
     stacks = _stacks(f, reps, out)
-    merges = find_merges(f, reps, stacks, out)
+    merges = find_merges(f, reps, stacks, out, audit_recipes)
     fixed: dict[str, set[str]] = {x: {e["parent"] for e in out["edges"] if e["child"] == x} for x in stacks}
     for x, e in merges.items():
         recipe = merge_recipe(f, x, e, audit_recipes)

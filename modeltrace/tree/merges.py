@@ -4,6 +4,14 @@ Data flow: a family's cached pairs -> per model, relatives making an obtuse angl
 the cached pairs (no fingerprint decoded) -> fingerprint/lineage.py's `explanations` -> accepted fewest parents first,
 then parents no recipe explains, never a cycle -> method, weights and intervals from the audit's detectors on the
 fingerprints (identify's `_audit_on`), or the fit's own weights in large indexes.
+
+Recipes that are not exact (sparse merges: TIES, DARE, DELLA, breadcrumbs; model stock) are searched after, in
+indexes of up to 1,000 models: for a model no exact recipe explains, candidate sets of two relatives a, b and a base m
+among its nearest relatives no exact recipe explains (x, a, b all grew from m; a, b meet at m, relatives.middle; x - m
+mostly in the span of a - m, b - m: all from cached squared distances), the most nearly orthogonal task vectors first;
+the best few are audited on the fingerprints (`_audit_on`). A set counts only when the verdict's relation is "merge"
+(a recipe to storage rounding, or the sparse signature for sparse methods), never "related", "finetune" (also a
+merge then trained: `chain`) or "upcycled"; sets whose parents are not audited merges first, then the closest fit.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import numpy as np
 
 from modeltrace.fingerprint.compare import GramStack
 from modeltrace.fingerprint.lineage import Explanation, explanations
+from modeltrace.relatives import middle
 
 if TYPE_CHECKING:
     from modeltrace.tree.family import _Family
@@ -27,6 +36,14 @@ __all__ = ["find_merges", "recipe"]
 BETWEEN = 0.9
 #: Relatives a merge's recipe is searched among.
 POOL = 8
+#: Audited search: nearest relatives no exact recipe explains, offered as parents and bases, candidate sets audited
+#: per model, and the
+#: largest share of |x - m|^2 left outside span(a - m, b - m) for a set to be audited.
+AUDIT_POOL = 16
+AUDIT_SETS = 4
+AUDIT_RESIDUAL = 0.6
+#: A parent of an audited merge carries at least this weight (a relative at weight ~0.03 is a fit's leftover).
+AUDIT_MIN_WEIGHT = 0.05
 
 
 # ---- 3. merges --------------------------------------------------------------------------------------------------
@@ -96,8 +113,70 @@ def _merge_options(f: _Family, x: str, rel: list[str], obtuse: list[tuple[float,
     return exps
 
 
-def find_merges(f: _Family, reps: list[str], stacks: set[str], out: dict) -> dict[str, Explanation]:
-    """Accepted recipes by model (`out` holds the stack edges found before, which count as ancestry)."""
+def _task_sets(f: _Family, x: str, rel: list[str], explained: set[str]) -> list[tuple[float, str, str, str]]:
+    """(cosine, a, b, m): two relatives of x that no exact recipe explains and a base m that x, a and b all grew
+    from (training adds norm: r >= DIRECTED_R), x - m mostly in the span of a - m, b - m; the most independent task
+    vectors a - m, b - m first (fine-tunes of one base meet at ~90 degrees, merges of them lie between)."""
+    from modeltrace.tree.family import DIRECTED_R
+
+    pool = [y for y in rel if y not in explained][:AUDIT_POOL]
+    hs = [x, *pool]
+    DD = np.array([[f.dist2(u, v)[0] if u != v else 0.0 for v in hs] for u in hs])
+    bases = [k for k in range(1, len(hs)) if f.growth(hs[k], x)[0] >= DIRECTED_R]
+    grew = {(m, k): f.growth(hs[m], hs[k])[0] >= DIRECTED_R for m in bases for k in range(1, len(hs)) if m != k}
+    out = []
+    for ia, ib in itertools.combinations(range(1, len(hs)), 2):
+        for im in bases:
+            if im in (ia, ib) or not (grew[im, ia] and grew[im, ib]):
+                continue
+            D = DD[np.ix_([0, ia, ib, im], [0, ia, ib, im])]
+            if np.isnan(D).any() or middle(D, 1, 2, 3) != 3:
+                continue
+            # inner products of x - m, a - m, b - m from squared distances (law of cosines)
+            g = np.array([[(D[i, 3] + D[j, 3] - D[i, j]) / 2 for j in range(3)] for i in range(3)])
+            if min(g[0, 0], g[1, 1], g[2, 2]) <= 0:
+                continue
+            try:
+                coef = np.linalg.solve(g[1:, 1:], g[1:, 0])
+            except np.linalg.LinAlgError:
+                continue
+            if 1 - float(g[0, 1:] @ coef) / g[0, 0] <= AUDIT_RESIDUAL:
+                out.append((g[1, 2] / math.sqrt(g[1, 1] * g[2, 2]), hs[ia], hs[ib], hs[im]))
+    return sorted(out)[:AUDIT_SETS]
+
+
+def _audited(f: _Family, x: str, sets: list[tuple[float, str, str, str]]) -> list[Explanation]:
+    """Explanations the audit's verdict on the fingerprints calls a merge, one per candidate set."""
+    from modeltrace.identify import _audit_on
+
+    found = []
+    for _, a, b, m in sets:
+        cands = [a, b, m]
+        names = {h: f.m[h]["name"] for h in cands}
+        fps = {names[h]: f.load(h) for h in cands}
+        try:
+            v = _audit_on(f.load(x), f.m[x]["name"], fps, [names[h] for h in cands], names[m])
+        except Exception:  # noqa: BLE001 - the detectors cannot run on this set: no claim
+            continue
+        if v.get("relation") != "merge":  # "related", "finetune" (with or without a chain), "upcycled": no merge
+            continue
+        by_name = {n: h for h, n in names.items()}
+        ws = {by_name[p["model"]]: float(p.get("weight") or 0.0) for p in v.get("parents", [])
+              if p.get("model") in by_name and by_name[p["model"]] != m}
+        if len(ws) < 2 or min(abs(w) for w in ws.values()) < AUDIT_MIN_WEIGHT:
+            continue
+        r2 = [lay["r2_min"] for lay in v.get("layers") or [] if "r2_min" in lay]
+        e = Explanation(0, "audit", ws or {a: 0.5, b: 0.5}, m, float(np.mean(r2)) if r2 else 0.0)
+        e.target = x  # type: ignore[assignment]
+        e.verdict = v  # type: ignore[attr-defined]
+        found.append(e)
+    return found
+
+
+def find_merges(f: _Family, reps: list[str], stacks: set[str], out: dict, audit: bool = False
+                ) -> dict[str, Explanation]:
+    """Accepted recipes by model (`out` holds the stack edges found before, which count as ancestry); with `audit`,
+    also the audited search for recipes that are not exact."""
     plain = [x for x in reps if x not in stacks]
     rel = {x: sorted((y for y in reps if y != x and f.related(x, y)), key=lambda y: f.dist2(x, y)[0]) for x in plain}
     obtuse = {x: _between(f, x, rel[x]) for x in plain}
@@ -125,6 +204,18 @@ def find_merges(f: _Family, reps: list[str], stacks: set[str], out: dict) -> dic
             continue
         accepted[x] = e  # type: ignore[index]
         parents[x] = set(e.members)  # type: ignore[arg-type,index]
+    if not audit:
+        return accepted
+    audited = {x: _audited(f, x, _task_sets(f, x, rel[x], set(accepted))) for x in plain if x not in accepted}
+    audited = {x: o for x, o in audited.items() if o}
+    ranked_a = sorted(((sum(m in audited for m in e.members), -e.quality, x), e)  # the closest fit of a model first
+                      for x, opts in audited.items() for e in opts)
+    for _, e in ranked_a:
+        x = e.target
+        if x in accepted or any(m == x or x in ancestors(m) or m in accepted and m in audited for m in e.members):
+            continue
+        accepted[x] = e  # type: ignore[index]
+        parents[x] = set(e.members)  # type: ignore[arg-type,index]
     return accepted
 
 
@@ -133,6 +224,8 @@ def recipe(f: _Family, x: str, e: Explanation, audit: bool) -> dict[str, Any]:
     `audit` off, the exact fit's own weights (median over tensors) and linear / task arithmetic by their signs."""
     from modeltrace.identify import _audit_on
 
+    if e.kind == "audit":
+        return _from_verdict(f, e, e.verdict)  # type: ignore[attr-defined]
     if not audit:
         neg = [m for m, w in e.weights.items() if w < 0]
         return {"method": "task_arithmetic" if neg else "linear", "kind": e.kind, "base": neg[0] if neg else None,
@@ -164,3 +257,13 @@ def recipe(f: _Family, x: str, e: Explanation, audit: bool) -> dict[str, Any]:
             "fit_weights": {h: round(w, 4) for h, w in e.weights.items()},
             "parameters": {k: d.get("value") for k, d in (v.get("parameters") or {}).items()
                            if isinstance(d, dict)}, "layers": v.get("layers")}
+
+
+def _from_verdict(f: _Family, e: Explanation, v: dict[str, Any]) -> dict[str, Any]:
+    by_name = {f.m[h]["name"]: h for h in e.members}
+    return {"method": v.get("method") or "sparse", "kind": e.kind, "base": e.base, "audit_relation": v.get("relation"),
+            "weights": {by_name[p["model"]]: {"weight": p.get("weight"), "interval": p.get("interval")}
+                        for p in v.get("parents", []) if p.get("model") in by_name},
+            "fit_weights": {h: round(w, 4) for h, w in e.weights.items()},
+            "parameters": {k: d.get("value") for k, d in (v.get("parameters") or {}).items() if isinstance(d, dict)},
+            "layers": v.get("layers")}

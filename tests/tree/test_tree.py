@@ -57,13 +57,16 @@ def test_collection_has_the_cases(collection):
 
 def test_accuracy_floors(tree, collection):
     s = score(tree, collection)
-    # measured: precision 0.89, recall 0.75 (README: the issue asks 0.97 / 0.95; sparse merges are not placed)
-    assert s.precision >= 0.85 and s.recall >= 0.70, (s.precision, s.recall, s.wrong[:10])
+    # measured: precision 0.93, recall 0.84 (README: the issue asks 0.97 / 0.95; some sparse merges are not placed)
+    assert s.precision >= 0.90 and s.recall >= 0.80, (s.precision, s.recall, s.wrong[:10])
     assert s.cross_family == []  # no edge between independent families
     assert s.by_kind["recast"][0] == s.by_kind["recast"][1] and s.by_kind["quantized"][0] == s.by_kind["quantized"][1]
     assert s.by_kind["stack"][0] == s.by_kind["stack"][1]
     assert s.max_weight_error <= 0.01, s.weight_errors
-    assert s.merges_parents_right >= 14
+    assert s.merges_parents_right >= 16
+    assert s.by_kind["finetune"][0] >= s.by_kind["finetune"][1] - 1
+    wrong_merges = {c for p, c, r in s.wrong if r == "merge"}  # a model that is no merge is never made one
+    assert all(collection[c]["kind"] == "merge" for c in wrong_merges), wrong_merges
     assert s.roots_right == s.roots_total
 
 
