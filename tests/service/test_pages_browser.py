@@ -6,25 +6,12 @@ MODELTRACE_REQUIRE_CHROMIUM=1 (CI) turns a missing browser into a failure instea
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
-from chromium import Chromium, find_chromium
+from chromium import Chromium
 
 from tests.service.harness import wait_for
-
-
-@pytest.fixture(scope="module")
-def browser():
-    binary = find_chromium()
-    if binary is None:
-        if os.environ.get("MODELTRACE_REQUIRE_CHROMIUM"):
-            pytest.fail("Chromium is required (apt-get install chromium) but was not found")
-        pytest.skip("no Chromium on this machine (apt-get install chromium)")
-    b = Chromium(binary)
-    yield b
-    b.close()
 
 
 @pytest.fixture(scope="module")
