@@ -32,7 +32,7 @@ from modeltrace.fingerprint.copies import copy_groups, copy_notes, copy_verdict,
 from modeltrace.fingerprint.core import Fingerprint
 from modeltrace.fingerprint.lineage import Explanation, centre, explain, merges_among, stack_sources
 from modeltrace.fingerprint.undisguise import Aligned, DisguiseEvidence, align_group, evidence
-from modeltrace.fingerprint.view import fingerprint_views
+from modeltrace.fingerprint.view import audit_fingerprints
 from modeltrace.index.store import Index
 from modeltrace.stats import format_p, holm_log10
 
@@ -327,24 +327,12 @@ def _diverse(ordered: list[str], sketches: dict[str, np.ndarray]) -> list[str]:
 # ---- lineage -> verdict ----------------------------------------------------------------------------------------
 def _audit_on(suspect: Fingerprint, label: str, fps: dict[str, Fingerprint], cands: list[str],
               base: str | None) -> dict[str, Any]:
-    """The audit's layer map, streaming slot fits and verdict, on fingerprint samples."""
-    from modeltrace.audit import run_views
-    from modeltrace.verdict import decide
-
-    views = fingerprint_views([suspect, *(fps[c] for c in cands)], [label, *cands])
-    base_idx = cands.index(base) + 1 if base is not None else None
-    return decide(run_views(views, base_idx))  # type: ignore[arg-type]
+    return audit_fingerprints(suspect, label, [fps[c] for c in cands], cands, base)
 
 
 def _audit_tokens(suspect: Fingerprint, label: str, fps: dict[str, Fingerprint], cands: list[str],
                   base: str | None) -> dict[str, Any]:
-    """`_audit_on` for fingerprints reduced to token rows (a residual stream re-based): no layers to map."""
-    from modeltrace.audit import run_views
-    from modeltrace.verdict import decide
-
-    views = fingerprint_views([suspect, *(fps[c] for c in cands)], [label, *cands])
-    base_idx = cands.index(base) + 1 if base is not None else None
-    return decide(run_views(views, base_idx, layer_matches=[]))  # type: ignore[arg-type]
+    return audit_fingerprints(suspect, label, [fps[c] for c in cands], cands, base, layers=False)
 
 
 def _lineage_verdict(suspect: Fingerprint, label: str, fps: dict[str, Fingerprint], gs, pool: list[int],

@@ -11,7 +11,7 @@ Data flow: members (tree/cache.py model infos) + their pairs (tree/evidence.py) 
    fingerprint/lineage.py's `explanations` (exact recipes to storage rounding) over its relatives; explanations are
    accepted fewest parents first, then those whose parents are not themselves explained, never making a cycle. A
    merge's method and weights (with intervals) then come from the audit's own detectors run on the fingerprints
-   (identify's `_audit_on`); then, for models no exact recipe explains, candidate parent sets (two relatives and a
+   (audit_fingerprints); then, for models no exact recipe explains, candidate parent sets (two relatives and a
    base they grew from) audited on the fingerprints, a merge accepted only on the verdict's relation "merge";
 4. fine-tunes: a minimum spanning arborescence (Edmonds, networkx) over the rest, merges and stacks entering only as
    parents. Edge cost u -> v is the relative distance times a direction penalty: a child is its parent plus one

@@ -3,13 +3,13 @@
 Data flow: a family's cached pairs -> per model, relatives making an obtuse angle at it -> Gram stack assembled from
 the cached pairs (no fingerprint decoded) -> fingerprint/lineage.py's `explanations` -> accepted fewest parents first,
 then parents no recipe explains, never a cycle -> method, weights and intervals from the audit's detectors on the
-fingerprints (identify's `_audit_on`), or the fit's own weights in large indexes.
+fingerprints (fingerprint.view.audit_fingerprints), or the fit's own weights in large indexes.
 
 Recipes that are not exact (sparse merges: TIES, DARE, DELLA, breadcrumbs; model stock) are searched after, in
 indexes of up to 1,000 models: for a model no exact recipe explains, candidate sets of two relatives a, b and a base m
 among its nearest relatives no exact recipe explains (x, a, b all grew from m; a, b meet at m, relatives.middle; x - m
 mostly in the span of a - m, b - m: all from cached squared distances), the most nearly orthogonal task vectors first;
-the best few are audited on the fingerprints (`_audit_on`). A set counts only when the verdict's relation is "merge"
+the best few are audited on the fingerprints (audit_fingerprints). A set counts only when the relation is "merge"
 (a recipe to storage rounding, or the sparse signature for sparse methods), never "related", "finetune" (also a
 merge then trained: `chain`) or "upcycled"; sets whose parents are not audited merges first, then the closest fit.
 """
@@ -147,7 +147,7 @@ def _task_sets(f: _Family, x: str, rel: list[str], explained: set[str]) -> list[
 
 def _audited(f: _Family, x: str, sets: list[tuple[float, str, str, str]]) -> list[Explanation]:
     """Explanations the audit's verdict on the fingerprints calls a merge, one per candidate set."""
-    from modeltrace.identify import _audit_on
+    from modeltrace.fingerprint.view import audit_fingerprints
 
     found = []
     for _, a, b, m in sets:
@@ -155,7 +155,8 @@ def _audited(f: _Family, x: str, sets: list[tuple[float, str, str, str]]) -> lis
         names = {h: f.m[h]["name"] for h in cands}
         fps = {names[h]: f.load(h) for h in cands}
         try:
-            v = _audit_on(f.load(x), f.m[x]["name"], fps, [names[h] for h in cands], names[m])
+            v = audit_fingerprints(f.load(x), f.m[x]["name"], [fps[names[h]] for h in cands],
+                                   [names[h] for h in cands], names[m])
         except Exception:  # noqa: BLE001 - the detectors cannot run on this set: no claim
             continue
         if v.get("relation") != "merge":  # "related", "finetune" (with or without a chain), "upcycled": no merge
@@ -222,7 +223,7 @@ def find_merges(f: _Family, reps: list[str], stacks: set[str], out: dict, audit:
 def recipe(f: _Family, x: str, e: Explanation, audit: bool) -> dict[str, Any]:
     """Method, weights and intervals from the audit's detectors on the fingerprints (as identify reports them); with
     `audit` off, the exact fit's own weights (median over tensors) and linear / task arithmetic by their signs."""
-    from modeltrace.identify import _audit_on
+    from modeltrace.fingerprint.view import audit_fingerprints
 
     if e.kind == "audit":
         return _from_verdict(f, e, e.verdict)  # type: ignore[attr-defined]
@@ -241,8 +242,8 @@ def recipe(f: _Family, x: str, e: Explanation, audit: bool) -> dict[str, Any]:
     names = {h: f.m[h]["name"] for h in cands}
     fps = {names[h]: f.load(h) for h in cands}
     try:
-        v = _audit_on(f.load(x), f.m[x]["name"], fps, [names[h] for h in cands],
-                      names[base] if base is not None else None)
+        v = audit_fingerprints(f.load(x), f.m[x]["name"], [fps[names[h]] for h in cands],
+                               [names[h] for h in cands], names[base] if base is not None else None)
     except Exception as exc:  # the fit's own weights stand when the detectors cannot run
         v = {"relation": "merge", "method": None, "parents": [], "error": str(exc)}
     by_name = {n: h for h, n in names.items()}
