@@ -246,21 +246,13 @@ def build_tree(index: Index) -> Tree:
 
 
 def _families(hashes: list[str], pairs: dict[tuple[str, str], Pair], alpha: float) -> list[list[str]]:
-    parent = {h: h for h in hashes}
+    """Connected components of significant pair evidence: no edge ever joins two families."""
+    import networkx as nx
 
-    def find(h: str) -> str:
-        while parent[h] != h:
-            parent[h] = parent[parent[h]]
-            h = parent[h]
-        return h
-
-    for (a, b), p in pairs.items():
-        if p.log10_p < alpha:
-            parent[find(a)] = find(b)
-    groups: dict[str, list[str]] = {}
-    for h in hashes:
-        groups.setdefault(find(h), []).append(h)
-    return sorted((sorted(g) for g in groups.values()), key=lambda g: (-len(g), g))
+    g = nx.Graph()
+    g.add_nodes_from(hashes)
+    g.add_edges_from(ab for ab, p in pairs.items() if p.log10_p < alpha)
+    return sorted((sorted(c) for c in nx.connected_components(g)), key=lambda c: (-len(c), c))
 
 
 def _resolve(declared: list[str], name_of: dict[str, str], spec_of: dict[str, str]) -> list[str]:
