@@ -131,9 +131,6 @@ def _delta_fit(D: np.ndarray, parents: list[int], base: int) -> tuple[list[float
     return [float(x) for x in w], float(b @ w / G[0, 0])
 
 
-__all__ = ["CHAIN_SHARE", "parent_entry", "pooled", "trained"]
-
-
 def upcycled(out: dict[str, Any], run: AuditRun, related: list[int], logp: dict[int, float]) -> dict[str, Any] | None:
     """A mixture of experts whose experts were compared with a dense candidate's MLP (audit._upcycle_source): named
     as upcycled from it, with which experts are still exact copies and which were trained further; None when that
@@ -167,3 +164,6 @@ def upcycled(out: dict[str, Any], run: AuditRun, related: list[int], logp: dict[
                       f"{len(rest)} compared tensors {rest_copied} are {d}'s exactly and the rest {d}'s trained "
                       f"further (independent of {d}: {format_p(logp[dense])}). Its router has no counterpart in {d}.")
     return out
+
+
+__all__ = ["CHAIN_SHARE", "parent_entry", "pooled", "trained", "upcycled"]
