@@ -87,15 +87,10 @@ def audit_subjects(suspect: str, candidates: list[str], base: str | None, o: Aud
 
     nbytes = o.budget_bytes()
     with remote_limits(o, nbytes):
-        sample = o.sample
-        if nbytes is not None and sample is None:
-            from modeltrace.sources.hub import sample_for_budget
-
-            sample = sample_for_budget([suspect, *candidates], nbytes)
         with recording_remote_ranges():
-            run = run_audit(suspect, candidates, base=base, sample=sample, chunk_bytes=o.chunk_bytes,
+            run = run_audit(suspect, candidates, base=base, sample=o.sample, chunk_bytes=o.chunk_bytes,
                             progress=progress, allow_pickle=o.allow_pickle, workers=o.workers, ray=o.ray,
-                            address=o.address)
+                            address=o.address, budget=nbytes)
         from modeltrace.report.build import audit_parameters, audit_subject, new_report  # after the reading
         from modeltrace.results import AuditResult
         from modeltrace.verdict import decide
@@ -105,7 +100,7 @@ def audit_subjects(suspect: str, candidates: list[str], base: str | None, o: Aud
         verdict["mergekit_yaml"] = recipe.yaml if recipe else None
         if replayed is not None:
             verdict["verify"] = replayed.model_dump(exclude_unset=True)
-        params = audit_parameters(candidates, base, sample, o.chunk_bytes, o.allow_pickle, o.hashes)
+        params = audit_parameters(candidates, base, run.sample, o.chunk_bytes, o.allow_pickle, o.hashes)
         subject, findings = audit_subject(run, verdict, params, full_hashes=o.hashes, allow_pickle=o.allow_pickle,
                                           seeds=seeds)
     assert subject.audit is not None

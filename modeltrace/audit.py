@@ -14,6 +14,7 @@ default with three models, whatever the checkpoint size.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -30,6 +31,7 @@ from modeltrace.align.layers import map_layers
 from modeltrace.align.transform import WHOLE_BYTES, AlignedReader, SlotTransform, gather
 from modeltrace.align.view import ModelView, open_view
 from modeltrace.architectures import Slot, is_structured
+from modeltrace.audit_design import Coverage, default_budget, design, is_remote, limit_read_ahead
 from modeltrace.detectors import kernels
 from modeltrace.detectors.accumulate import SlotAccumulator, SlotStats
 from modeltrace.detectors.fits import SlotFit, fit_slot
@@ -54,6 +56,8 @@ class SlotResult:
     #: candidates compared through an alignment chosen by matching: their z is the match test's, not the
     #: elementwise correlation's (a correlation maximised by the alignment is no longer a valid null)
     selected: set[int] = field(default_factory=set)
+    #: candidates compared through a part of another role (an expert against a dense MLP: upcycling)
+    cross: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -68,6 +72,7 @@ class AuditRun:
     sample: float | None
     alignments: list[Alignment | None] = field(default_factory=list)  # per candidate (views[1:])
     base_inferred: bool = False  # the base was not named but found as the candidate the others meet at
+    coverage: Coverage | None = None  # what a designed (sampled remote) streaming pass read (audit_design)
 
 
 ProgressFn = Callable[[int, int], None]
@@ -124,10 +129,14 @@ def run_audit(
     workers: int | None = None,
     ray: bool = False,
     address: str | None = None,
+    budget: int | None = None,
+    max_requests: int | None = None,
 ) -> AuditRun:
     """Audit `suspect` against `candidates`. The streaming pass runs on this process's threads, or with
     `workers` > 1 in that many local processes, or with `ray` as Ray tasks (`address` as in engine.py); the results
-    are the same (see `Dispatch`)."""
+    are the same (see `Dispatch`). When a model is remote and `sample` or `budget` (bytes the run may read) is
+    given, or the remote models are huge, the streaming pass follows the sampling design of `audit_design` (a
+    seeded subset of routed experts within `max_requests`, one row block per tensor within the budget)."""
     if not candidates:
         raise InputError("audit needs at least one --candidate to compare the suspect with")
     if sample is not None and not 0 < sample <= 1:
@@ -159,8 +168,18 @@ def run_audit(
             inferred = base_idx is not None
         alignments = discover(views, layer_matches, warnings)
         dispatch = Dispatch(workers, ray, address, allow_pickle) if ray or (workers or 0) > 1 else None
-        slots = _stream(views, base_idx, sample, chunk_bytes, progress, warnings, layer_matches, alignments,
-                        dispatch=dispatch)
+        plan_design = None
+        if is_remote(views):
+            if budget is None and sample is None:
+                budget = default_budget(views)
+            if budget is not None or sample is not None:
+                spent = sum(v.source.stats.bytes_read for v in views if v.spec.startswith("hf://"))
+                plan_design = _Design(budget, spent, max_requests)
+                limit_read_ahead(views)
+        slots, coverage = _stream(views, base_idx, sample, chunk_bytes, progress, warnings, layer_matches,
+                                  alignments, dispatch=dispatch, plan_design=plan_design)
+        if coverage is not None:
+            sample = coverage.fraction
         bytes_read = sum(v.source.stats.bytes_read for v in views)
     except BaseException:
         for v in views:
@@ -169,7 +188,17 @@ def run_audit(
     for v in views:
         v.close()
     return AuditRun(views, base_idx, slots, layer_matches, warnings, bytes_read, time.perf_counter() - t0, sample,
-                    alignments, inferred)
+                    alignments, inferred, coverage)
+
+
+@dataclass(frozen=True)
+class _Design:
+    """Run the streaming pass by `audit_design.design`: the run's byte budget (None: --sample alone), the
+    remote bytes already spent, and the request target."""
+
+    budget: int | None
+    spent: int
+    max_requests: int | None
 
 
 def _infer_base(views: list[ModelView]) -> int | None:
@@ -205,6 +234,7 @@ class _PlanItem:
     tfs: dict[int, SlotTransform]
     rows: int  # suspect rows compared (len(srows) when srows is given)
     srows: np.ndarray | None = None  # the suspect rows compared, when not a prefix (re-mapped vocabularies)
+    ranges: list[tuple[int, int]] | None = None  # the row ranges read, when a sampling design chose them
 
 
 def _process_slot(views: list[ModelView], item: _PlanItem, base: int | None, sample: float | None, chunk_bytes: int,
@@ -214,14 +244,16 @@ def _process_slot(views: list[ModelView], item: _PlanItem, base: int | None, sam
     part = s.parts[slot]
     structured = is_structured(slot, part)
     idx_base = cands.index(base) + 1 if base in cands else None
-    acc = SlotAccumulator(1 + len(cands), part.cols, idx_base, s.dtype(slot), total_rows=rows,
-                          cand_dtypes=[views[i].dtype(item.tfs[i].slot) for i in cands])
     raw_dtype = _raw_dtype(views, item)
-    if raw_dtype is None:
+    if item.ranges is not None:
+        ranges = item.ranges
+    elif raw_dtype is None:
         ranges = _row_plan(rows, part.cols, sample if not structured else None, chunk_bytes)
     else:
         ranges = _row_plan(rows, part.cols, sample if not structured else None, chunk_bytes * RAW_WINDOW_FACTOR,
                            kernels.itemsize(raw_dtype))
+    acc = SlotAccumulator(1 + len(cands), part.cols, idx_base, s.dtype(slot), total_rows=rows,
+                          cand_dtypes=[views[i].dtype(item.tfs[i].slot) for i in cands])
     note = ""
     if rows < part.rows or any(item.tfs[i].shape(views[i])[0] != rows and item.tfs[i].rows is None for i in cands):
         note = f"vocabularies differ: compared the {rows} shared rows"
@@ -237,7 +269,8 @@ def _process_slot(views: list[ModelView], item: _PlanItem, base: int | None, sam
     st = acc.finish()
     local = list(range(1, len(cands) + 1))
     fit = _to_global(fit_slot(st, local, idx_base), cands)
-    res = SlotResult(slot, cands, st, fit, structured, rows_compared=st.rows, rows_total=part.rows, note=note)
+    res = SlotResult(slot, cands, st, fit, structured, rows_compared=st.rows, rows_total=part.rows, note=note,
+                     cross={i: item.tfs[i].slot.role for i in cands if item.tfs[i].slot.role != slot.role})
     for li, ci in zip(local, cands, strict=True):
         r = st.corr(li)
         res.corr[ci] = r
@@ -292,7 +325,21 @@ def _transform(views: list[ModelView], i: int, slot: Slot, layer_source: dict[tu
     if al is not None:
         return al.transform(slot, views[i])
     cs = _aligned_slot(views, i, slot, layer_source)
-    return SlotTransform(cs) if cs in views[i].parts else None
+    if cs in views[i].parts:
+        return SlotTransform(cs)
+    dense = _upcycle_source(views, i, slot, cs)
+    return SlotTransform(dense) if dense is not None else None
+
+
+def _upcycle_source(views: list[ModelView], i: int, slot: Slot, cs: Slot) -> Slot | None:
+    """For an expert of the suspect with no expert counterpart in a dense candidate: that candidate's dense MLP
+    part of the same layer and shape (MoE upcycling copies the dense MLP into every expert)."""
+    if not slot.role.startswith("expert_") or any(s.role.startswith("expert_") for s in views[i].parts):
+        return None
+    dense = Slot("mlp_" + slot.role.removeprefix("expert_"), cs.layer, -1)
+    part = views[i].parts.get(dense)
+    mine = views[0].parts[slot]
+    return dense if part is not None and (part.rows, part.cols) == (mine.rows, mine.cols) else None
 
 
 def _plan_item(views: list[ModelView], slot: Slot, tfs: dict[int, SlotTransform]) -> _PlanItem:
@@ -320,8 +367,8 @@ def _plan_item(views: list[ModelView], slot: Slot, tfs: dict[int, SlotTransform]
 
 def _stream(views: list[ModelView], base: int | None, sample: float | None, chunk_bytes: int,
             progress: ProgressFn | None, warnings: list[str], layer_matches: list,
-            alignments: list[Alignment | None] | None = None, dispatch: Dispatch | None = None
-            ) -> list[SlotResult]:
+            alignments: list[Alignment | None] | None = None, dispatch: Dispatch | None = None,
+            plan_design: _Design | None = None) -> tuple[list[SlotResult], Coverage | None]:
     s = views[0]
     alignments = alignments or []
     # Layers of the suspect that are exact copies of another layer of a candidate are compared with that layer.
@@ -353,7 +400,13 @@ def _stream(views: list[ModelView], base: int | None, sample: float | None, chun
         warnings.extend(skip_warnings(s, views[i], missing.get(i, []), misshapen.get(i, [])))
     if not plan:
         raise InputError(no_overlap_message(s, views[1:]))
-    total = sum(item.rows * s.parts[item.slot].cols for item in plan)
+    coverage = None
+    if plan_design is not None:
+        plan, coverage = design(views, plan, sample, plan_design.budget, plan_design.spent,
+                                plan_design.max_requests, chunk_bytes)
+        warnings.append(coverage.warning())
+        sample = coverage.fraction
+    total = sum(_rows_read(views, item, sample, chunk_bytes) * s.parts[item.slot].cols for item in plan)
     done = [0]
     lock = threading.Lock()
 
@@ -373,7 +426,9 @@ def _stream(views: list[ModelView], base: int | None, sample: float | None, chun
     if dispatch is not None:
         results = _stream_elsewhere(views, plan, base, sample, chunk_bytes, alignments, dispatch, tick)
     elif workers > 1:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+        # the worker threads use the cores: BLAS threads on top spin-wait around every small product and fit
+        # (measured on 2 busy cores: a corpus MoE audit 20 s with them, 5 s without)
+        with _one_blas_thread(), ThreadPoolExecutor(max_workers=workers) as pool:
             results = list(pool.map(work, range(len(plan))))
     else:
         results = [work(k) for k in range(len(plan))]
@@ -384,7 +439,24 @@ def _stream(views: list[ModelView], base: int | None, sample: float | None, chun
                             "(treated as 0 for the comparison)")
     if progress:
         progress(total, total)
-    return results
+    results.sort(key=lambda r: r.slot)  # the slots' order, whatever order they were read in
+    return results, coverage
+
+
+def _one_blas_thread() -> contextlib.AbstractContextManager:
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
+def _rows_read(views: list[ModelView], item: _PlanItem, sample: float | None, chunk_bytes: int) -> int:
+    if item.ranges is not None:
+        return sum(b - a for a, b in item.ranges)
+    part = views[0].parts[item.slot]
+    return sum(b - a for a, b in _row_plan(item.rows, part.cols, None if is_structured(item.slot, part) else sample,
+                                           chunk_bytes))
 
 
 #: Slots whose reads are announced ahead of the one being compared (remote sources fetch them meanwhile, bounded
@@ -394,7 +466,9 @@ READ_AHEAD = 64
 
 class _ReadAhead:
     """Announces each plan item's row blocks (suspect, and candidates read by plain row ranges) to the sources in
-    plan order, so remote reads are coalesced and in flight while earlier slots are compared."""
+    plan order, so remote reads are coalesced and in flight while earlier slots are compared. Items are announced
+    in batches of READ_AHEAD, so that neighbouring tensors' blocks (a designed plan is in file order) share
+    requests."""
 
     def __init__(self, views: list[ModelView], plan: list[_PlanItem], sample: float | None, chunk_bytes: int):
         self.views, self.plan, self.sample, self.chunk_bytes = views, plan, sample, chunk_bytes
@@ -406,20 +480,29 @@ class _ReadAhead:
         if not self.active:
             return
         with self.lock:
-            items = self.plan[self.done:n]
-            self.done = max(self.done, min(n, len(self.plan)))
+            if n <= self.done:
+                return
+            end = min(len(self.plan), n + READ_AHEAD)
+            items = self.plan[self.done:end]
+            self.done = max(self.done, end)
+        reads: dict[int, list[tuple[str, int, int]]] = {}
         for item in items:
+            if item.srows is not None:
+                continue
             part = self.views[0].parts[item.slot]
-            ranges = _row_plan(item.rows, part.cols, None if is_structured(item.slot, part) else self.sample,
-                               self.chunk_bytes)
-            if item.srows is None:
-                self.views[0].source.prefetch([(part.name, part.row_start + a, part.row_start + b) for a, b in ranges])
-                for i in item.cands:
-                    tf, view = item.tfs[i], self.views[i]
-                    if tf.rows is None and tf.row_mat is None and (tf.identity or view.parts[tf.slot].numel * 4
-                                                                   > WHOLE_BYTES):
-                        cp = view.parts[tf.slot]
-                        view.source.prefetch([(cp.name, cp.row_start + a, cp.row_start + b) for a, b in ranges])
+            ranges = item.ranges
+            if ranges is None:
+                ranges = _row_plan(item.rows, part.cols, None if is_structured(item.slot, part) else self.sample,
+                                   self.chunk_bytes)
+            reads.setdefault(0, []).extend((part.name, part.row_start + a, part.row_start + b) for a, b in ranges)
+            for i in item.cands:
+                tf, view = item.tfs[i], self.views[i]
+                if tf.rows is None and tf.row_mat is None and (tf.identity or view.parts[tf.slot].numel * 4
+                                                               > WHOLE_BYTES):
+                    cp = view.parts[tf.slot]
+                    reads.setdefault(i, []).extend((cp.name, cp.row_start + a, cp.row_start + b) for a, b in ranges)
+        for i, spans in reads.items():
+            self.views[i].source.prefetch(spans)
 
 
 # ---- the streaming pass over views already open, and elsewhere (local processes, Ray) ---------------------------
@@ -435,7 +518,7 @@ def run_views(views: list[ModelView], base: int | None = None, sample: float | N
     t0 = time.perf_counter()
     warnings = [] if warnings is None else warnings
     matches = map_layers(views[0], views[1:]) if layer_matches is None else layer_matches
-    slots = _stream(views, base, sample, chunk_bytes, progress, warnings, matches, alignments, dispatch=dispatch)
+    slots, _ = _stream(views, base, sample, chunk_bytes, progress, warnings, matches, alignments, dispatch=dispatch)
     bytes_read = sum(v.source.stats.bytes_read for v in views)
     return AuditRun(views, base, slots, matches, warnings, bytes_read, time.perf_counter() - t0, sample,
                     list(alignments or []))

@@ -8,12 +8,16 @@ Exit codes (stable, for CI gates):
   1  the check ran and found what --fail-on asked to fail on (audit/gate commands)
   2  bad input or usage: unreadable checkpoint, refused pickle, unreachable remote, bad arguments
   70 internal error (a bug: please report it; MODELTRACE_DEBUG=1 shows the traceback)
+
+Every error is one line on stderr, usage errors included (with a pointer to --help). Everything the CLI prints and
+every report it writes goes through modeltrace.redact, so credentials (API keys, HF_TOKEN, URL userinfo, ?api-key=)
+never reach the terminal or a file. A report's --output path is checked before the work starts.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -27,6 +31,7 @@ from modeltrace.console import (  # noqa: F401  (re-exported: commands written a
     TimeoutOpt,
     _human_bytes,
     _human_count,
+    check_output,
     deliver,
     err,
     gate,
@@ -94,8 +99,9 @@ def audit_cmd(
     candidate: Annotated[list[str], typer.Option("--candidate", "-c", help="A possible ancestor; repeat for more.")],
     base: Annotated[str | None, typer.Option(help="The common base of the candidates, if known (enables task "
                                              "arithmetic, TIES, DARE detection).")] = None,
-    sample: Annotated[float | None, typer.Option(help="Read only this fraction of rows per tensor (e.g. 0.01).")]
-    = None,
+    sample: Annotated[float | None, typer.Option(help="Read only this fraction of rows per tensor (e.g. 0.01); "
+                                                 "of a remote MoE also only a seeded subset of routed experts "
+                                                 "(docs/remote.md).")] = None,
     json_out: JsonOpt = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Read .bin pickles with the restricted loader.")]
     = False,
@@ -138,21 +144,24 @@ def audit_cmd(
     from modeltrace.api import audit
     from modeltrace.engine import split_address
     from modeltrace.options import AuditOptions
+    from modeltrace.progress import RemoteReadsColumn
     from modeltrace.report.gate import check_gates
 
     address, suspect_spec = split_address(list(suspect), ray, "audit takes one SUSPECT (preceded by a Ray ADDRESS "
                                           "only with --ray)")
     fmt = report_format(fmt, json_out, output)
+    if recipe_out is not None:
+        check_output(recipe_out)
     gates = check_gates(fail_on)
     options = AuditOptions(sample=sample, allow_pickle=allow_pickle, workers=workers, ray=ray, address=address,
                            timeout=timeout, connections=connections, budget=budget, hashes=hashes, verify=verify)
     show = (fmt is None or output is not None) and err.is_terminal
-    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                  console=err, disable=not show, transient=True) as bar:
-        task = bar.add_task("streaming weights", total=None)
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), RemoteReadsColumn(),
+                  TimeRemainingColumn(), console=err, disable=not show, transient=True) as bar:
+        task = bar.add_task("opening models", total=None)
 
         def progress(done: int, total: int) -> None:
-            bar.update(task, completed=done * 4, total=total * 4)
+            bar.update(task, description="streaming weights", completed=done * 4, total=total * 4)
 
         result = audit(suspect_spec, list(candidate), base=base, options=options, progress=progress)
     if recipe_out is not None and result.recipe is not None:
@@ -189,11 +198,50 @@ def demo_cmd(
     deliver(report, fmt, output, lambda: None)
 
 
+def _click_errors() -> tuple[type[Exception], type[Exception]]:
+    """(UsageError, ClickException) of the click typer runs on (its own copy since typer 0.2x, click before)."""
+    mro = typer.BadParameter.__mro__
+    return (next(c for c in mro if c.__name__ == "UsageError"), next(c for c in mro if c.__name__ == "ClickException"))
+
+
 def main() -> None:
+    import sys
+
     from modeltrace.commands import register_all
+    from modeltrace.redact import ScrubbingStream, scrub
 
     register_all(app)
-    app()
+    sys.stdout = ScrubbingStream(sys.stdout)  # type: ignore[assignment]
+    sys.stderr = ScrubbingStream(sys.stderr)  # type: ignore[assignment]
+    usage_error, click_exception = _click_errors()
+    code: Any = 0
+    try:
+        code = app(standalone_mode=False)
+    except usage_error as exc:  # one line, not a usage block and a box
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            sys.stdout.write(ctx.get_help() + "\n")  # a bare `modeltrace` or `modeltrace index`: the help
+            code = 0
+        else:
+            names = []
+            while ctx is not None and ctx.parent is not None:  # the sub-command path, whatever the program is called
+                names.append(ctx.info_name)
+                ctx = ctx.parent
+            where = " ".join(["modeltrace", *reversed(names)])
+            err.print(f"modeltrace: error: {scrub(exc.format_message())} (see `{where} --help`)",  # type: ignore[attr-defined]
+                      markup=False, highlight=False, soft_wrap=True)
+            code = 2
+    except click_exception as exc:
+        err.print(f"modeltrace: error: {scrub(exc.format_message())}", markup=False, highlight=False,  # type: ignore[attr-defined]
+                  soft_wrap=True)
+        code = getattr(exc, "exit_code", 2)
+    except (typer.Abort, KeyboardInterrupt):
+        err.print("modeltrace: interrupted", markup=False)
+        code = 130
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -20,10 +20,11 @@ from rich.console import Console
 from rich.table import Table
 
 from modeltrace.errors import InputError, ModelTraceError
+from modeltrace.redact import scrub
 
-__all__ = ["ConnectionsOpt", "BudgetOpt", "FailOnOpt", "FormatOpt", "JsonOpt", "OutputOpt", "TimeoutOpt", "deliver",
-           "err", "gate", "guarded", "out", "print_json", "remote_limits", "render_audit", "render_description",
-           "render_findings", "report_format"]
+__all__ = ["ConnectionsOpt", "BudgetOpt", "FailOnOpt", "FormatOpt", "JsonOpt", "OutputOpt", "TimeoutOpt",
+           "check_output", "deliver", "err", "gate", "guarded", "out", "print_json", "remote_limits", "render_audit",
+           "render_description", "render_findings", "report_format"]
 
 out = Console()
 err = Console(stderr=True)
@@ -37,7 +38,7 @@ def guarded(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except ModelTraceError as exc:
-            err.print(f"modeltrace: error: {exc}", markup=False, highlight=False, soft_wrap=True)
+            err.print(f"modeltrace: error: {scrub(str(exc))}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except (typer.Exit, typer.Abort):
             raise
@@ -50,7 +51,7 @@ def guarded(fn: Callable) -> Callable:
         except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
             if os.environ.get("MODELTRACE_DEBUG"):
                 raise
-            msg = str(exc).splitlines()[0] if str(exc) else ""
+            msg = (scrub(str(exc)) or "").splitlines()[0] if str(exc) else ""
             err.print(f"modeltrace: internal error: {type(exc).__name__}: {msg} (MODELTRACE_DEBUG=1 for details)",
                       markup=False, soft_wrap=True)
             raise typer.Exit(70) from None
@@ -105,7 +106,30 @@ def report_format(fmt: str | None, json_out: bool, output: Path | None) -> str |
         fmt = format_for(output)
     if fmt is not None and fmt not in FORMATS:
         raise InputError(f"unknown report format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if output is not None:
+        check_output(output)
     return fmt
+
+
+def check_output(output: Path) -> None:
+    """Fail before any work when a report could not be written there: a missing folder, a folder as the file, no
+    permission or a read-only file system (a probe file is created and removed, which also holds for root)."""
+    import tempfile
+
+    folder = output.parent if str(output.parent) else Path(".")
+    if output.is_dir():
+        raise InputError(f"{output}: is a folder; give a file name for the report")
+    if not folder.is_dir():
+        raise InputError(f"{output}: folder {folder} does not exist" if not folder.exists() else
+                         f"{output}: {folder} is not a folder")
+    if output.exists() and not os.access(output, os.W_OK):
+        raise InputError(f"{output}: not writable (permission denied)")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".probe", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(f"{output}: cannot write there ({exc.strerror or exc})") from None
 
 
 def render_findings(findings: list) -> None:
@@ -239,9 +263,9 @@ def render_audit(v: dict) -> None:
         t.add_column("weight", justify="right")
         t.add_column("95% interval", justify="right")
         for p in v["parents"]:
-            iv = p.get("interval")
-            t.add_row(p["model"], "-" if p["weight"] is None else f"{p['weight']:.4f}",
-                      "-" if not iv else f"[{iv[0]:.4f}, {iv[1]:.4f}]")
+            w, iv = p.get("weight"), p.get("interval")
+            t.add_row(p["model"], "-" if w is None else f"{w:.4f}",
+                      "-" if not iv or None in iv else f"[{iv[0]:.4f}, {iv[1]:.4f}]")
         out.print(t)
     params = v.get("parameters") or {}
     for k, val in params.items():

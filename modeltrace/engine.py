@@ -9,6 +9,9 @@ A `Runner` holds the workers (a process pool, or a Ray connection) for several m
 per model and, for a sharded model, one task per shard on the same workers while later models are still planned;
 `run` is one map on a runner of its own.
 
+Local worker processes end with their parent: each watches the process that started it and exits at once when that
+process is gone (killed with SIGKILL included), so no orphan keeps reading weights.
+
 Ray (`pip install 'ray==2.60.0'`) is imported only when asked for. `address=None` or "local" starts a private local
 instance (or reuses one this process already started); "auto" joins the cluster this machine belongs to;
 "ray://HOST:10001" connects through the Ray client to a remote head. Every node needs modeltrace installed (same
@@ -20,6 +23,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -71,6 +76,24 @@ def call(fn: Callable[[Any], Any], item: Any) -> tuple[Any, str | None]:
     except Exception as exc:  # noqa: BLE001 - one item's bug must not end the whole run
         msg = str(exc).splitlines()[0] if str(exc) else ""
         return None, f"internal error: {type(exc).__name__}: {msg}"
+
+
+#: how often a worker process checks that its parent is still alive (seconds)
+PARENT_POLL_S = 0.2
+
+
+def _watch_parent(parent: int) -> None:
+    """Worker initializer: exit as soon as `parent` is gone. A thread that polls the parent id survives what a
+    signal-based hook would not (PR_SET_PDEATHSIG fires when the parent's spawning *thread* ends, not the process)."""
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:  # re-parented: the parent died
+                os._exit(1)
+            time.sleep(PARENT_POLL_S)
+
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=watch, name="modeltrace-parent-watch", daemon=True).start()
 
 
 def default_workers() -> int:
@@ -179,7 +202,8 @@ class Runner:
             if self._pool is None:
                 # spawn, not fork: the parent may hold threads (HTTP pools) that a forked child would inherit
                 # mid-lock
-                self._pool = ProcessPoolExecutor(max_workers=n, mp_context=get_context("spawn"))
+                self._pool = ProcessPoolExecutor(max_workers=n, mp_context=get_context("spawn"),
+                                                 initializer=_watch_parent, initargs=(os.getpid(),))
             try:
                 return self._pool.submit(call, fn, item)
             except BrokenProcessPool:  # a worker died earlier: later items get a fresh pool

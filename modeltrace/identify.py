@@ -7,6 +7,10 @@
    not ancestors; a stack, copy or recipe is looked for among the rest, else the closest one is the parent;
 4. verdict: the audit's own layer map, slot fits and verdict run on the chosen fingerprints, so relation, method and
    weights with intervals mean what they mean in `modeltrace audit`, which confirms them on the full weights.
+
+Index entries that fail their checksums are never used: they are listed in `damaged`. A numerical failure while
+comparing one candidate (an SVD that does not converge, a non-finite statistic) drops that candidate and is listed
+in `failed`; one while working out the recipe leaves the answer at `related`; numpy's warnings are not printed.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import math
 import os
 import shlex
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -27,7 +32,7 @@ from modeltrace.fingerprint.copies import copy_groups, copy_notes, copy_verdict,
 from modeltrace.fingerprint.core import Fingerprint
 from modeltrace.fingerprint.lineage import Explanation, centre, explain, merges_among, stack_sources
 from modeltrace.fingerprint.undisguise import Aligned, DisguiseEvidence, align_group, evidence
-from modeltrace.fingerprint.view import fingerprint_views
+from modeltrace.fingerprint.view import audit_fingerprints
 from modeltrace.index.store import Index
 from modeltrace.schema import SCHEMA_VERSION
 from modeltrace.stats import format_p, holm_log10
@@ -42,6 +47,8 @@ MAX_RELATED = 8
 #: ... with this many reserved for each family (summary vectors alike), so a merge across families keeps both parents.
 MIN_PER_FAMILY = 2
 FAMILY_COSINE = 0.5
+#: what numerical trouble raises inside numpy and the fits (one candidate's, not the run's)
+NUMERICAL = (np.linalg.LinAlgError, FloatingPointError, ZeroDivisionError, OverflowError, ValueError)
 
 
 def _alpha_log10() -> float:
@@ -70,7 +77,8 @@ def identify(suspect: Fingerprint, index: Index, top: int = 5, digest: Any = Non
         same, same_values = matches(index, digest)
         if same:
             return _identical(suspect, index, same, digest)
-    with _one_blas_thread():
+    with _one_blas_thread(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # non-finite numbers are checked, and reported, per model
         out = _identify(suspect, index, top)
     if digest is not None:
         out["content_digest"] = digest.model_id
@@ -100,10 +108,18 @@ def _identical(suspect: Fingerprint, index: Index, same: list[str], digest: Any)
             "disguise": None, "verdict": None, "audit_command": None, "elapsed_s": 0.0}
 
 
+def _numerical(exc: BaseException) -> str:
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"numerical failure ({type(exc).__name__}{': ' + first if first else ''})"
+
+
 def _identify(suspect: Fingerprint, index: Index, top: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     ids, names, mat, sizes = index.sketches()
     if not len(ids):
+        if index.damaged:
+            raise InputError(f"{index.path}: every index entry is damaged ({', '.join(sorted(index.damaged))}); "
+                             "see `modeltrace index check`")
         raise InputError(f"{index.path}: the index is empty; add models with `modeltrace index add MODEL`")
     # equal fingerprints: equal in every *sampled* value, which does not make the models identical
     identical = index.by_hash(suspect.content_hash)
@@ -119,8 +135,8 @@ def _identify(suspect: Fingerprint, index: Index, top: int) -> dict[str, Any]:
     loaded = index.load([int(ids[i]) for i in order])
     sims = {names[i]: float(sim[i]) for i in order}
     fps = dict(loaded)
-    tested = list(fps)
-    ev, dv = _pair_evidence(suspect, fps, tested)
+    ev, dv, failed = _pair_evidence(suspect, fps, list(fps))
+    tested = [n for n in fps if n not in failed]
     family = len(ids) - (1 if identical else 0)
     adj = dict(zip(tested, holm_log10([_log10_p(ev[n], dv[n]) for n in tested], family), strict=True))
     alpha = _alpha_log10()
@@ -135,6 +151,43 @@ def _identify(suspect: Fingerprint, index: Index, top: int) -> dict[str, Any]:
     related = _diverse(strong, {n: mat[row[n]] for n in strong})
     label = suspect.label if suspect.label not in fps else f"{suspect.label} (suspect)"
 
+    try:
+        verdict, merges, chosen, al, related = _lineage(suspect, fps, related, ev, dv, alpha, zs, adj, label)
+    except NUMERICAL as exc:  # the models are related (tested above), but how could not be worked out
+        verdict, merges, chosen, al = _unresolved(related, adj, _numerical(exc)), {}, list(related[:3]), None
+    gnames = [label, *related]
+    lineage = verdict
+    copies = copy_notes(own, groups, fps)
+    # The answer: a copy when other entries hold the suspect's weights (re-encoded, or equal under another hash),
+    # or when its own entry is all the index knows of it; else the lineage (its own entry noted, never a parent).
+    others = {n: link for n, link in own.items() if n != identical}
+    copy_answer = bool(others) or (identical in own and (lineage is None or lineage["relation"] == "independent"))
+    hits = _rank(verdict, chosen, related, merges, gnames, tested, adj, ev, sims, fps, copies, copy_answer)
+    if copy_answer:
+        verdict = copy_verdict(others or own, fps)
+        chosen = [verdict["parents"][0]["model"]]
+    if al is not None and al.notes:
+        for h in hits:
+            undone = al.per_candidate.get(h["model"]) or (al.notes if h["model"] in chosen else [])
+            if undone and h["role"] != "unrelated":
+                h["note"] = "; ".join(x for x in [h["note"], *undone] if x)
+    out = _result(suspect, index, ids, tested, identical, related, verdict, hits, top, adj, family, al, fps, chosen)
+    out["summary"] = _summary(verdict if copy_answer else None, lineage, hits, adj, family, copies, fps,
+                              identical if identical in own else None) + _disguise_text(al, lineage)
+    out["copies"] = [{"model": n, "of": of, "note": note} for n, (of, note) in copies.items()]
+    out["lineage"] = None if not copy_answer or lineage is None else {k: lineage.get(k) for k in (
+        "relation", "method", "parents", "base")}
+    out["damaged"] = [{"model": n, "problem": p} for n, p in sorted(index.damaged.items())]
+    out["failed"] = [{"model": n, "problem": p} for n, p in failed.items()]
+    out["elapsed_s"] = round(time.perf_counter() - t0, 3)
+    return out
+
+
+def _lineage(suspect: Fingerprint, fps: dict[str, Fingerprint], related: list[str], ev: dict, dv: dict,
+             alpha: float, zs: dict[str, float], adj: dict[str, float], label: str
+             ) -> tuple[dict[str, Any] | None, dict[str, Explanation], list[str], Aligned | None, list[str]]:
+    """Steps 3 and 4 on the related models: (verdict, merges among them, the models the verdict used, alignment,
+    the related models that took part)."""
     verdict: dict[str, Any] | None = None
     merges: dict[str, Explanation] = {}
     chosen: list[str] = []
@@ -158,21 +211,23 @@ def _identify(suspect: Fingerprint, index: Index, top: int) -> dict[str, Any]:
             verdict, picked = _lineage_verdict(al.suspect, label, al.fps, gs, pool, gnames,
                                                _audit_on if al.mode != "tokens" and layered else _audit_tokens)
         chosen = [gnames[i] for i in picked]
-    lineage = verdict
-    copies = copy_notes(own, groups, fps)
-    # The answer: a copy when other entries hold the suspect's weights (re-encoded, or equal under another hash),
-    # or when its own entry is all the index knows of it; else the lineage (its own entry noted, never a parent).
-    others = {n: link for n, link in own.items() if n != identical}
-    copy_answer = bool(others) or (identical in own and (lineage is None or lineage["relation"] == "independent"))
-    hits = _rank(verdict, chosen, related, merges, gnames, tested, adj, ev, sims, fps, copies, copy_answer)
-    if copy_answer:
-        verdict = copy_verdict(others or own, fps)
-        chosen = [verdict["parents"][0]["model"]]
-    if al is not None and al.notes:
-        for h in hits:
-            undone = al.per_candidate.get(h["model"]) or (al.notes if h["model"] in chosen else [])
-            if undone and h["role"] != "unrelated":
-                h["note"] = "; ".join(x for x in [h["note"], *undone] if x)
+    return verdict, merges, chosen, al, related
+
+
+def _unresolved(related: list[str], adj: dict[str, float], why: str) -> dict[str, Any]:
+    """The verdict when the related models are known but a numerical failure stopped the recipe search."""
+    parents = related[:3]
+    p = format_p(max(adj[n] for n in parents))
+    return {"relation": "related", "method": None, "base": None,
+            "parents": [{"model": n, "evidence": "coordinates"} for n in parents],
+            "summary": f"derived from {', '.join(parents)}; {p}. The recipe could not be worked out from the "
+                       f"fingerprints ({why}): run the `modeltrace audit` below"}
+
+
+def _result(suspect: Fingerprint, index: Index, ids: np.ndarray, tested: list[str], identical: str | None,
+            related: list[str], verdict: dict[str, Any] | None, hits: list[dict[str, Any]], top: int,
+            adj: dict[str, float], family: int, al: Aligned | None, fps: dict[str, Fingerprint], chosen: list[str]
+            ) -> dict[str, Any]:
     out: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "suspect": {"label": suspect.label, "spec": suspect.spec, "content_hash": suspect.content_hash,
@@ -188,16 +243,14 @@ def _identify(suspect: Fingerprint, index: Index, top: int) -> dict[str, Any]:
         "parents": verdict["parents"] if verdict else [],
         "base": verdict.get("base") if verdict else None,
         "hits": hits[:top],
-        "summary": _summary(verdict if copy_answer else None, lineage, hits, adj, family, copies, fps,
-                            identical if identical in own else None) + _disguise_text(al, lineage),
-        "copies": [{"model": n, "of": of, "note": note} for n, (of, note) in copies.items()],
-        "lineage": None if not copy_answer or lineage is None else {k: lineage.get(k) for k in (
-            "relation", "method", "parents", "base")},
+        "summary": "",
         "disguise": {"evidence": al.mode, "undone": al.notes} if al is not None and al.notes else None,
         "verdict": verdict,
         "audit_command": _audit_command(suspect, verdict, fps, chosen) if verdict else None,
-        "elapsed_s": round(time.perf_counter() - t0, 3),
     }
+    from modeltrace.tree.graph import ancestry  # ancestors of ancestors, from the family tree when it was built
+
+    out["ancestry"] = ancestry(index, [p["model"] for p in out["parents"]])
     declared = out["suspect"]["card_base_model"]
     if verdict and verdict["relation"] not in ("independent",) and not declared:
         out["undisclosed"] = "the model card names no base_model although ancestors were found"
@@ -205,13 +258,21 @@ def _identify(suspect: Fingerprint, index: Index, top: int) -> dict[str, Any]:
 
 
 def _pair_evidence(suspect: Fingerprint, fps: dict[str, Fingerprint], names: list[str]
-                   ) -> tuple[dict[str, PairEvidence], dict[str, DisguiseEvidence | None]]:
+                   ) -> tuple[dict[str, PairEvidence], dict[str, DisguiseEvidence | None], dict[str, str]]:
     """Coordinate and disguise-robust evidence (v2 fingerprints) of the suspect against each shortlisted model, on
     two threads: the work is numpy products of a few MB that release the GIL, and the suspect's side of each test is
-    computed once (undisguise._memo)."""
-    def one(n: str) -> tuple[PairEvidence, DisguiseEvidence | None]:
-        e = compare(suspect, fps[n])
-        return e, evidence(suspect, fps[n], e)
+    computed once (undisguise._memo). A model whose comparison fails numerically is left out: {name: why}."""
+    def one(n: str) -> tuple[PairEvidence, DisguiseEvidence | None] | str:
+        try:
+            with np.errstate(all="ignore"):
+                e = compare(suspect, fps[n])
+                d = evidence(suspect, fps[n], e)
+        except NUMERICAL as exc:
+            return _numerical(exc)
+        if not (math.isfinite(e.z) and math.isfinite(e.log10_p)) or \
+                (d is not None and not (math.isfinite(d.log10_p) and math.isfinite(d.strength))):
+            return "numerical failure (a non-finite statistic)"
+        return e, d
 
     workers = min(2, os.cpu_count() or 1, max(1, len(names)))
     if workers > 1:
@@ -220,7 +281,9 @@ def _pair_evidence(suspect: Fingerprint, fps: dict[str, Fingerprint], names: lis
             got += pool.map(one, names[1:])
     else:
         got = [one(n) for n in names]
-    return ({n: g[0] for n, g in zip(names, got, strict=True)}, {n: g[1] for n, g in zip(names, got, strict=True)})
+    ok = {n: g for n, g in zip(names, got, strict=True) if not isinstance(g, str)}
+    failed = {n: g for n, g in zip(names, got, strict=True) if isinstance(g, str)}
+    return {n: g[0] for n, g in ok.items()}, {n: g[1] for n, g in ok.items()}, failed
 
 
 def _log10_p(e: PairEvidence, d: DisguiseEvidence | None) -> float:
@@ -264,24 +327,12 @@ def _diverse(ordered: list[str], sketches: dict[str, np.ndarray]) -> list[str]:
 # ---- lineage -> verdict ----------------------------------------------------------------------------------------
 def _audit_on(suspect: Fingerprint, label: str, fps: dict[str, Fingerprint], cands: list[str],
               base: str | None) -> dict[str, Any]:
-    """The audit's layer map, streaming slot fits and verdict, on fingerprint samples."""
-    from modeltrace.audit import run_views
-    from modeltrace.verdict import decide
-
-    views = fingerprint_views([suspect, *(fps[c] for c in cands)], [label, *cands])
-    base_idx = cands.index(base) + 1 if base is not None else None
-    return decide(run_views(views, base_idx))  # type: ignore[arg-type]
+    return audit_fingerprints(suspect, label, [fps[c] for c in cands], cands, base)
 
 
 def _audit_tokens(suspect: Fingerprint, label: str, fps: dict[str, Fingerprint], cands: list[str],
                   base: str | None) -> dict[str, Any]:
-    """`_audit_on` for fingerprints reduced to token rows (a residual stream re-based): no layers to map."""
-    from modeltrace.audit import run_views
-    from modeltrace.verdict import decide
-
-    views = fingerprint_views([suspect, *(fps[c] for c in cands)], [label, *cands])
-    base_idx = cands.index(base) + 1 if base is not None else None
-    return decide(run_views(views, base_idx, layer_matches=[]))  # type: ignore[arg-type]
+    return audit_fingerprints(suspect, label, [fps[c] for c in cands], cands, base, layers=False)
 
 
 def _lineage_verdict(suspect: Fingerprint, label: str, fps: dict[str, Fingerprint], gs, pool: list[int],
@@ -330,8 +381,9 @@ def _rank(verdict: dict | None, chosen: list[str], related: list[str], merges: d
             if p in roles:
                 continue
             w = weights[p]
-            note = (f"weight {w['weight']:.4f} [{w['interval'][0]:.4f}, {w['interval'][1]:.4f}]" if "weight" in w
-                    else f"{w['layers']} layers" if "layers" in w else "")
+            iv = w.get("interval")
+            note = (f"weight {w['weight']:.4f}" + (f" [{iv[0]:.4f}, {iv[1]:.4f}]" if iv and None not in iv else "")
+                    if w.get("weight") is not None else f"{w['layers']} layers" if "layers" in w else "")
             roles[p] = ("parent", note)
         if verdict.get("base") and verdict["base"] not in roles:
             roles[verdict["base"]] = ("base", f"base model of the {verdict.get('method') or 'merge'}")
@@ -401,7 +453,10 @@ def _summary(answer: dict | None, lineage: dict | None, hits: list[dict], adj: d
         best = hits[0] if hits else None
         closest = f" (closest: {best['model']}, {best['p']} after Holm over {family} models)" if best else ""
         return f"no ancestor in the index{closest}{entry}"
-    return _lineage_text(lineage, adj, copies, fps) + entry
+    if itself:  # the suspect's own entry first, then what those weights descend from
+        return (f"identical in every sampled value to indexed {itself}. Lineage of these weights: "
+                + _lineage_text(lineage, adj, copies, fps))
+    return _lineage_text(lineage, adj, copies, fps)
 
 
 def _lineage_text(verdict: dict, adj: dict[str, float], copies: dict[str, tuple[str | None, str]],
@@ -425,6 +480,9 @@ def _lineage_text(verdict: dict, adj: dict[str, float], copies: dict[str, tuple[
         return f"{recipe}, {method}; {p_text}{also}"
     if rel == "finetune":
         return f"fine-tune of {with_copies(parents[0], copies, fps)}; {p_text}"
+    if rel == "related" and verdict.get("direction") == "unknown":  # a training lineage with no base indexed
+        return (f"related to {with_copies(parents[0], copies, fps)} through training (its parent, a sibling or a "
+                f"child: no common base indexed to tell); {p_text}")
     if rel == "stack":
         return f"layer stack of {' and '.join(parents)}: " + verdict["summary"].split(": ", 1)[-1] \
             .rstrip(".") + f"; {p_text}{also}"

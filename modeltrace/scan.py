@@ -147,7 +147,8 @@ def scan(specs: list[str], index: Index, add: bool = False, top: int = 3, worker
         if index.count():
             res = identify(fp, index, top=top, digest=cd)
             row.update({"relation": res["relation"], "method": res["method"], "summary": res["summary"],
-                        "identical": res["identical"], "hits": res["hits"], "audit_command": res["audit_command"]})
+                        "identical": res["identical"], "hits": res["hits"], "audit_command": res["audit_command"],
+                        "damaged": res.get("damaged", []), "failed": res.get("failed", [])})
         else:
             row.update({"relation": None, "summary": "index is empty: nothing to compare with", "hits": []})
         if add:

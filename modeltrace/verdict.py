@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections import Counter, defaultdict
 from typing import Any
 
@@ -12,10 +11,11 @@ from modeltrace.align.coverage import stack_summary
 from modeltrace.align.layers import stack_map
 from modeltrace.audit import AuditRun, SlotResult
 from modeltrace.detectors.accumulate import is_lossy
+from modeltrace.detectors.rounding import RESOLUTION, ROUNDED
+from modeltrace.lineage_verdict import parent_entry, pooled, trained, upcycled
 from modeltrace.methods import merge_method
-from modeltrace.relatives import place
 from modeltrace.schema import SCHEMA_VERSION
-from modeltrace.stats import fisher_log10, format_p, log10_sf, mean_interval, pooled_interval, stouffer
+from modeltrace.stats import fisher_log10, format_p, log10_sf, mean_interval, stouffer
 
 #: A candidate is called related when its combined independence p-value is below this.
 ALPHA = 1e-6
@@ -87,7 +87,7 @@ def _layer_table(run: AuditRun, matrix: list[SlotResult]) -> list[dict[str, Any]
         agree = [r for r in rs if r.fit.method == method]
         entry: dict[str, Any] = {"layer": layer, "method": method, "share": round(share, 4)}
         ses = _ses(agree)
-        entry["weights"] = {names[c]: _pooled(v, ses[c]) for c, v in _weights(agree).items()}
+        entry["weights"] = {names[c]: pooled(v, ses[c]) for c, v in _weights(agree).items()}
         entry["r2_min"] = round(float(min(1 - r.fit.rel_rss for r in agree)), 6) if agree else None
         ts = [r.fit.params["t"] for r in agree if "t" in r.fit.params]
         if ts and method == "slerp":
@@ -117,13 +117,15 @@ def _role_table(run: AuditRun, matrix: list[SlotResult], method: str) -> dict[st
 def decide(run: AuditRun) -> dict[str, Any]:
     out = _decide(run)
     names = {i: v.label for i, v in enumerate(run.views)}
-    lossy = sorted({names[c] for r in run.slots for c in r.cands if is_lossy(run.views[c].dtype(r.slot))
-                    and r.stats.cand_noise is not None
-                    and r.stats.cand_noise[r.cands.index(c) + 1] > 0})
+    lossy = sorted({names[c] for r in run.slots for k, c in enumerate(r.cands)
+                    if k < len(r.stats.cand_dtypes) and is_lossy(r.stats.cand_dtypes[k])
+                    and r.stats.cand_noise is not None and r.stats.cand_noise[k + 1] > 0})
     if lossy and out.get("relation") == "merge":
         out["warnings"].append(f"candidate(s) {', '.join(lossy)} are stored quantized: their rounding noise pulls "
                                "recipe weights toward each other (errors in variables); audit against "
                                "full-precision parents for exact weights")
+    if getattr(run, "coverage", None) is not None:  # a sampled remote audit: what was and was not read
+        out["coverage"] = run.coverage.as_dict()
     aligned = {names[i]: al.summary() for i, al in enumerate(run.alignments, 1) if al is not None}
     if aligned:
         out["alignment"] = aligned
@@ -164,6 +166,10 @@ def _decide(run: AuditRun) -> dict[str, Any]:
         "suspect_dtype": _dominant_dtype(run, 0),
     }
     smap = stack_map(run.layer_matches)
+    if any(r.cross for r in run.slots):  # experts compared with a dense candidate's MLP: upcycling?
+        up = upcycled(out, run, related, logp)
+        if up is not None:
+            return up
     all_copy = all(r.fit.method == "copy" for r in run.slots)
     copy_srcs = {c for r in run.slots for c in r.fit.weights} if all_copy else set()
 
@@ -193,10 +199,12 @@ def _decide(run: AuditRun) -> dict[str, Any]:
                                   "original).")
                 out["direction"] = "suspect-to-parent"
             else:
+                verified = all("rounded" in r.fit.params or r.fit.rel_rss == 0 for r in run.slots)
                 out["summary"] = (f"{names[0]} is {_article(_word(sd))} {_word(sd)} re-encoding of {names[c]} "
                                   f"(stored {_word(cd)}): every one of {len(run.slots)} tensors "
                                   + ("holds the same values, widened." if wider else
-                                     f"equals {names[c]}'s rounded to {_word(sd)}."))
+                                     f"equals {names[c]}'s rounded to {_word(sd)}." if verified else
+                                     f"matches {names[c]}'s up to {_word(sd)}'s rounding."))
         return out
     if smap is not None and not _identity(smap):
         out["relation"] = "stack"
@@ -233,109 +241,15 @@ def _decide(run: AuditRun) -> dict[str, Any]:
             out["method"] = _method_name(method, agree)
             out["method_info"] = _info(out["method"])
             ses = _ses(agree)
-            out["parents"] = [_parent(names[c], ws[c], ses[c]) for c in parents]
+            floor = RESOLUTION if out["suspect_dtype"] in ROUNDED else 2.0**-23
+            out["parents"] = [parent_entry(names[c], ws[c], ses[c], floor) for c in parents]
             out["parameters"] = _params(agree, method)
             out["by_role"] = _role_table(run, matrix, method)
             out["method_share"] = round(share, 4)
             n_layers = sum(1 for e in layers if e["layer"] >= 0)
             out["summary"] = _merge_summary(out, names[0], agree, n_layers, logp, names)
             return out
-    return _trained(out, run, matrix, related, logp, ws if method in MERGE_METHODS else {})
-
-
-def _distances(run: AuditRun, matrix: list[SlotResult]) -> tuple[np.ndarray, np.ndarray]:
-    """Exact squared distances between all models, summed over the slots on which every model was compared."""
-    n = len(run.views)
-    D, norms = np.zeros((n, n)), np.zeros(n)
-    full = [r for r in matrix if len(r.cands) == n - 1] or matrix
-    for r in full:
-        idx = [0] + list(r.cands)
-        e = r.stats.sqdist()
-        D[np.ix_(idx, idx)] += e
-        norms[idx] += np.diag(r.stats.G)
-    return D, norms
-
-
-def _trained(out: dict[str, Any], run: AuditRun, matrix: list[SlotResult], related: list[int],
-             logp: dict[int, float], merge_weights: dict[int, list[float]]) -> dict[str, Any]:
-    """Training is involved (no recipe explains the suspect down to its storage rounding). A parent is named only
-    when the base of the family is known (given, or inferred) and says which way the line of descent runs
-    (relatives.place); otherwise the nearest relatives are named with the direction left open."""
-    names = {i: v.label for i, v in enumerate(run.views)}
-    s = names[0]
-    D, norms = _distances(run, matrix)
-    pl = place(D, norms, [c for c in range(1, len(run.views)) if c in related], run.base)
-    heavy = [c for c, v in merge_weights.items() if c != run.base and float(np.mean(v)) >= 0.1]
-    p_of = {c: format_p(logp[c]) for c in related}
-    if run.base is not None and run.base in related:
-        # a merge then trained: S - M is mostly a combination of two or more task vectors P_i - M
-        others = [c for c in related if c != run.base]
-        lam, explained = _delta_fit(D, others, run.base)
-        parts = [(c, w) for c, w in zip(others, lam, strict=True) if w >= 0.1]
-        if len(parts) >= 2 and explained >= CHAIN_SHARE:
-            out["relation"] = "finetune"
-            out["chain"] = [{"step": "merge", "parents": {names[c]: round(w, 4) for c, w in parts},
-                             "base": names[run.base]}, {"step": "finetune"}]
-            terms = " + ".join(f"{w:.2f}·{names[c]}" for c, w in parts)
-            out["parents"] = [{"model": names[c], "weight": round(w, 4), "interval": None} for c, w in parts]
-            out["summary"] = (f"{s} is a fine-tune of a merge: {names[run.base]} + task vectors {terms} (their "
-                              f"difference from {names[run.base]}) explain {100 * explained:.0f}% of its own, and "
-                              "training left the rest (a residual above storage rounding in most tensors).")
-            return out
-    if pl.parent is not None:
-        out["relation"] = "finetune"
-        out["direction"] = "parent-to-suspect"
-        w = [r.fit.free_weights.get(pl.parent, np.nan) for r in matrix]
-        out["parents"] = [_parent(names[pl.parent], w)]
-        how = "the base" + (" (inferred: the other candidates meet at it)" if run.base_inferred else "")
-        chain = f", itself a fine-tune of {names[run.base]}" if pl.parent != run.base else ""
-        text = (f"{s} is a fine-tune of {names[pl.parent]}{chain} (independent of {names[pl.parent]}: "
-                f"{p_of.get(pl.parent, '?')}); direction from {names[run.base]}, {how}.")
-        if pl.siblings:
-            out["siblings"] = [names[c] for c in pl.siblings]
-            text += f" Siblings (fine-tunes of {names[run.base]} too): {', '.join(out['siblings'])}."
-        if pl.descendants:
-            out["descendants"] = [names[c] for c in pl.descendants]
-            text += f" Derived from {s} in turn: {', '.join(out['descendants'])}."
-        out["summary"] = text
-        return out
-    near = pl.nearest if pl.nearest is not None else min(related, key=lambda i: logp[i])
-    rel = sorted(related, key=lambda c: D[0, c])
-    out["relation"] = "related"
-    out["direction"] = "unknown"
-    out["parents"] = [{"model": names[c], "weight": None, "interval": None} for c in rel]
-    if len(heavy) >= 2:
-        hint = [_parent(names[c], merge_weights[c]) for c in heavy]
-        out["recipe_hint"] = hint
-        terms = " + ".join(f"{p['weight']:.2f}·{p['model']}" for p in hint)
-        out["summary"] = (f"{s} is related to {', '.join(names[c] for c in heavy)}: the best merge recipe, {terms}, "
-                          "leaves a residual above storage rounding in most tensors, and a merge involves no "
-                          "training: a merge of them then trained or perturbed, or a relative through a common "
-                          "ancestor not among the candidates (offer it as a candidate or with --base).")
-        return out
-    others = [names[c] for c in rel if c != near]
-    out["summary"] = (f"{s} is related to {names[near]} through training ({p_of.get(near, '?')})"
-                      + (f", and to {', '.join(others)}" if others else "")
-                      + f": a parent, a sibling or a child of {names[near]} cannot be told apart without their common "
-                      "base; offer it as a candidate or with --base.")
-    return out
-
-
-#: A merge then trained is named as such when the parents' task vectors explain this share of the suspect's
-#: difference from the base (two sibling fine-tunes of one task explain ~0.3-0.5 of each other's).
-CHAIN_SHARE = 0.75
-
-
-def _delta_fit(D: np.ndarray, parents: list[int], base: int) -> tuple[list[float], float]:
-    """Task-vector weights of S - M on the parents' P_i - M, and the share of ||S - M||^2 they explain (the Gram of
-    differences from the exact distances)."""
-    idx = [0] + parents
-    G = np.array([[0.5 * (D[i, base] + D[j, base] - D[i, j]) for j in idx] for i in idx])
-    if G[0, 0] <= 0:
-        return [0.0] * len(parents), 0.0
-    A, b = G[1:, 1:], G[1:, 0]
-    w = np.linalg.lstsq(A, b, rcond=1e-12)[0]
-    return [float(x) for x in w], float(b @ w / G[0, 0])
+    return trained(out, run, matrix, related, logp, ws if method in MERGE_METHODS else {})
 
 
 #: storage dtype names as people say them, and their precision (mantissa bits) to tell widening from rounding
@@ -382,11 +296,13 @@ def _absorb_copies(results: list[SlotResult], method: str) -> None:
             continue
         r.fit.method = method
         r.fit.weights = {n: (1.0 if n == c else 0.0) for n in names}
-        # a copy of c says w_c = 1 exactly where the others differ from c there, and nothing where they are equal
+        # a copy of c says w_c = 1 exactly where the others differ from c there, and nothing where they are equal;
+        # in rounded storage (bf16, fp16, fp8) it says only that the parents' differences round away here
         e = r.stats.sqdist()
         lc = r.cands.index(c) + 1
         same = any(n in r.cands and e[lc, r.cands.index(n) + 1] == 0 for n in names if n != c)
-        r.fit.se = {n: (float("inf") if same else 2.0**-23) for n in names}
+        rounded = r.stats.suspect_dtype in ROUNDED or "rounded" in r.fit.params
+        r.fit.se = {n: (float("inf") if same or rounded else 2.0**-23) for n in names}
         if method == "slerp":
             r.fit.params["t"] = 0.0 if c == pair0 else 1.0
 
@@ -397,26 +313,6 @@ def _identity(smap: list[tuple[int, int, int]]) -> bool:
 
 def _ranges(smap: list[tuple[int, int, int]], names: dict[int, str]) -> str:
     return stack_summary(smap, names)
-
-
-def _pooled(values: list[float], ses: list[float]) -> float | None:
-    """One weight from per-tensor estimates: precision-weighted where standard errors exist (tensors that cannot
-    tell the parents apart drop out), else the mean."""
-    m = _parent("", values, ses)["weight"]
-    return None if m is None else round(float(m), 4)
-
-
-def _parent(model: str, values: list[float], ses: list[float] | None = None) -> dict[str, Any]:
-    """A parent with its weight pooled over tensors and a 95% interval (rounded outwards, so that display rounding
-    never excludes what the interval contains)."""
-    if ses is not None and any(np.isfinite(x) for x in ses):
-        m, lo, hi = pooled_interval(values, [x if np.isfinite(x) or x == np.inf else np.inf for x in ses])
-    else:
-        m, lo, hi = mean_interval(values)
-    if not np.isfinite(m):
-        return {"model": model, "weight": None, "interval": None}
-    return {"model": model, "weight": round(m, 4),
-            "interval": [math.floor(lo * 1e6) / 1e6, math.ceil(hi * 1e6) / 1e6]}
 
 
 def _params(agree: list[SlotResult], method: str) -> dict[str, Any]:

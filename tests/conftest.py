@@ -4,8 +4,10 @@ from pathlib import Path
 import pytest
 
 try:
+    from chromium import Chromium, find_chromium
     from corpus import Corpus, build_corpus
 except ImportError:  # tests/ imported as a package
+    from tests.chromium import Chromium, find_chromium
     from tests.corpus import Corpus, build_corpus
 
 
@@ -31,3 +33,16 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium for page tests; skipped without it unless MODELTRACE_REQUIRE_CHROMIUM is set (CI)."""
+    binary = find_chromium()
+    if binary is None:
+        if os.environ.get("MODELTRACE_REQUIRE_CHROMIUM"):
+            pytest.fail("Chromium is required (apt-get install chromium) but was not found")
+        pytest.skip("no Chromium on this machine (apt-get install chromium)")
+    b = Chromium(binary)
+    yield b
+    b.close()

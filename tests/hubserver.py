@@ -117,6 +117,16 @@ def as_files(value: Path | str | RepoFiles) -> RepoFiles:
     return FolderFiles(Path(value)) if isinstance(value, (str, Path)) else value
 
 
+class _Repos(dict):
+    """repo id -> revision -> files; a repository added while serving (`server.repos[id] = {rev: folder}`, as the
+    service tests do) gets its folders wrapped like those given at start."""
+
+    def __setitem__(self, rid: str, revs: object) -> None:
+        if isinstance(revs, (str, Path)) or not isinstance(revs, Mapping):
+            revs = {"main": revs}
+        super().__setitem__(rid, {k: as_files(p) for k, p in revs.items()})
+
+
 @dataclass
 class Link:
     """A network link: `bandwidth` bytes a second shared by all connections, `latency` seconds before each answer."""
@@ -152,11 +162,9 @@ class HubServer(ThreadingHTTPServer):
     ) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         # repo id -> revision -> files; a bare folder is the `main` revision
-        self.repos: dict[str, dict[str, RepoFiles]] = {
-            rid: ({"main": as_files(v)} if isinstance(v, (str, Path)) or not isinstance(v, Mapping)
-                  else {k: as_files(p) for k, p in v.items()})
-            for rid, v in repos.items()
-        }
+        self.repos: dict[str, dict[str, RepoFiles]] = _Repos()
+        for rid, v in repos.items():
+            self.repos[rid] = v
         self.ignore_range = ignore_range
         self.token = token
         self.link = link

@@ -341,7 +341,11 @@ def _discover(views: list[ModelView], matches: list[LayerMatch], warnings: list[
         except InputError:
             raise
         except (ValueError, np.linalg.LinAlgError, KeyError) as exc:  # an odd shape must not sink the audit
-            warnings.append(f"{c.label}: alignment failed ({type(exc).__name__}: {exc}); compared in stored order")
+            hs, hc = _hidden(s), _hidden(c)
+            why = (f"hidden size {hc}, the suspect's {hs}" if hs and hc and hs != hc else
+                   "no consistent unit matching" if not isinstance(exc, np.linalg.LinAlgError) else
+                   "a numerical failure")  # never numpy's own text: it names shapes, not the problem
+            warnings.append(f"{c.label}: could not be aligned to the suspect ({why}); compared in stored order")
             out.append(None)
     return out
 

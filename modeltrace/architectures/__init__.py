@@ -2,15 +2,18 @@
 
 Families are data (`families/*.toml`, one per naming scheme): regex rules from a module path to a role. Fused
 tensors (qkv, gate_up, stacked experts) are split here into canonical *parts*, each a row range of the stored
-tensor, so that a per-expert checkpoint and a fused one compare expert by expert.
+tensor, so that a per-expert checkpoint and a fused one compare expert by expert. Names are matched once per
+template (every all-digit component as "#"): later names of a template take their layer and expert numbers from
+their own components, so a 93k-tensor MoE is classified in about half a second.
 """
 
 from __future__ import annotations
 
+import gc
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from typing import TYPE_CHECKING
@@ -19,7 +22,7 @@ if TYPE_CHECKING:  # annotations only: sources/ reads family data from here (ggu
     from modeltrace.sources.base import TensorInfo
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class Slot:
     """What a tensor *is*, independent of its name: role, layer index and expert index."""
 
@@ -33,7 +36,7 @@ class Slot:
         return s if self.expert < 0 else f"{s}.E{self.expert}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Part:
     """A canonical tensor: rows [row_start, row_stop) of the stored tensor `name`."""
 
@@ -61,15 +64,55 @@ class Rule:
     per_expert: bool = False
 
 
+#: Signs that a rule tells numbers apart (a literal numeric component, `\d` not as `\d+`, a digit class): such a
+#: family is classified name by name, without the template cache.
+_NUMBER_SENSITIVE = re.compile(r"\\d(?!\+)|\[[^\]]*0-9|\\\.\d+(?:\\\.|$)")
+#: An all-digit component of a dotted tensor name after the first (a layer or expert number), captured for `split`.
+_NUMBERS = re.compile(r"\.(\d+)(?=\.|$)")
+#: Templates remembered per family before the cache starts over (a checkpoint has a few dozen).
+_CACHE_LIMIT = 1 << 16
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
     model_types: tuple[str, ...]
     rules: tuple[Rule, ...]
     transposed: frozenset[str]
+    #: template (the name with every all-digit component as "#") -> (rule, groups by component index or as
+    #: constants, is_bias), or False when names of that template must be matched one by one
+    _templates: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    @property
+    def _cacheable(self) -> bool:
+        return not any(_NUMBER_SENSITIVE.search(r.pattern.pattern) for r in self.rules)
 
     def classify(self, tensor_name: str) -> tuple[Rule, dict[str, str], bool] | None:
-        """(rule, captured groups, is_bias) for a tensor name, or None when no rule matches."""
+        """(rule, captured groups, is_bias) for a tensor name, or None when no rule matches.
+
+        Names that differ only in their all-digit components (layer and expert numbers) are matched by the same
+        rule with the same groups, so the regexes run once per template (`layers.#.mlp.experts.#.up_proj.weight`)
+        and later names of it are read off their components: 93k tensors of a 400B MoE in a fraction of the time."""
+        entry, pieces = self.template(tensor_name)
+        if entry is False:
+            return self._match(tensor_name)[0]
+        if entry is True:
+            return None
+        rule, spec, is_bias = entry
+        return rule, {g: (pieces[v] if isinstance(v, int) else v[0]) for g, v in spec}, is_bias
+
+    def template(self, tensor_name: str) -> tuple[object, list[str]]:
+        """(entry, pieces): the name split around its numeric components (text, number, ..., text) and what its
+        template classifies to: True (no rule), False (match this name by itself), or (rule, groups, is_bias) with
+        each group an index into `pieces` or a 1-tuple holding its constant value."""
+        pieces = _NUMBERS.split(tensor_name)
+        key = "#".join(pieces[::2])
+        entry = self._templates.get(key)
+        if entry is None:
+            entry = self._learn(tensor_name, key)
+        return entry, pieces
+
+    def _match(self, tensor_name: str) -> tuple[tuple[Rule, dict[str, str], bool] | None, re.Match | None]:
         module, is_bias = tensor_name, False
         if module.endswith(".weight"):
             module = module[: -len(".weight")]
@@ -78,8 +121,37 @@ class Family:
         for rule in self.rules:
             m = rule.pattern.fullmatch(module) or rule.pattern.fullmatch(tensor_name)
             if m:
-                return rule, {k: v for k, v in m.groupdict().items() if v is not None}, is_bias
-        return None
+                return (rule, {k: v for k, v in m.groupdict().items() if v is not None}, is_bias), m
+        return None, None
+
+    def _learn(self, tensor_name: str, key: str) -> object:
+        """Match one name of a template and record how its groups sit on the name's numeric components."""
+        hit, m = self._match(tensor_name)
+        entry: object
+        if not self._cacheable:
+            entry = False
+        elif hit is None:
+            entry = True
+        else:
+            numbers = [(n.start(1), n.end(1), 2 * i + 1) for i, n in enumerate(_NUMBERS.finditer(tensor_name))]
+            spec: list[tuple[str, object]] = []
+            for g, v in hit[1].items():
+                a, b = m.span(g)
+                same = [k for s0, e0, k in numbers if (s0, e0) == (a, b)]
+                if same:
+                    spec.append((g, same[0]))  # the group is one numeric component: read it off each name
+                elif not any(s0 < b and a < e0 for s0, e0, _ in numbers):
+                    spec.append((g, (v,)))  # no numeric component inside: the same for every name
+                else:
+                    spec = []
+                    entry = False
+                    break
+            else:
+                entry = (hit[0], tuple(spec), hit[2])
+        if len(self._templates) >= _CACHE_LIMIT:
+            self._templates.clear()
+        self._templates[key] = entry
+        return entry
 
 
 def _load(name: str) -> dict:
@@ -155,31 +227,68 @@ def _fused_split(rule: Rule, role_fmt: dict[str, str], info: TensorInfo, config:
     return out
 
 
+def _name_plan(family: Family, hit: tuple[Rule, dict[str, str], bool], entry: object) -> tuple:
+    """(rule, role or None when fused, transposed, layer, expert, format groups) for one classified name; layer and
+    expert as an index into the template's pieces or a 1-tuple holding the number."""
+    rule, groups, is_bias = hit
+    spec = dict(entry[1]) if isinstance(entry, tuple) else {}
+
+    def number(g: str) -> int | tuple[int]:
+        at = spec.get(g)
+        return at if isinstance(at, int) else (int(groups[g]) if g in groups else -1,)
+
+    fmt = {"part": groups.get("part", "")}
+    role = rule.role.format(**fmt) + ("_bias" if is_bias else "")
+    fused = bool(rule.fused) and not is_bias
+    return rule, None if fused else role, role in family.transposed, number("layer"), number("expert"), fmt
+
+
 def canonical_parts(tensors: Mapping[str, TensorInfo], family: Family, config: Mapping | None = None
                     ) -> tuple[dict[Slot, Part], list[str]]:
     """Map every stored tensor to canonical parts. Returns (parts by slot, names no rule recognised)."""
+    # hundreds of thousands of small acyclic objects: the cyclic collector would rescan the growing heap many
+    # times over (a third of the time for 93k tensors)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _canonical_parts(tensors, family, config)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _canonical_parts(tensors: Mapping[str, TensorInfo], family: Family, config: Mapping | None
+                     ) -> tuple[dict[Slot, Part], list[str]]:
     parts: dict[Slot, Part] = {}
     unknown: list[str] = []
+    plans: dict[int, tuple] = {}  # id(template entry) -> what every name of that template becomes
     for name, info in tensors.items():
-        hit = family.classify(name)
-        if hit is None:
-            unknown.append(name)
-            continue
-        rule, groups, is_bias = hit
-        layer = int(groups.get("layer", -1))
-        expert = int(groups.get("expert", -1))
-        fmt = {"part": groups.get("part", "")}
-        suffix = "_bias" if is_bias else ""
-        role = rule.role.format(**fmt) + suffix
-        transposed = role in family.transposed
-        if rule.fused and not is_bias:
+        entry, pieces = family.template(name)
+        plan = plans.get(id(entry)) if isinstance(entry, tuple) else None
+        if plan is None:
+            hit = family.classify(name)
+            if hit is None:
+                unknown.append(name)
+                continue
+            plan = _name_plan(family, hit, entry)
+            if isinstance(entry, tuple):
+                plans[id(entry)] = plan
+        rule, role, transposed, layer_at, expert_at, fmt = plan
+        layer = int(pieces[layer_at]) if isinstance(layer_at, int) else layer_at[0]
+        expert = int(pieces[expert_at]) if isinstance(expert_at, int) else expert_at[0]
+        shape = info.shape
+        if len(shape) == 2:
+            rows, cols = shape
+        else:
+            rows, cols = info.rows, info.cols
+        if role is None:  # fused: split into parts
             for prole, a, b in _fused_split(rule, fmt, info, config):
                 r, _, e = prole.partition("#")
                 slot = Slot(r, layer, int(e) if e else expert)
-                parts[slot] = Part(slot, name, a, b, info.cols, transposed)
+                parts[slot] = Part(slot, name, a, b, cols, transposed)
             continue
         slot = Slot(role, layer, expert)
-        parts[slot] = Part(slot, name, 0, info.rows, info.cols, transposed)
+        parts[slot] = Part(slot, name, 0, rows, cols, transposed)
     return parts, unknown
 
 

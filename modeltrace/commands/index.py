@@ -1,5 +1,6 @@
-"""`modeltrace index add|list|remove`, `modeltrace identify` and `modeltrace scan`: a library of fingerprints of known
-models, and the search that names a suspect's ancestors and recipe from it."""
+"""`modeltrace index add|list|remove|check|repair`, `modeltrace identify` and `modeltrace scan`: a library of
+fingerprints of known models, and the search that names a suspect's ancestors and recipe from it. Damaged index
+entries (checksum mismatch) are never used: identify and scan name them in one warning line each."""
 
 from __future__ import annotations
 
@@ -139,6 +140,66 @@ def remove_cmd(names: Annotated[list[str], typer.Argument(help="Names as shown b
     out.print(f"removed {n} model{'s' if n != 1 else ''}", markup=False)
 
 
+@index_app.command("check")
+@guarded
+def check_cmd(index: IndexOpt = None, json_out: JsonOpt = False) -> None:
+    """Read every entry back and check it against its checksum (entries of older indexes, which have none, by
+    structure). Exit 1 when an entry is damaged: `modeltrace index repair` drops such entries.
+
+    Example: modeltrace index check --index lib.sqlite
+    """
+    with _open(index) as ix:
+        res = ix.check()
+    bad = bool(res.damaged) or res.sqlite != "ok"
+    if json_out:
+        print_json({"ok": not bad, "entries": res.entries, "damaged": [p.__dict__ for p in res.damaged],
+                    "unverified": list(res.unverified), "sqlite": res.sqlite})
+    else:
+        for p in res.damaged:
+            out.print(f"damaged {p.name}: {p.problem}", markup=False, highlight=False)
+        if res.sqlite != "ok":
+            out.print(f"SQLite structure: {res.sqlite}", markup=False, highlight=False)
+        if res.unverified:
+            out.print(f"{len(res.unverified)} entries have no checksums yet (written by an older modeltrace; "
+                      "they passed a structure check): `modeltrace index repair` records them", markup=False)
+        verdict = (f"{len(res.damaged)} of {res.entries} entries damaged; `modeltrace index repair` drops them"
+                   if res.damaged else f"{res.entries} entries, all sound")
+        out.print(verdict + ("" if res.sqlite == "ok" else "; the file itself is damaged"), markup=False)
+    if bad:
+        raise typer.Exit(1)
+
+
+@index_app.command("repair")
+@guarded
+def repair_cmd(index: IndexOpt = None, json_out: JsonOpt = False) -> None:
+    """Drop damaged entries (re-add those models with `index add`) and record checksums for sound entries that
+    have none. One transaction: all or nothing.
+
+    Example: modeltrace index repair --index lib.sqlite
+    """
+    with _open(index) as ix:
+        dropped, sealed = ix.repair()
+        left = ix.count()
+    if json_out:
+        print_json({"dropped": [p.__dict__ for p in dropped], "checksummed": sealed, "entries": left})
+        return
+    for p in dropped:
+        out.print(f"dropped {p.name}: {p.problem}", markup=False, highlight=False)
+    if sealed:
+        out.print(f"recorded checksums for {len(sealed)} older entries", markup=False)
+    out.print(f"{left} entries left" + (f"; re-add the {len(dropped)} dropped with `modeltrace index add`"
+                                        if dropped else ", nothing was damaged"), markup=False)
+
+
+def warn_damaged(r: dict[str, Any]) -> None:
+    """One line per index entry left out: damaged (checksum) or failed numerically."""
+    for d in r.get("damaged") or []:
+        err.print(f"warning: index entry {d['model']!r} is damaged ({d['problem']}) and was not used; "
+                  "`modeltrace index check` lists such entries", markup=False, highlight=False, soft_wrap=True)
+    for d in r.get("failed") or []:
+        err.print(f"warning: {d['model']} left out: {d['problem']}", markup=False, highlight=False, soft_wrap=True)
+
+
 def render_identify(r: dict[str, Any]) -> None:
     s = r["suspect"]
     out.print(f"suspect {s['label']}  fingerprint {_human_bytes(s['fingerprint_bytes'])}, "
@@ -155,8 +216,13 @@ def render_identify(r: dict[str, Any]) -> None:
     for h in r["hits"]:
         t.add_row(str(h["rank"]), h["model"], h["role"], h["p"], f"{h['similarity']:.3f}", h["note"])
     out.print(t)
+    for parent, line in (r.get("ancestry") or {}).items():
+        if line:
+            out.print(f"{parent} descends from " + " <- ".join(a["model"] for a in line), markup=False,
+                      highlight=False)
     if r.get("undisclosed"):
         err.print(f"warning: {r['undisclosed']}", markup=False, highlight=False)
+    warn_damaged(r)
     if r.get("audit_command"):
         out.print("confirm on the full weights:", style="bold")
         out.print(f"  {r['audit_command']}", markup=False, highlight=False, soft_wrap=True)
@@ -198,6 +264,7 @@ def register(app: typer.Typer) -> None:
             res = identify(fp, ix, top=top, digest=cd)
         if json_out:
             print_json(res)
+            warn_damaged(res)
         else:
             render_identify(res)
         if fail_on_related and res["relation"] != "independent":
@@ -257,6 +324,9 @@ def register(app: typer.Typer) -> None:
                 else:
                     added = f"  [{row['added']}]" if "added" in row else ""
                     out.print(f"{row['name']}: {row['summary']}{added}", markup=False, highlight=False)
+                    for d in row.get("failed") or []:
+                        err.print(f"warning: {d['model']} left out: {d['problem']}", markup=False, highlight=False)
+            warn_damaged({"damaged": [{"model": n, "problem": p} for n, p in sorted(ix.damaged.items())]})
         if failed:
             err.print(f"modeltrace: {failed} of {len(specs)} models failed", markup=False)
             raise typer.Exit(2)

@@ -91,9 +91,12 @@ def register(app: typer.Typer) -> None:
         Example: modeltrace render rio.json -o rio.html
         """
         from modeltrace.api import load_report, render, save
+        from modeltrace.console import check_output
         from modeltrace.errors import InputError
         from modeltrace.report.formats import format_for
 
+        if output is not None:
+            check_output(output)
         doc = load_report(report)
         if fmt is None:
             if output is None:

@@ -8,6 +8,7 @@ Index 0 is always the suspect; 1..k are the candidates; `base` (optional) is a c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -116,8 +117,11 @@ def sqdiff64(chunks: list[np.ndarray]) -> np.ndarray:
     """E[i, j] = sum (x_i - x_j)^2 of float32 chunks, differences and squares in float64 (both exact for float32
     inputs), so a residual read off E does not cancel: 0 for a copy, the rounding error for a recast."""
     n = len(chunks)
-    flats = [np.ascontiguousarray(c).reshape(-1) for c in chunks]
+    flats = [np.ascontiguousarray(c, dtype=np.float32).reshape(-1) for c in chunks]
     e = np.zeros((n, n))
+    if kernels.available():  # one compiled pass (the numpy loop below costs ~5x more)
+        kernels.sqdiff_f32(tuple(flats), e)
+        return e
     for k in range(0, flats[0].size, DOT_BLOCK):
         blk = [f[k:k + DOT_BLOCK].astype(np.float64) for f in flats]
         for i in range(n):
@@ -247,7 +251,7 @@ class SlotAccumulator:
             self.equal[i] += eq
             rounded = _round_to(chunks[i], self.suspect_dtype) if i in self._narrower else None
             self.requal[i] += eq if rounded is None else int(np.count_nonzero(s == rounded))
-        self._keep_sample(chunks, r)
+        self._keep_sample([np.ascontiguousarray(c) for c in chunks], r)
         self.rows += r
         rd = r if self.fraction >= 1 else max(1, int(np.ceil(r * self.fraction)))
         head = [c[:rd] for c in chunks]
@@ -269,10 +273,7 @@ class SlotAccumulator:
         self.E += e
         self.equal += eq
         self.requal += eq  # the kernel runs only when every model stores the slot in one dtype
-        want = self._sample_size(r)
-        if want:
-            step = max(1, (r * self.cols) // want)
-            self._keep([_widen(a[::step][:want], shift) for a in arrs])
+        self._keep_sample(arrs, r, lambda a: _widen(a, shift))
         self.rows += r
         self.Gd += gd
         self.RR += rowsum @ rowsum.T
@@ -290,11 +291,15 @@ class SlotAccumulator:
         total = max(self.total_rows, r)
         return int(min(left, max(1, -(-ROUNDING_SAMPLE * r // total)), r * self.cols))
 
-    def _keep_sample(self, chunks: list[np.ndarray], r: int) -> None:
+    def _keep_sample(self, flats: list[np.ndarray] | tuple[np.ndarray, ...], r: int,
+                     decode: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+        """Keep a strided share of one chunk's elements (flat arrays of r x cols, suspect first; `decode` turns
+        stored bytes into float32)."""
         want = self._sample_size(r)
         if want:
             step = max(1, (r * self.cols) // want)
-            self._keep([np.ascontiguousarray(c).reshape(-1)[::step][:want] for c in chunks])
+            picked = [f.reshape(-1)[::step][:want] for f in flats]
+            self._keep([decode(x) for x in picked] if decode else picked)
 
     def _keep(self, flats: list[np.ndarray]) -> None:
         for i, f in enumerate(flats):

@@ -282,6 +282,21 @@ def span(arrs, lo, hi, g, e, eq):  # noqa: ANN001, ANN202
                     eq[j] += c
 
 
+@njit
+def sqdiff_f32(arrs, e):  # noqa: ANN001, ANN202
+    """E[i, j] += sum (x_i - x_j)^2 of flat float32 arrays, differences and squares in float64 (exact)."""
+    m = len(arrs)
+    for i in range(m):
+        for j in range(i + 1, m):
+            a, b = arrs[i], arrs[j]
+            q = 0.0
+            for k in range(a.shape[0]):
+                d = np.float64(a[k]) - np.float64(b[k])
+                q += d * d
+            e[i, j] += q
+            e[j, i] += q
+
+
 #: float32 bits of the exponent field: masked off, they are the float 2**(e - 127) of a normal number, 0 for zeros
 #: and subnormals (chunks with Inf/NaN are recomputed on the numpy path, so e = 255 never counts).
 _EXP_MASK = np.uint32(0x7F800000)

@@ -4,14 +4,22 @@ Writers take SQLite's write lock for the whole change (`BEGIN IMMEDIATE`) in WAL
 to one index at once and readers never see half an entry; a fingerprint is complete in memory before its
 transaction starts, so a model that fails half-way leaves nothing behind. The file carries SQLite's
 `application_id` ('MTIX') and `user_version` (the format version): foreign databases, files written by a newer
-modeltrace and corrupt files are refused with one line.
+modeltrace, corrupt files and empty files are refused with one line. A new index is built under a temporary name and
+linked into place whole, so modeltrace never leaves an empty or half-initialised file behind.
+
+Format v2 stores SHA-256 checksums of each entry's summary vector and fingerprint (integrity.py); every read checks
+them, and a damaged entry is left out and named in `Index.damaged` (what `identify` reports) instead of being used.
+A v1 index is upgraded in place on opening (two new columns; the old entries stay "unverified" and are checked by
+structure); `check` lists damaged entries and `repair` drops them and records checksums for sound v1 entries.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import os
+import secrets
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,11 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
-from modeltrace.errors import InputError
+from modeltrace.errors import InputError, ModelTraceError
 from modeltrace.fingerprint.core import SKETCH_DIM, Fingerprint
+from modeltrace.index.integrity import Problem, blob_checksum, problem_of, sketch_checksum, sketch_problem
+from modeltrace.redact import scrub_obj
+
+__all__ = ["FORMAT_VERSION", "AddResult", "CheckResult", "Entry", "Index", "default_index_path"]
 
 APPLICATION_ID = 0x4D544958  # "MTIX"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SQLITE_MAGIC = b"SQLite format 3\x00"
 BUSY_TIMEOUT_S = 60.0
 
@@ -42,9 +54,14 @@ CREATE TABLE models (
     bytes_read INTEGER,
     added_at TEXT NOT NULL,
     sketch BLOB NOT NULL,
-    fingerprint BLOB NOT NULL
+    fingerprint BLOB NOT NULL,
+    sketch_sha256 TEXT,
+    fingerprint_sha256 TEXT
 );
 """
+#: format v1 -> v2: checksums (NULL for the entries a v1 index already holds: "unverified")
+MIGRATE_V2 = ("ALTER TABLE models ADD COLUMN sketch_sha256 TEXT",
+              "ALTER TABLE models ADD COLUMN fingerprint_sha256 TEXT")
 
 
 def default_index_path() -> Path:
@@ -78,38 +95,48 @@ class AddResult:
     name: str
 
 
+@dataclass(frozen=True)
+class CheckResult:
+    """`Index.check`: damaged entries, entries without checksums (v1), SQLite's own structure check."""
+
+    entries: int
+    damaged: tuple[Problem, ...]
+    unverified: tuple[str, ...]
+    sqlite: str  # "ok" or SQLite's first complaint
+
+
 class Index:
     """An open index file. `create=True` makes a new one when the path does not exist yet."""
 
     def __init__(self, path: Path | str, create: bool = False) -> None:
         self.path = Path(path).expanduser()
+        #: damaged entries met by reads so far (name -> problem); they were left out of the results
+        self.damaged: dict[str, str] = {}
+        self.checksums = True  # False: a v1 index that could not be upgraded (read-only): every entry unverified
         where = str(self.path)
         if self.path.is_dir():
             raise InputError(f"{where}: is a directory, not an index file")
-        exists = self.path.exists() and self.path.stat().st_size > 0
-        if not exists and not create:
-            if self.path.exists():
-                raise InputError(f"{where}: empty file, not a modeltrace index")
-            raise InputError(f"{where}: no index here; create one with `modeltrace index add MODEL`")
-        if exists:
+        if self.path.exists():
             try:
                 with self.path.open("rb") as f:
                     head = f.read(16)
             except OSError as exc:
                 raise InputError(f"{where}: cannot read the index ({exc.strerror})") from None
+            if not head:
+                raise InputError(f"{where}: empty file, not a modeltrace index (modeltrace never leaves one; "
+                                 "delete it or choose another path)")
             if head != SQLITE_MAGIC:
                 raise InputError(f"{where}: not a modeltrace index (not an SQLite database)")
-        elif create:
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise InputError(f"{where}: cannot create the index folder ({exc.strerror})") from None
+        elif not create:
+            raise InputError(f"{where}: no index here; create one with `modeltrace index add MODEL`")
+        else:
+            self._create()
         with self._errors():
             self.db = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S, isolation_level=None,
                                       check_same_thread=False)
         try:
             with self._errors():
-                self._check(create)
+                self._check()
         except BaseException:
             self.db.close()
             raise
@@ -140,17 +167,44 @@ class Index:
                 raise
             self.db.execute("COMMIT")
 
-    def _check(self, create: bool) -> None:
+    def _create(self) -> None:
+        """A new, initialised index built under a temporary name and hard-linked into place: the path never holds
+        an empty or half-made index, and of several processes creating it at once exactly one wins."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"{self.path}: cannot create the index folder ({exc.strerror})") from None
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.new")
+        try:
+            with self._errors():
+                db = sqlite3.connect(str(tmp), isolation_level=None)
+                try:
+                    for statement in SCHEMA.split(";"):
+                        if statement.strip():
+                            db.execute(statement)
+                    db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", [
+                        ("format", "modeltrace-index"), ("version", str(FORMAT_VERSION)),
+                        ("sketch_dim", str(SKETCH_DIM)), ("created_at", _now()), ("created_by", _version())])
+                    db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                    db.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
+                    db.execute("PRAGMA journal_mode = WAL")
+                finally:
+                    db.close()
+                try:
+                    os.link(tmp, self.path)
+                except FileExistsError:
+                    pass  # another process created it first: use theirs
+                except OSError:  # no hard links here (some network file systems): rename, unless one appeared
+                    if not self.path.exists():
+                        os.replace(tmp, self.path)
+        finally:
+            for leftover in (tmp, tmp.with_name(tmp.name + "-wal"), tmp.with_name(tmp.name + "-shm")):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+
+    def _check(self) -> None:
         app = self.db.execute("PRAGMA application_id").fetchone()[0]
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
-        if app == 0 and version == 0:
-            tables = self.db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-            if tables:
-                raise InputError(f"{self.path}: an SQLite database but not a modeltrace index")
-            if not create:
-                raise InputError(f"{self.path}: empty file, not a modeltrace index")
-            self._initialise()
-            return
         if app != APPLICATION_ID:
             raise InputError(f"{self.path}: an SQLite database but not a modeltrace index")
         if version > FORMAT_VERSION:
@@ -159,20 +213,22 @@ class Index:
         names = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if version < 1 or not {"meta", "models"} <= names:
             raise InputError(f"{self.path}: index is corrupt (format v{version}, tables {sorted(names)})")
+        if version == 1:
+            self._upgrade()
 
-    def _initialise(self) -> None:
-        with self._write() as db:
-            if db.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID:
-                return  # another process created it while we waited for the lock
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", [
-                ("format", "modeltrace-index"), ("version", str(FORMAT_VERSION)),
-                ("sketch_dim", str(SKETCH_DIM)), ("created_at", _now()), ("created_by", _version())])
-            db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-            db.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
-        self.db.execute("PRAGMA journal_mode = WAL")
+    def _upgrade(self) -> None:
+        """v1 -> v2 in place (two columns; instant). A read-only v1 index is read as it is, every entry unverified."""
+        try:
+            with self._write() as db:
+                if db.execute("PRAGMA user_version").fetchone()[0] == 1:  # not upgraded by another process meanwhile
+                    for statement in MIGRATE_V2:
+                        db.execute(statement)
+                    db.execute("UPDATE meta SET value = ? WHERE key = 'version'", (str(FORMAT_VERSION),))
+                    db.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
+        except InputError as exc:
+            if "readonly" not in str(exc) and "read-only" not in str(exc):
+                raise
+            self.checksums = False
 
     def close(self) -> None:
         self.db.close()
@@ -196,27 +252,32 @@ class Index:
             return [self._add(db, fp, None) for fp in fps]
 
     def _add(self, db: sqlite3.Connection, fp: Fingerprint, name: str | None) -> AddResult:
+        if not self.checksums:
+            raise InputError(f"{self.path}: a read-only index of format v1; cannot add to it")
         name = name or fp.label
         if not name or len(name) > 256 or any(ord(c) < 32 for c in name):
             raise InputError(f"invalid model name {name!r}")
         same = db.execute("SELECT name FROM models WHERE content_hash = ?", (fp.content_hash,)).fetchone()
         if same is not None:
             return AddResult("unchanged" if same[0] == name else "duplicate", same[0])
+        if scrub_obj(fp.model) != fp.model:  # a credential in a location (URL userinfo, a token): never stored
+            fp = dataclasses.replace(fp, model=scrub_obj(fp.model))
         m = fp.model
+        sketch, blob = fp.sketch().astype("<f2").tobytes(), fp.to_bytes()
         values = (fp.spec, fp.content_hash, m.get("family"), m.get("model_type"), m.get("layers"),
-                  m.get("parameters"), m.get("total_bytes"), fp.bytes_read, _now(),
-                  fp.sketch().astype("<f2").tobytes(), fp.to_bytes())
+                  m.get("parameters"), m.get("total_bytes"), fp.bytes_read, _now(), sketch, blob,
+                  sketch_checksum(fp.content_hash, sketch), blob_checksum(blob))
         row = db.execute("SELECT id, spec FROM models WHERE name = ?", (name,)).fetchone()
         if row is not None:
             if row[1] != fp.spec:
                 raise InputError(f"name {name!r} is already used by {row[1]}; choose another with --name")
             db.execute("UPDATE models SET spec = ?, content_hash = ?, family = ?, model_type = ?, layers = ?, "
                        "parameters = ?, total_bytes = ?, bytes_read = ?, added_at = ?, sketch = ?, "
-                       "fingerprint = ? WHERE id = ?", (*values, row[0]))
+                       "fingerprint = ?, sketch_sha256 = ?, fingerprint_sha256 = ? WHERE id = ?", (*values, row[0]))
             return AddResult("updated", name)
         db.execute("INSERT INTO models (name, spec, content_hash, family, model_type, layers, parameters, "
-                   "total_bytes, bytes_read, added_at, sketch, fingerprint) "
-                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (name, *values))
+                   "total_bytes, bytes_read, added_at, sketch, fingerprint, sketch_sha256, fingerprint_sha256) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (name, *values))
         return AddResult("added", name)
 
     def remove(self, names: list[str]) -> int:
@@ -227,6 +288,45 @@ class Index:
                 raise InputError(f"not in the index: {', '.join(missing)} (nothing removed)")
             db.executemany("DELETE FROM models WHERE name = ?", [(n,) for n in names])
         return len(names)
+
+    # ---- integrity -----------------------------------------------------------------------------------------
+    def _sums(self) -> str:
+        return "sketch_sha256, fingerprint_sha256" if self.checksums else "NULL, NULL"
+
+    def check(self) -> CheckResult:
+        """Every entry read back and checked (checksums, or structure for v1 entries), plus SQLite's quick check."""
+        with self._errors():
+            quick = [str(r[0]) for r in self.db.execute("PRAGMA quick_check(5)")]
+            damaged, unverified, n = [], [], 0
+            for name, chash, sketch, blob, s_sum, b_sum in self.db.execute(
+                    f"SELECT name, content_hash, sketch, fingerprint, {self._sums()} FROM models ORDER BY name"):
+                n += 1
+                bad = problem_of(chash, sketch, blob, s_sum, b_sum)
+                if bad:
+                    damaged.append(Problem(str(name), bad))
+                elif s_sum is None or b_sum is None:
+                    unverified.append(str(name))
+        return CheckResult(n, tuple(damaged), tuple(unverified), "ok" if quick == ["ok"] else "; ".join(quick))
+
+    def repair(self) -> tuple[list[Problem], list[str]]:
+        """Drop damaged entries and record checksums for sound entries that had none, in one transaction.
+        Returns (dropped, newly checksummed)."""
+        if not self.checksums:
+            raise InputError(f"{self.path}: a read-only index; cannot repair it")
+        dropped, sealed = [], []
+        with self._write() as db:
+            for rid, name, chash, sketch, blob, s_sum, b_sum in db.execute(
+                    "SELECT id, name, content_hash, sketch, fingerprint, sketch_sha256, fingerprint_sha256 "
+                    "FROM models ORDER BY name").fetchall():
+                bad = problem_of(chash, sketch, blob, s_sum, b_sum)
+                if bad:
+                    db.execute("DELETE FROM models WHERE id = ?", (rid,))
+                    dropped.append(Problem(str(name), bad))
+                elif s_sum is None or b_sum is None:
+                    db.execute("UPDATE models SET sketch_sha256 = ?, fingerprint_sha256 = ? WHERE id = ?",
+                               (sketch_checksum(str(chash), sketch), blob_checksum(blob), rid))
+                    sealed.append(str(name))
+        return dropped, sealed
 
     # ---- queries -------------------------------------------------------------------------------------------
     def count(self) -> int:
@@ -245,33 +345,50 @@ class Index:
         return None if row is None else str(row[0])
 
     def sketches(self) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
-        """(ids, names, unit summary vectors as float32 rows, fingerprint sizes) of every entry, for the first
-        ranking pass."""
+        """(ids, names, unit summary vectors as float32 rows, fingerprint sizes) of every sound entry, for the first
+        ranking pass; entries whose summary vector is damaged are left out and noted in `damaged`."""
+        col = "sketch_sha256" if self.checksums else "NULL"
         with self._errors():
-            rows = self.db.execute("SELECT id, name, sketch, length(fingerprint) FROM models ORDER BY id").fetchall()
-        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        sizes = np.fromiter((r[3] or 0 for r in rows), dtype=np.int64, count=len(rows))
-        width = 2 * SKETCH_DIM
-        bad = next((r[1] for r in rows if not isinstance(r[2], bytes) or len(r[2]) != width), None)
-        if bad is not None:
-            raise InputError(f"{self.path}: index entry {bad!r} is corrupt (summary vector)")
-        mat = np.frombuffer(b"".join(r[2] for r in rows), dtype="<f2").reshape(len(rows), SKETCH_DIM)
-        return ids, [str(r[1]) for r in rows], mat.astype(np.float32), sizes
+            rows = self.db.execute(f"SELECT id, name, sketch, length(fingerprint), content_hash, {col} FROM models "
+                                   "ORDER BY id").fetchall()
+        good = []
+        for r in rows:
+            bad = sketch_problem(r[4], r[2], r[5])
+            if bad:
+                self.damaged[str(r[1])] = bad
+            else:
+                good.append(r)
+        ids = np.fromiter((r[0] for r in good), dtype=np.int64, count=len(good))
+        sizes = np.fromiter((r[3] or 0 for r in good), dtype=np.int64, count=len(good))
+        mat = np.frombuffer(b"".join(r[2] for r in good), dtype="<f2").reshape(len(good), SKETCH_DIM)
+        with np.errstate(all="ignore"):
+            mat = np.nan_to_num(mat.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        return ids, [str(r[1]) for r in good], mat, sizes
 
     def load(self, ids: list[int]) -> list[tuple[str, Fingerprint]]:
-        """(name, fingerprint) for entry ids, in the order given."""
+        """(name, fingerprint) for entry ids, in the order given; damaged entries are left out and noted in
+        `damaged`."""
         if not ids:
             return []
         with self._errors():
             q = ",".join("?" * len(ids))
             rows = {r[0]: r for r in self.db.execute(
-                f"SELECT id, name, fingerprint FROM models WHERE id IN ({q})", [int(i) for i in ids])}
+                f"SELECT id, name, fingerprint, content_hash, sketch, {self._sums()} FROM models WHERE id IN ({q})",
+                [int(i) for i in ids])}
         out = []
         for i in ids:
             r = rows.get(int(i))
             if r is None:
                 continue  # removed since the ranking pass
-            out.append((str(r[1]), Fingerprint.from_bytes(bytes(r[2]), where=f"{self.path}: index entry {r[1]!r}")))
+            name, blob = str(r[1]), r[2]
+            bad = problem_of(r[3], r[4], blob, r[5], r[6])
+            if bad is None:
+                try:
+                    out.append((name, Fingerprint.from_bytes(bytes(blob), where=f"{self.path}: index entry {name!r}")))
+                    continue
+                except ModelTraceError:
+                    bad = "fingerprint is unreadable"
+            self.damaged[name] = bad
         return out
 
 

@@ -9,7 +9,9 @@ is an exception (RemoteError), because then there is no run to report.
 
 The endpoint client is the standard library (urllib in threads): no client library to pin, and every failure mode
 is ours to classify. An API key is read from the environment variable the user names, sent as a bearer token, and
-scrubbed from every string a report could contain (a server may echo it in an error).
+scrubbed (modeltrace.redact: the whole key and any long piece of it) from every string that comes back, before it is
+cut, printed or stored: answers, finish reasons, log-probability tokens, model ids and error bodies (a server may
+echo it anywhere).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from modeltrace.errors import InputError, RemoteError
+from modeltrace.redact import register, scrub
 
 Progress = Callable[[int], None]
 
@@ -327,6 +330,7 @@ class EndpointBackend(Backend):
             if not key:
                 raise InputError(f"environment variable {api_key_env} (--api-key-env) is not set or empty")
             self._key = key
+            register(key)
         if concurrency < 1 or retries < 0 or timeout <= 0:
             raise InputError("--concurrency must be >= 1, --retries >= 0 and --timeout > 0")
         if budget is not None and budget < 1:
@@ -341,24 +345,24 @@ class EndpointBackend(Backend):
         self._successes = 0
         self.stats = {"requests": 0, "retries": 0, "rate_limited": 0}
         self.model = model or self._only_model()
-        self.label = f"{self.model} @ {safe_url(self.chat_url).rsplit('/chat/completions', 1)[0]}"
+        # the id as served is what requests name; what is shown or stored is scrubbed (a server may echo the key)
+        self.label = f"{self.scrub(self.model)} @ {safe_url(self.chat_url).rsplit('/chat/completions', 1)[0]}"
 
     @property
     def logits(self) -> bool:  # type: ignore[override]
         return bool(self._logprobs_ok)
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.kind, "model": self.model, "endpoint": safe_url(self.chat_url),
+        return {"backend": self.kind, "model": self.scrub(self.model), "endpoint": safe_url(self.chat_url),
                 "authenticated": self._key is not None, "requests_sent": self.budget.used,
                 "budget": self.budget.limit, "retries": self.stats["retries"],
                 "rate_limited_responses": self.stats["rate_limited"], "logprobs": self._logprobs_ok}
 
     def scrub(self, text: str | None) -> str | None:
+        """The text without the key (whole or any long piece), URL credentials or bearer tokens."""
         if text is None:
             return None
-        if self._key:
-            text = text.replace(self._key, "***")
-        return text
+        return scrub(str(text))
 
     # ----------------------------------------------------------------------------------------- HTTP
 
@@ -374,7 +378,7 @@ class EndpointBackend(Backend):
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 doc = json.loads(resp.read())
-            ids = [m["id"] for m in doc.get("data", []) if isinstance(m, dict) and "id" in m]
+            ids = [str(m["id"]) for m in doc.get("data", []) if isinstance(m, dict) and "id" in m]
         except urllib.error.HTTPError as exc:
             raise RemoteError(f"{safe_url(self.models_url)}: HTTP {exc.code} listing models; name the model "
                               "(URL#MODEL or MODEL with --endpoint)") from None
@@ -385,7 +389,7 @@ class EndpointBackend(Backend):
             raise RemoteError(f"{safe_url(self.models_url)}: the model list is not OpenAI-style JSON; name the "
                               "model explicitly") from None
         if len(ids) != 1:
-            listed = ", ".join(ids[:8]) + (" ..." if len(ids) > 8 else "")
+            listed = self.scrub(", ".join(ids[:8]) + (" ..." if len(ids) > 8 else ""))
             raise InputError(f"{safe_url(self.models_url)} serves {len(ids)} models ({listed or 'none'}); "
                              "name one (URL#MODEL or MODEL with --endpoint)")
         return ids[0]
@@ -490,8 +494,9 @@ class EndpointBackend(Backend):
                 self._abort.set()
 
     def _short(self, text: str) -> str:
-        line = " ".join(str(text).split())
-        return self.scrub(line[:300] + ("..." if len(line) > 300 else ""))
+        """One line of at most 300 characters, scrubbed before it is cut (a cut must not leave half a key)."""
+        line = self.scrub(" ".join(str(text).split())) or ""
+        return line[:300] + ("..." if len(line) > 300 else "")
 
     def _parse(self, raw: bytes, want_lp: bool) -> ChatResult:
         try:
@@ -507,14 +512,18 @@ class EndpointBackend(Backend):
                 else:
                     raise TypeError("content is not text")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            snippet = raw[:120].decode("utf-8", "replace")
+            snippet = (self.scrub(raw[:4000].decode("utf-8", "replace")) or "")[:120]
             return ChatResult(None, "malformed", self._short(f"not an OpenAI chat completion: {snippet}"))
         first = None
         if want_lp:
             first = _first_logprobs(choice)
             if self._logprobs_ok is None:
                 self._logprobs_ok = first is not None
-        return ChatResult(self.scrub(text or ""), finish_reason=choice.get("finish_reason"), first_logprobs=first)
+        finish = choice.get("finish_reason")
+        if first:
+            first = {self.scrub(k) or "": v for k, v in first.items()}
+        return ChatResult(self.scrub(text or ""), finish_reason=None if finish is None else self.scrub(str(finish)),
+                          first_logprobs=first)
 
     def chat(self, requests: Sequence[ChatRequest], progress: Progress | None = None) -> list[ChatResult]:
         if not requests:

@@ -11,6 +11,7 @@ from typing import Any
 from modeltrace import __version__
 from modeltrace.card import parse_card
 from modeltrace.errors import ModelTraceError
+from modeltrace.redact import scrub
 from modeltrace.report import card_audit
 from modeltrace.report.evidence import collect
 from modeltrace.report.licenses import parse_licence
@@ -49,8 +50,8 @@ def now() -> str:
 def new_report(command: str, subjects: list[Subject], findings: list[Finding], argv: list[str] | None = None
                ) -> Report:
     findings = sorted(findings, key=lambda f: -SEVERITY_RANK[f.severity])  # stable: worst first, then found order
-    return Report(command=command, created=now(), tool=tool_info(), argv=list(sys.argv[1:] if argv is None else argv),
-                  subjects=subjects, findings=findings)
+    args = [scrub(a) or "" for a in (sys.argv[1:] if argv is None else argv)]  # ?api-key=... in an endpoint URL
+    return Report(command=command, created=now(), tool=tool_info(), argv=args, subjects=subjects, findings=findings)
 
 
 def _card_of(spec: str | None, allow_pickle: bool) -> str | None:
@@ -78,8 +79,10 @@ def inspect_subject(label: str, spec: str, description: dict[str, Any], source: 
 
 
 def audit_subject(run: Any, verdict: dict[str, Any], parameters: dict[str, Any], full_hashes: bool = False,
-                  allow_pickle: bool = False, seeds: dict | None = None) -> tuple[Subject, list[Finding]]:
-    """One audited model: verdict, plot data, card audit against the findings, ancestors' licences, evidence."""
+                  allow_pickle: bool = False, seeds: dict | None = None, evidence: bool = True
+                  ) -> tuple[Subject, list[Finding]]:
+    """One audited model: verdict, plot data, card audit against the findings, ancestors' licences, evidence
+    (`evidence=False`: no hashing, for `verify`, which re-derives the rest and checks the files on its own)."""
     from modeltrace.describe import describe
     from modeltrace.report.detail import audit_detail
 
@@ -102,10 +105,10 @@ def audit_subject(run: Any, verdict: dict[str, Any], parameters: dict[str, Any],
     roles = {0: "suspect"}
     for i in range(1, len(views)):
         roles[i] = "base" if run.base == i else "candidate"
-    evidence = collect([(vw.label, roles[i], vw.spec, vw.source, full_hashes or i == 0)
-                        for i, vw in enumerate(views)], parameters=parameters, seeds=seeds)
+    bundle = collect([(vw.label, roles[i], vw.spec, vw.source, full_hashes or i == 0)
+                      for i, vw in enumerate(views)], parameters=parameters, seeds=seeds) if evidence else None
     hashes = {s.label: {f.name: f.sha256 or f.lfs_sha256 for f in s.files if f.sha256 or f.lfs_sha256}
-              for s in evidence.sources}
+              for s in (bundle.sources if bundle else [])}
     ancestors = card_audit.ancestors_from(v)
     for a in ancestors:
         info = parse_card(_card_of(a.location, allow_pickle))
@@ -118,7 +121,7 @@ def audit_subject(run: Any, verdict: dict[str, Any], parameters: dict[str, Any],
     findings += card_audit.disclosure_findings(suspect.label, card, body, v, ancestors)
     findings += card_audit.licence_findings(suspect.label, card, body, ancestors)
     subject = Subject(name=suspect.label, location=suspect.spec, description=description, audit=v,
-                      detail=audit_detail(run, verdict), card=card, ancestors=ancestors, evidence=evidence)
+                      detail=audit_detail(run, verdict), card=card, ancestors=ancestors, evidence=bundle)
     return subject, findings
 
 

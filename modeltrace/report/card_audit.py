@@ -20,10 +20,10 @@ ALPHA = 1e-6
 #: what base_model_relation should say for each relation the weights show
 EXPECTED_RELATION = {"merge": ("merge",), "stack": ("merge",), "finetune": ("finetune", "adapter"),
                      "recast": ("quantized", "finetune"), "copy": (), "partial": ("merge", "finetune"),
-                     "related": ("finetune", "adapter", "merge", "quantized")}
+                     "related": ("finetune", "adapter", "merge", "quantized"), "upcycled": ("finetune",)}
 UNDISCLOSED_CODE = {"merge": "undisclosed-merge", "stack": "undisclosed-merge", "finetune": "undisclosed-finetune",
                     "copy": "undisclosed-copy", "recast": "undisclosed-copy", "partial": "undisclosed-derivation",
-                    "related": "undisclosed-relation"}
+                    "related": "undisclosed-relation", "upcycled": "undisclosed-finetune"}
 CLAIMS_ORIGINAL = re.compile(r"\bfrom scratch\b|\bour own (?:original )?model\b|\boriginal model\b|"
                              r"\btrained (?:entirely )?in[- ]house\b|\bhome[- ]grown\b", re.I)
 _COMMON_SPDX = ("apache-2.0", "mit", "bsd-3-clause", "bsd-2-clause", "cc-by-4.0", "cc-by-sa-4.0", "cc-by-nc-4.0",
@@ -104,7 +104,8 @@ def ancestors_from(verdict: Verdict) -> list[Ancestor]:
     """The models the verdict says the suspect derives from, with how (before their cards are read)."""
     rel = verdict.relation
     kind = {"merge": "merge-parent", "stack": "stack-source", "finetune": "finetune-parent", "copy": "copy-source",
-            "recast": "copy-source", "partial": "merge-parent", "related": "relative"}.get(rel)
+            "recast": "copy-source", "partial": "merge-parent", "related": "relative",
+            "upcycled": "finetune-parent"}.get(rel)
     out: list[Ancestor] = []
     if kind is None:
         return out
@@ -126,7 +127,8 @@ def _describe_relation(verdict: Verdict) -> str:
                                       else "") for p in verdict.parents)
     what = {"merge": f"a {verdict.method or ''} merge of".replace("  ", " "), "stack": "a layer stack of",
             "finetune": "a fine-tune of", "copy": "a byte copy of", "recast": "a re-encoded copy of",
-            "partial": "partly derived from", "related": "related (direction unknown) to"
+            "partial": "partly derived from", "related": "related (direction unknown) to",
+            "upcycled": "a mixture of experts upcycled from"
             }.get(verdict.relation, verdict.relation)
     return f"{what} {terms}".strip()
 

@@ -12,6 +12,7 @@ HEADLINES = {
     "stack": "Layers stacked from existing models",
     "partial": "Partly derived from an existing model",
     "related": "Related to an existing model (which came first is not known)",
+    "upcycled": "Mixture of experts made from an existing dense model",
     "independent": "No relation found",
 }
 #: verdict tone for colour: derived findings are what a reader must act on
@@ -64,6 +65,9 @@ def plain_verdict(v: Verdict) -> str:
     elif v.relation == "stack":
         text = (f"{s} was assembled by stacking whole layers taken from {_and(names)}. It is not an original "
                 "model.")
+    elif v.relation == "upcycled":
+        text = (f"{s} was made by copying the feed-forward block of {names[0]} into every expert of a mixture of "
+                f"experts (upcycling), then training it further. It is not an original model.")
     elif v.relation == "related":
         text = (f"{s} and {_and(names)} share their training history: one was trained from the other, or both from "
                 "a common model that was not among those compared. The weights alone cannot say which came first; "

@@ -3,8 +3,10 @@
 For each subject: (1) every recorded file is re-hashed the way it was hashed (full, sampled or the Hub's LFS hash)
 and hf:// sources are pinned to the recorded commit; (2) the command is re-run with the recorded parameters (remote
 ranges re-hashed as they are read); (3) the new conclusions are compared with the recorded ones: relation, method,
-parents and their weights (within a tolerance), which candidates are related, the layer map. Every difference becomes
-one sentence; nothing fails silently.
+parents and their weights (within a tolerance), which candidates are related, the layer map; (4) everything else that
+follows from the evidence is re-derived with the code that wrote the report and compared field by field
+(rederive.py): card findings and their severities, summary, per-layer table, intervals, recipe, plotted per-layer
+weights, ancestors, the parsed card. Every difference becomes one sentence naming the field; nothing fails silently.
 """
 
 from __future__ import annotations
@@ -16,9 +18,13 @@ from typing import Any
 from modeltrace import __version__
 from modeltrace.errors import ModelTraceError
 from modeltrace.report.evidence import describe_file_change, local_file_evidence, match_ranges
-from modeltrace.report.model import Report, SourceEvidence, Subject, Verdict
+from modeltrace.report.model import Finding, Report, SourceEvidence, Subject, Verdict
+from modeltrace.report.rederive import compare_findings, compare_subject, renamed
 
 DEFAULT_TOLERANCE = 0.02
+#: re-derived numbers other than the recipe weights (intervals, per-layer values, R², z, numbers in text) must agree
+#: within this share of the tolerance: a re-run on the same evidence reproduces them to their printed precision
+DERIVED_SHARE = 0.1
 
 
 @dataclass
@@ -69,11 +75,12 @@ def verify_report(report: Report, tolerance: float = DEFAULT_TOLERANCE, allow_pi
             continue
         for src in s.evidence.sources:
             _check_files(res, s.name, src)
+        recorded = [f for f in report.findings if f.subject == s.name]
         try:
             if s.audit is not None:
-                _recheck_audit(res, s, tolerance, allow_pickle)
+                _recheck_audit(res, s, recorded, tolerance, allow_pickle)
             elif s.description is not None:
-                _recheck_inspect(res, s, allow_pickle)
+                _recheck_inspect(res, s, recorded, tolerance, allow_pickle)
         except ModelTraceError as exc:
             res.add(s.name, "rerun", False, f"{s.name}: could not re-run the check: {exc}")
     return res
@@ -100,8 +107,9 @@ def _check_files(res: VerifyResult, subject: str, src: SourceEvidence) -> None:
         res.add(subject, "files", True, f"{src.label}: {len(src.files)} files unchanged ({', '.join(kinds)} hashes)")
 
 
-def _recheck_audit(res: VerifyResult, s: Subject, tol: float, allow_pickle: bool) -> None:
+def _recheck_audit(res: VerifyResult, s: Subject, recorded: list[Finding], tol: float, allow_pickle: bool) -> None:
     from modeltrace.audit import DEFAULT_AUDIT_CHUNK, run_audit
+    from modeltrace.report.build import audit_subject
     from modeltrace.sources.base import recording_remote_ranges
     from modeltrace.verdict import decide
 
@@ -126,6 +134,13 @@ def _recheck_audit(res: VerifyResult, s: Subject, tol: float, allow_pickle: bool
         if old is not None and old.spec.startswith("hf://"):
             _check_remote(res, s.name, old, vw.source)
     compare_verdicts(res, s.name, s.audit, Verdict.model_validate(new), rename, tol)
+    subject, findings = audit_subject(run, new, dict(params), allow_pickle=bool(params.get("allow_pickle",
+                                                                                          allow_pickle)),
+                                      evidence=False)
+    subject = Subject.model_validate(renamed(subject.model_dump(), rename))
+    compare_findings(res, s.name, recorded, [Finding.model_validate(renamed(f.model_dump(), rename))
+                                             for f in findings], tol * DERIVED_SHARE)
+    compare_subject(res, s.name, s, subject, tol * DERIVED_SHARE)
 
 
 def _check_remote(res: VerifyResult, subject: str, old: SourceEvidence, source: Any) -> None:
@@ -194,13 +209,17 @@ def compare_verdicts(res: VerifyResult, subject: str, old: Verdict, new: Verdict
         res.add(subject, "layer_map", a == b, "layer map reproduced" if a == b else f"layer map changed: {a} -> {b}")
 
 
-def _recheck_inspect(res: VerifyResult, s: Subject, allow_pickle: bool) -> None:
+def _recheck_inspect(res: VerifyResult, s: Subject, recorded: list[Finding], tol: float, allow_pickle: bool) -> None:
     from modeltrace.describe import describe
+    from modeltrace.report.card_audit import card_only
     from modeltrace.sources import open_source
 
     assert s.description is not None
     with open_source(s.location, allow_pickle=allow_pickle) as src:
         d = describe(src)
+        card, _body, findings = card_only(s.name, src.card_text())
+    compare_findings(res, s.name, recorded, findings, tol * DERIVED_SHARE)
+    compare_subject(res, s.name, s, Subject(name=s.name, location=s.location, card=card), tol * DERIVED_SHARE)
     diffs = []
     old = s.description.model_dump()
     for key in ("format", "parameters", "active_parameters", "layers", "hidden_size", "vocab_size", "architecture"):

@@ -16,6 +16,7 @@ renews its lease while it works; an error ends the attempt with its one-line rea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -248,9 +249,17 @@ class Worker:
                 log.warning("lease renewal failed: %s", one_line(exc))
 
 
+#: Scheduling priority of job worker processes relative to the service's API (higher = yields more).
+WORKER_NICENESS = 10
+
+
 def _process_main(settings: Settings, parent: int) -> None:
     """A worker process: the loop, ended when the service process that started it is gone (killed included)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(process)d %(message)s")
+    # Jobs yield the CPU to the API process: accepting a webhook must stay fast (p99 < 100 ms) while a job reads and
+    # fits on the same cores (measured on 2 cores: p99 250-850 ms at equal priority).
+    with contextlib.suppress(OSError, AttributeError):
+        os.nice(WORKER_NICENESS)
     stop = threading.Event()
 
     def watch() -> None:

@@ -42,7 +42,7 @@ def _prefetch_pool() -> ThreadPoolExecutor:
         return _POOL
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorInfo:
     """Where a tensor lives and what it holds; enough to plan reads without touching the data."""
 

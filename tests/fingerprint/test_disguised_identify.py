@@ -270,7 +270,8 @@ def test_disguised_derived_suspects_are_identified(corpus, models, answers, labe
     json.dumps(res)
     assert res["audit_command"].startswith("modeltrace audit ")
     if c.expect == "finetune":
-        assert res["relation"] == "finetune" and res["parents"][0]["model"] == meta["parent"], res["summary"]
+        assert res["relation"] in ("finetune", "related") and res["parents"][0]["model"] == meta["parent"], \
+            res["summary"]
     elif c.expect == "recipe":
         assert (res["relation"], res["method"]) == ("merge", METHOD[c.source]), res["summary"]
         case = Case(c.source, "merge", meta["method"], res["verdict"])

@@ -61,11 +61,12 @@ def test_true_parents_rank_in_the_top_3(corpus, fps, index, name):
     assert all(h["role"] in ("parent", "base", "related") for h in res["hits"][:len(parents)])
     assert res["identical"] == (name if name in INDEXED else None)
     kind = corpus[name]["kind"]
-    expect = {"finetune": "finetune", "stack": "stack"}.get(kind, "merge")
+    # a fine-tune whose family base is not indexed with a sibling is "related": no direction from one delta
+    expect = {"finetune": ("finetune", "related"), "stack": ("stack",)}.get(kind, ("merge",))
     if name in ("m_breadcrumbs",):  # the top-1% outlier test needs more coordinates than a fingerprint keeps
-        assert res["relation"] in ("merge", "finetune")
+        assert res["relation"] in ("merge", "finetune", "related")
     else:
-        assert res["relation"] == expect, res["summary"]
+        assert res["relation"] in expect, res["summary"]
     if name in METHOD:
         assert res["method"] == METHOD[name], res["summary"]
     json.dumps(res)

@@ -73,16 +73,17 @@ def test_each_model_is_the_same_weights_as_its_re_encodings(fps, index, name):
         assert roles[n] == ("copy", f"{'fp16' if n.endswith('fp16') else 'bf16'} copy of {head}"), roles[n]
     assert "merge" not in res["summary"] and "stack" not in res["summary"]
     if name.startswith("ft"):  # the fine-tune's lineage, with the parent's copies grouped with it
-        assert "Lineage of these weights: fine-tune of minilm, and its fp16 copy minilm_fp16, bf16 copy " \
-               "minilm_bf16; p < 1e-" in res["summary"], res["summary"]
-        assert res["lineage"]["relation"] == "finetune" and res["lineage"]["parents"][0]["model"] == "minilm"
+        assert "Lineage of these weights: related to minilm, and its fp16 copy minilm_fp16, bf16 copy " \
+               "minilm_bf16 through training" in res["summary"], res["summary"]
+        assert res["lineage"]["relation"] == "related" and res["lineage"]["parents"][0]["model"] == "minilm"
 
 
 def test_only_itself_indexed_is_one_copy_headline(fps, tmp_path):
     ix = Index(tmp_path / "index.sqlite", create=True)
     ix.add(fps["minilm"], "minilm")
     res = identify(fps["minilm"], ix)
-    assert res["relation"] == "copy" and res["summary"] == "identical to indexed minilm", res["summary"]
+    assert res["relation"] == "copy" and res["summary"] == "identical in every sampled value to indexed minilm", \
+        res["summary"]
     assert res["hits"][0]["role"] == "copy"
 
 
@@ -93,9 +94,9 @@ def test_fine_tune_copy_names_the_true_parent(fps, tmp_path):
         ix.add(fps[n], n)
     for suspect in ("ft", "ft_fp16"):
         res = identify(fps[suspect], ix, top=10)
-        assert res["relation"] == "finetune" and res["parents"][0]["model"] == "minilm", res["summary"]
+        assert res["relation"] == "related" and res["parents"][0]["model"] == "minilm", res["summary"]
         assert res["summary"].startswith(
-            "fine-tune of minilm, and its fp16 copy minilm_fp16, bf16 copy minilm_bf16; p < 1e-"), res["summary"]
+            "related to minilm, and its fp16 copy minilm_fp16, bf16 copy minilm_bf16 through training"), res["summary"]
         roles = _roles(res)
         assert roles["minilm_fp16"][0] == roles["minilm_bf16"][0] == "copy"
 

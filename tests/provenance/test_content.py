@@ -137,7 +137,7 @@ def test_hub_source_has_the_local_identity(layouts, digests, monkeypatch, tmp_pa
     from hubserver import serve
     from huggingface_hub import constants
 
-    from modeltrace.sources import hub
+    from modeltrace.sources import remote
 
     for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
@@ -146,7 +146,7 @@ def test_hub_source_has_the_local_identity(layouts, digests, monkeypatch, tmp_pa
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
     monkeypatch.setenv("MODELTRACE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.setattr(hub, "BACKOFF_BASE", 0.01)
+    monkeypatch.setattr(remote, "BACKOFF_BASE", 0.01)
     with serve({"org/sharded": layouts["sharded3"]}) as srv:
         monkeypatch.setenv("HF_ENDPOINT", srv.url)
         d = digest_of("hf://org/sharded")  # type: ignore[arg-type]

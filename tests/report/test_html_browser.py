@@ -12,25 +12,10 @@ import shutil
 import sys
 from pathlib import Path
 
-import pytest
-
 from modeltrace.report import formats
 from modeltrace.report.build import probe_result
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from chromium import Chromium, find_chromium  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def browser():
-    binary = find_chromium()
-    if binary is None:
-        if os.environ.get("MODELTRACE_REQUIRE_CHROMIUM"):
-            pytest.fail("Chromium is required (apt-get install chromium) but was not found")
-        pytest.skip("no Chromium on this machine (apt-get install chromium)")
-    b = Chromium(binary)
-    yield b
-    b.close()
 
 
 def _keep(path: Path) -> None:

@@ -1,7 +1,8 @@
 """Output formats: one module per format, each a `ReportFormat` that turns a `Report` into text.
 
 Adding a format is one module with a `ReportFormat` subclass plus a line in FORMATS; modules are imported only when
-their format is asked for (CycloneDX and SPDX pull in their libraries).
+their format is asked for (CycloneDX and SPDX pull in their libraries). Every rendered document goes through
+modeltrace.redact before it is printed or written: no credential reaches a report, whatever field carried it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from modeltrace.errors import InputError
+from modeltrace.redact import scrub
 
 if TYPE_CHECKING:  # flags are checked (format_for) before any report exists: no pydantic for that
     from modeltrace.report.model import Report
@@ -59,7 +61,7 @@ def format_for(output: Path) -> str:
 
 
 def render(report: Report, fmt: str) -> str:
-    return get_format(fmt).render(report)
+    return scrub(get_format(fmt).render(report)) or ""
 
 
 def write(report: Report, fmt: str, output: Path) -> int:

@@ -1,0 +1,278 @@
+"""The family tree of an index: every model, its direct parents and how it was made, as one lineage graph.
+
+Data flow: index entries and summary vectors -> candidate pairs (summary-vector cosine >= SKETCH_MIN, as identify's
+first ranking; each model is compared once with every model indexed before it and the result kept) -> pair evidence
+(tree/evidence.py, cached in the index by tree/cache.py) -> families (connected components of significant pairs:
+Bonferroni over all pairs an index of this size could hold) -> each family solved by tree/family.py (cached by its
+members, so one `index add` re-solves one family) -> `Tree`: nodes and edges by model name, with a networkx view for
+ancestors, descendants and subtrees, and plain-words summaries that name chains ("fine-tune of t_mc_lin = 0.60 × c2
++ 0.40 × c3").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from modeltrace.fingerprint.core import Fingerprint
+from modeltrace.index.store import Index
+from modeltrace.tree import cache as tree_cache
+from modeltrace.tree.describe import assemble
+from modeltrace.tree.evidence import Pair, Record, pair_evidence, record
+from modeltrace.tree.family import solve_family
+
+__all__ = ["SKETCH_MIN", "Tree", "ancestry", "build_tree"]
+
+#: Pairs whose summary vectors' cosine reaches this are compared (unrelated models score 0 +- 0.03; a stack or a
+#: merge with a far parent still scores ~0.45 against it).
+SKETCH_MIN = 0.2
+#: Decoded fingerprints kept while pairs are computed (pairs are worked through in index order).
+FP_CACHE = 64
+#: Tree records kept (about 8 bytes per sampled coordinate each).
+RECORD_CACHE = 2048
+#: Up to this many indexed models each merge's method and weight intervals come from the audit's detectors on the
+#: fingerprints (~0.1 s a merge); above, from the exact fit alone (linear or task arithmetic, no intervals).
+AUDIT_RECIPES_UP_TO = 1000
+
+
+@dataclass(frozen=True)
+class Tree:
+    """The lineage graph: `nodes[name]` (attributes) and `edges` (parent -> child, relation, evidence)."""
+
+    index: str
+    nodes: dict[str, dict[str, Any]]
+    edges: list[dict[str, Any]]
+    stats: dict[str, Any] = field(default_factory=dict)
+    _in: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False, compare=False)
+    _out: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for e in self.edges:
+            self._in.setdefault(e["child"], []).append(e)
+            self._out.setdefault(e["parent"], []).append(e)
+
+    def graph(self):
+        import networkx as nx
+
+        g = nx.MultiDiGraph()
+        for n, a in self.nodes.items():
+            g.add_node(n, **a)
+        for e in self.edges:
+            g.add_edge(e["parent"], e["child"], **e)
+        return g
+
+    def parents(self, name: str) -> list[dict[str, Any]]:
+        return list(self._in.get(name, []))
+
+    def children(self, name: str) -> list[dict[str, Any]]:
+        return list(self._out.get(name, []))
+
+    def ancestors(self, name: str) -> list[str]:
+        """Every ancestor, nearest first."""
+        seen: list[str] = []
+        todo = [name]
+        while todo:
+            nxt = []
+            for x in todo:
+                for e in self.parents(x):
+                    if e["parent"] not in seen and e["parent"] != name:
+                        seen.append(e["parent"])
+                        nxt.append(e["parent"])
+            todo = nxt
+        return seen
+
+    def descendants(self, name: str) -> list[str]:
+        seen: list[str] = []
+        todo = [name]
+        while todo:
+            nxt = []
+            for x in todo:
+                for e in self._out.get(x, []):
+                    if e["child"] not in seen and e["child"] != name:
+                        seen.append(e["child"])
+                        nxt.append(e["child"])
+            todo = nxt
+        return seen
+
+    def subtree(self, name: str) -> Tree:
+        """`name` with its ancestors and descendants (and the merge co-parents that name its descendants' recipes)."""
+        keep = {name, *self.ancestors(name), *self.descendants(name)}
+        for e in self.edges:
+            if e["child"] in keep and e["relation"] == "merge":
+                keep.add(e["parent"])
+        return Tree(self.index, {n: a for n, a in self.nodes.items() if n in keep},
+                    [e for e in self.edges if e["parent"] in keep and e["child"] in keep],
+                    {**self.stats, "focus": name})
+
+
+class _Fps:
+    """Decoded fingerprints (a small LRU) and their tree records (a larger one) by content hash, from the index."""
+
+    def __init__(self, index: Index, ids: dict[str, int]) -> None:
+        self.index, self.ids = index, ids
+        self.lru: OrderedDict[str, Fingerprint] = OrderedDict()
+        self.records: OrderedDict[str, Record] = OrderedDict()
+        self.loaded = 0
+
+    def __call__(self, h: str) -> Fingerprint:
+        fp = self.lru.get(h)
+        if fp is None:
+            (_, fp), = self.index.load([self.ids[h]])
+            self.loaded += 1
+            self.lru[h] = fp
+            if len(self.lru) > FP_CACHE:
+                self.lru.popitem(last=False)
+        else:
+            self.lru.move_to_end(h)
+        return fp
+
+    def record(self, h: str) -> Record:
+        r = self.records.get(h)
+        if r is None:
+            r = self.records[h] = record(self(h))
+            if len(self.records) > RECORD_CACHE:
+                self.records.popitem(last=False)
+        else:
+            self.records.move_to_end(h)
+        return r
+
+    def pair(self, a: str, b: str) -> Pair:
+        return pair_evidence(self.record(a), self.record(b), self)
+
+
+def _info(fp: Fingerprint, r: Record, spec: str) -> dict[str, Any]:
+    card = fp.model.get("card") or {}
+    declared = card.get("base_model") or []
+    return {"dtype": r.dtype, "grid": r.grid, "n_layers": r.n_layers, "keys": r.keys,
+            "floors": dict(zip(r.keys, (float(x) for x in r.floors), strict=True)),
+            "declared": [declared] if isinstance(declared, str) else list(declared),
+            "uploaded": fp.model.get("last_modified") or fp.model.get("uploaded_at"),
+            "format": "gguf" if spec.lower().endswith(".gguf") else "safetensors",
+            "architecture": fp.model.get("model_type") or fp.model.get("family")}
+
+
+def _alpha_log10(n: int) -> float:
+    """Significance for a pair: ALPHA, Bonferroni over every pair an index of n models holds (rounded to a power
+    of ten, so one more model rarely changes it and cached families stay valid)."""
+    from modeltrace.verdict import ALPHA
+
+    return math.log10(ALPHA) - math.ceil(math.log10(max(n, 2) * (max(n, 2) - 1) / 2))
+
+
+def build_tree(index: Index) -> Tree:
+    """The family tree of every model in `index`, reusing and extending the cache kept in the index file."""
+    t0 = time.perf_counter()
+    entries = {e.content_hash: e for e in index.entries()}
+    ids, names, mat, _ = index.sketches()
+    by_name = {e.name: h for h, e in entries.items()}
+    hashes = [by_name[n] for n in names if n in by_name]
+    tc = tree_cache.TreeCache(index)
+    fps = _Fps(index, {h: e.id for h, e in entries.items()})
+    known = tc.model_infos()
+    infos = {h: i for h, (i, _) in known.items() if h in entries}
+    scanned = {h for h, (_, s) in known.items() if s}
+    fresh = {h: _info(fps(h), fps.record(h), entries[h].spec) for h in hashes if h not in infos}
+    tc.put_models(fresh)
+    infos.update(fresh)
+    # candidate pairs: each model not yet scanned against every model indexed
+    todo = [i for i, h in enumerate(hashes) if h not in scanned]
+    cached = tc.pairs(set(hashes))
+    need: set[tuple[str, str]] = set()
+    for start in range(0, len(todo), 1024):
+        rows = todo[start:start + 1024]
+        sim = mat[rows] @ mat.T
+        for k, i in enumerate(rows):
+            for j in np.flatnonzero(sim[k] >= SKETCH_MIN):
+                if j != i:
+                    a, b = sorted((hashes[i], hashes[int(j)]))
+                    if (a, b) not in cached:
+                        need.add((a, b))
+    pos = {h: i for i, h in enumerate(hashes)}
+    need_order = sorted(need, key=lambda p: (min(pos[p[0]], pos[p[1]]), p))  # index order: the LRU stays warm
+    new_pairs = [fps.pair(a, b) for a, b in need_order]
+    tc.put_pairs(new_pairs)
+    tc.mark_scanned(hashes[i] for i in todo)
+    for p in new_pairs:
+        cached[(p.a, p.b)] = p
+    t_pairs = time.perf_counter()
+    alpha = _alpha_log10(len(hashes))
+    fams = _families(hashes, cached, alpha)
+    name_of = {h: entries[h].name for h in hashes}
+    spec_of = {h: entries[h].spec for h in hashes}
+    for info in infos.values():
+        info["declared_hashes"] = _resolve(info.get("declared", []), name_of, spec_of)
+    extra: list[Pair] = []
+
+    def get_pair(a: str, b: str) -> Pair:
+        p = fps.pair(a, b)
+        extra.append(p)
+        return p
+
+    audit = len(hashes) <= AUDIT_RECIPES_UP_TO
+    solved_now: dict[str, dict] = {}
+    solutions: list[dict] = []
+    reused = 0
+    for fam in fams:
+        if len(fam) == 1:
+            continue
+        members = [{"hash": h, "name": name_of[h], "added_at": entries[h].added_at, **infos[h]} for h in fam]
+        key = [(m["hash"], m["name"], m["added_at"], m["declared_hashes"]) for m in members]  # the rest follows
+        digest = hashlib.sha256(json.dumps([tree_cache.VERSION, alpha, audit, key]).encode()).hexdigest()
+        sol = tc.family(digest)
+        if sol is None:
+            fam_pairs = {k: p for k, p in cached.items() if k[0] in fam and k[1] in fam}
+            sol = solve_family(members, fam_pairs, alpha, get_pair, fps, audit)
+            solved_now[digest] = sol
+        else:
+            reused += 1
+        solutions.append(sol)
+    tc.put_pairs(extra)
+    tc.put_families(solved_now)
+    tree = assemble(str(index.path), hashes, entries, infos, fams, solutions, name_of)
+    tree.stats.update({"models": len(hashes), "pairs": len(cached), "pairs_computed": len(new_pairs) + len(extra),
+                       "families": sum(len(f) > 1 for f in fams), "families_solved": len(solved_now),
+                       "families_reused": reused, "fingerprints_decoded": fps.loaded,
+                       "alpha_log10": alpha, "audit_recipes": audit, "seconds_pairs": round(t_pairs - t0, 3),
+                       "seconds": round(time.perf_counter() - t0, 3)})
+    return tree
+
+
+def _families(hashes: list[str], pairs: dict[tuple[str, str], Pair], alpha: float) -> list[list[str]]:
+    """Connected components of significant pair evidence: no edge ever joins two families."""
+    import networkx as nx
+
+    g = nx.Graph()
+    g.add_nodes_from(hashes)
+    g.add_edges_from(ab for ab, p in pairs.items() if p.log10_p < alpha)
+    return sorted((sorted(c) for c in nx.connected_components(g)), key=lambda c: (-len(c), c))
+
+
+def _resolve(declared: list[str], name_of: dict[str, str], spec_of: dict[str, str]) -> list[str]:
+    """Index models a card's base_model names (by index name, or by the repository its spec points at)."""
+    out = []
+    for d in declared:
+        d = str(d).strip().rstrip("/")
+        for h, n in name_of.items():
+            spec = spec_of[h]
+            if d and (d == n or spec.rstrip("/").endswith("/" + d) or spec == d or spec.startswith(f"hf://{d}@")):
+                out.append(h)
+    return out
+
+
+def ancestry(index: Index, names: list[str]) -> dict[str, list[dict[str, str]]] | None:
+    """Ancestors of `names` (indexed models, e.g. identify's parents), nearest first, from the family tree; None when
+    the tree was never built for this index (`modeltrace tree` builds it; identify then keeps it up to date)."""
+    with index._errors():
+        built = index.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'tree_families'").fetchone()
+    if not built or not names:
+        return None
+    tree = build_tree(index)
+    return {n: [{"model": a, "summary": tree.nodes[a]["summary"]} for a in tree.ancestors(n)]
+            for n in names if n in tree.nodes}

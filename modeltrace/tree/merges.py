@@ -1,0 +1,270 @@
+"""Merges within a family (tree/family.py step 3): which models are exact recipes of others, and their recipe.
+
+Data flow: a family's cached pairs -> per model, relatives making an obtuse angle at it -> Gram stack assembled from
+the cached pairs (no fingerprint decoded) -> fingerprint/lineage.py's `explanations` -> accepted fewest parents first,
+then parents no recipe explains, never a cycle -> method, weights and intervals from the audit's detectors on the
+fingerprints (fingerprint.view.audit_fingerprints), or the fit's own weights in large indexes.
+
+Recipes that are not exact (sparse merges: TIES, DARE, DELLA, breadcrumbs; model stock) are searched after, in
+indexes of up to 1,000 models: for a model no exact recipe explains, candidate sets of two relatives a, b and a base m
+among its nearest relatives no exact recipe explains (x, a, b all grew from m; a, b meet at m, relatives.middle; x - m
+mostly in the span of a - m, b - m: all from cached squared distances), the most nearly orthogonal task vectors first;
+the best few are audited on the fingerprints (audit_fingerprints). A set counts only when the relation is "merge"
+(a recipe to storage rounding, or the sparse signature for sparse methods), never "related", "finetune" (also a
+merge then trained: `chain`) or "upcycled"; sets whose parents are not audited merges first, then the closest fit.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from modeltrace.fingerprint.compare import GramStack
+from modeltrace.fingerprint.lineage import Explanation, explanations
+from modeltrace.relatives import middle
+
+if TYPE_CHECKING:
+    from modeltrace.tree.family import _Family
+
+__all__ = ["find_merges", "recipe"]
+
+#: A model is offered to the merge search when two relatives make an obtuse angle at it:
+#: d(x,a)^2 + d(x,b)^2 <= BETWEEN * d(a,b)^2 (fine-tunes of one base meet at about 90 degrees, ratio 1).
+BETWEEN = 0.9
+#: Relatives a merge's recipe is searched among.
+POOL = 8
+#: Audited search: nearest relatives no exact recipe explains, offered as parents and bases, candidate sets audited
+#: per model, and the
+#: largest share of |x - m|^2 left outside span(a - m, b - m) for a set to be audited.
+AUDIT_POOL = 16
+AUDIT_SETS = 4
+AUDIT_RESIDUAL = 0.6
+#: A parent of an audited merge carries at least this weight (a relative at weight ~0.03 is a fit's leftover).
+AUDIT_MIN_WEIGHT = 0.05
+
+
+# ---- 3. merges --------------------------------------------------------------------------------------------------
+def _between(f: _Family, x: str, rel: list[str]) -> list[tuple[float, str, str]]:
+    """Pairs of x's relatives making an obtuse angle at x (ratio <= BETWEEN), best first."""
+    d = np.array([f.dist2(x, y)[0] for y in rel])
+    out = []
+    for i, j in itertools.combinations(range(len(rel)), 2):
+        if d[i] + d[j] > BETWEEN * max(d[i], d[j]) * 4:  # cannot be obtuse: d(a,b) <= d(x,a) + d(x,b)
+            continue
+        dab = f.dist2(rel[i], rel[j])[0]
+        if math.isnan(dab):
+            dab = f.dist2(rel[i], rel[j], compute=True)[0]
+        if dab > 0 and d[i] + d[j] <= BETWEEN * dab:
+            out.append(((d[i] + d[j]) / dab, rel[i], rel[j]))
+    return sorted(out)
+
+
+def _stack_of(f: _Family, group: list[str]) -> GramStack:
+    """Gram stack of `group` (first: the target) assembled from cached pairs: no fingerprint is decoded."""
+    t = group[0]
+    keys = f.m[t]["keys"]
+    pos = {k: i for i, k in enumerate(keys)}
+    n, s = len(group), len(keys)
+    G = np.zeros((s, n, n))
+    present = np.zeros((s, n), dtype=bool)
+    present[:, 0] = True
+    for i, j in itertools.combinations(range(n), 2):
+        p = f.pair(group[i], group[j])
+        gi, gj = (p.gaa, p.gbb) if p.a == group[i] else (p.gbb, p.gaa)
+        for q, k in enumerate(p.keys):
+            r = pos.get(k)
+            if r is None:
+                continue
+            G[r, i, i], G[r, j, j], G[r, i, j] = gi[q], gj[q], p.gab[q]
+            G[r, j, i] = p.gab[q]
+            if i == 0:
+                present[r, j] = True
+    for i, j in itertools.combinations(range(1, n), 2):  # a member pair missing a key voids it for both
+        p = f.pair(group[i], group[j])
+        have = np.zeros(s, dtype=bool)
+        have[[pos[k] for k in p.keys if k in pos]] = True
+        present[:, i] &= have
+        present[:, j] &= have
+    floor = np.array([[f.m[h]["floors"].get(k, 0.0) for h in group] for k in keys])
+    return GramStack([f.m[h]["name"] for h in group], [None] * s, [{} for _ in group], G, present, floor,  # type: ignore[list-item]
+                     np.zeros((n, n, 0), dtype=bool), np.zeros((n, 0), dtype=bool))
+
+
+def _merge_options(f: _Family, x: str, rel: list[str], obtuse: list[tuple[float, str, str]],
+                   explained: set[str]) -> list[Explanation]:
+    """Plausible recipes for x over the relatives making an obtuse angle at it, those not in `explained` (models
+    some recipe reproduces) first, so a merge's true parents are in its pool even among many sibling merges."""
+    exps: list[Explanation] = []
+    group: list[str] = [x]
+    if obtuse:
+        pool: list[str] = []  # the two most obtuse pairs (merges of merges), then unexplained models first
+        for _, a, b in obtuse[:2] + sorted(obtuse, key=lambda o: ((o[1] in explained) + (o[2] in explained), o[0])):
+            pool += [h for h in (a, b) if h not in pool]
+        near = [y for y in rel if y not in pool and y not in explained]  # a task-arithmetic base sits off the segment
+        group = [x, *pool[:POOL - 2], *near[:2]] if len(pool) > POOL - 2 else [x, *(pool + near)[:POOL]]
+        exps = [e for e in explanations(_stack_of(f, group), 0, list(range(1, len(group)))) if e.kind == "exact"]
+    for e in exps:
+        e.target = x  # type: ignore[assignment]
+        e.weights = {group[i]: w for i, w in e.weights.items()}  # type: ignore[assignment]
+        e.base = group[e.base] if e.base is not None else None  # type: ignore[assignment]
+    return exps
+
+
+def _task_sets(f: _Family, x: str, rel: list[str], explained: set[str]) -> list[tuple[float, str, str, str]]:
+    """(cosine, a, b, m): two relatives of x that no exact recipe explains and a base m that x, a and b all grew
+    from (training adds norm: r >= DIRECTED_R), x - m mostly in the span of a - m, b - m; the most independent task
+    vectors a - m, b - m first (fine-tunes of one base meet at ~90 degrees, merges of them lie between)."""
+    from modeltrace.tree.family import DIRECTED_R
+
+    pool = [y for y in rel if y not in explained][:AUDIT_POOL]
+    hs = [x, *pool]
+    DD = np.array([[f.dist2(u, v)[0] if u != v else 0.0 for v in hs] for u in hs])
+    bases = [k for k in range(1, len(hs)) if f.growth(hs[k], x)[0] >= DIRECTED_R]
+    grew = {(m, k): f.growth(hs[m], hs[k])[0] >= DIRECTED_R for m in bases for k in range(1, len(hs)) if m != k}
+    out = []
+    for ia, ib in itertools.combinations(range(1, len(hs)), 2):
+        for im in bases:
+            if im in (ia, ib) or not (grew[im, ia] and grew[im, ib]):
+                continue
+            D = DD[np.ix_([0, ia, ib, im], [0, ia, ib, im])]
+            if np.isnan(D).any() or middle(D, 1, 2, 3) != 3:
+                continue
+            # inner products of x - m, a - m, b - m from squared distances (law of cosines)
+            g = np.array([[(D[i, 3] + D[j, 3] - D[i, j]) / 2 for j in range(3)] for i in range(3)])
+            if min(g[0, 0], g[1, 1], g[2, 2]) <= 0:
+                continue
+            try:
+                coef = np.linalg.solve(g[1:, 1:], g[1:, 0])
+            except np.linalg.LinAlgError:
+                continue
+            if 1 - float(g[0, 1:] @ coef) / g[0, 0] <= AUDIT_RESIDUAL:
+                out.append((g[1, 2] / math.sqrt(g[1, 1] * g[2, 2]), hs[ia], hs[ib], hs[im]))
+    return sorted(out)[:AUDIT_SETS]
+
+
+def _audited(f: _Family, x: str, sets: list[tuple[float, str, str, str]]) -> list[Explanation]:
+    """Explanations the audit's verdict on the fingerprints calls a merge, one per candidate set."""
+    from modeltrace.fingerprint.view import audit_fingerprints
+
+    found = []
+    for _, a, b, m in sets:
+        cands = [a, b, m]
+        names = {h: f.m[h]["name"] for h in cands}
+        fps = {names[h]: f.load(h) for h in cands}
+        try:
+            v = audit_fingerprints(f.load(x), f.m[x]["name"], [fps[names[h]] for h in cands],
+                                   [names[h] for h in cands], names[m])
+        except Exception:  # noqa: BLE001 - the detectors cannot run on this set: no claim
+            continue
+        if v.get("relation") != "merge":  # "related", "finetune" (with or without a chain), "upcycled": no merge
+            continue
+        by_name = {n: h for h, n in names.items()}
+        ws = {by_name[p["model"]]: float(p.get("weight") or 0.0) for p in v.get("parents", [])
+              if p.get("model") in by_name and by_name[p["model"]] != m}
+        if len(ws) < 2 or min(abs(w) for w in ws.values()) < AUDIT_MIN_WEIGHT:
+            continue
+        r2 = [lay["r2_min"] for lay in v.get("layers") or [] if "r2_min" in lay]
+        e = Explanation(0, "audit", ws or {a: 0.5, b: 0.5}, m, float(np.mean(r2)) if r2 else 0.0)
+        e.target = x  # type: ignore[assignment]
+        e.verdict = v  # type: ignore[attr-defined]
+        found.append(e)
+    return found
+
+
+def find_merges(f: _Family, reps: list[str], stacks: set[str], out: dict, audit: bool = False
+                ) -> dict[str, Explanation]:
+    """Accepted recipes by model (`out` holds the stack edges found before, which count as ancestry); with `audit`,
+    also the audited search for recipes that are not exact."""
+    plain = [x for x in reps if x not in stacks]
+    rel = {x: sorted((y for y in reps if y != x and f.related(x, y)), key=lambda y: f.dist2(x, y)[0]) for x in plain}
+    obtuse = {x: _between(f, x, rel[x]) for x in plain}
+    options = {x: _merge_options(f, x, rel[x], obtuse[x], set()) for x in plain}
+    first = {x for x, o in options.items() if o}  # again, offering models that no recipe explains first
+    options.update({x: _merge_options(f, x, rel[x], obtuse[x], first) for x in first})
+    explained = {x for x, o in options.items() if o}
+    ranked = sorted(((e.kind != "exact", len(e.members), sum(m in explained for m in e.members), rank, x), e)
+                    for x, opts in options.items() for rank, e in enumerate(opts))
+    accepted: dict[str, Explanation] = {}
+    parents: dict[str, set[str]] = {x: {e["parent"] for e in out["edges"] if e["child"] == x} for x in stacks}
+
+    def ancestors(h: str) -> set[str]:
+        seen, todo = set(), [h]
+        while todo:
+            for p in parents.get(todo.pop(), ()):
+                if p not in seen:
+                    seen.add(p)
+                    todo.append(p)
+        return seen
+
+    for _, e in ranked:
+        x = e.target
+        if x in accepted or any(m == x or x in ancestors(m) for m in e.members):  # type: ignore[operator]
+            continue
+        accepted[x] = e  # type: ignore[index]
+        parents[x] = set(e.members)  # type: ignore[arg-type,index]
+    if not audit:
+        return accepted
+    audited = {x: _audited(f, x, _task_sets(f, x, rel[x], set(accepted))) for x in plain if x not in accepted}
+    audited = {x: o for x, o in audited.items() if o}
+    ranked_a = sorted(((sum(m in audited for m in e.members), -e.quality, x), e)  # the closest fit of a model first
+                      for x, opts in audited.items() for e in opts)
+    for _, e in ranked_a:
+        x = e.target
+        if x in accepted or any(m == x or x in ancestors(m) or m in accepted and m in audited for m in e.members):
+            continue
+        accepted[x] = e  # type: ignore[index]
+        parents[x] = set(e.members)  # type: ignore[arg-type,index]
+    return accepted
+
+
+def recipe(f: _Family, x: str, e: Explanation, audit: bool) -> dict[str, Any]:
+    """Method, weights and intervals from the audit's detectors on the fingerprints (as identify reports them); with
+    `audit` off, the exact fit's own weights (median over tensors) and linear / task arithmetic by their signs."""
+    from modeltrace.fingerprint.view import audit_fingerprints
+
+    if e.kind == "audit":
+        return _from_verdict(f, e, e.verdict)  # type: ignore[attr-defined]
+    if not audit:
+        neg = [m for m, w in e.weights.items() if w < 0]
+        return {"method": "task_arithmetic" if neg else "linear", "kind": e.kind, "base": neg[0] if neg else None,
+                "audit_relation": None, "weights": {m: {"weight": round(w, 4), "interval": None}
+                                                    for m, w in e.weights.items()},
+                "fit_weights": {h: round(w, 4) for h, w in e.weights.items()}, "parameters": {}, "layers": None}
+
+    members = sorted(e.weights, key=lambda m: -abs(e.weights[m]))
+    base = e.base
+    if e.kind == "exact" and base is None and len(members) == 3:
+        base = None
+    cands = [*members, *([base] if base is not None and base not in members else [])]
+    names = {h: f.m[h]["name"] for h in cands}
+    fps = {names[h]: f.load(h) for h in cands}
+    try:
+        v = audit_fingerprints(f.load(x), f.m[x]["name"], [fps[names[h]] for h in cands],
+                               [names[h] for h in cands], names[base] if base is not None else None)
+    except Exception as exc:  # the fit's own weights stand when the detectors cannot run
+        v = {"relation": "merge", "method": None, "parents": [], "error": str(exc)}
+    by_name = {n: h for h, n in names.items()}
+    weights = {p["model"]: p for p in v.get("parents", []) if p.get("model") in by_name}
+    method = v.get("method") if v.get("relation") == "merge" else None
+    if method is None:
+        method = "task_arithmetic" if e.kind == "exact" and e.base is not None else \
+            "linear" if e.kind == "exact" else "sparse"
+    return {"method": method, "kind": e.kind, "base": base, "audit_relation": v.get("relation"),
+            "weights": {by_name[n]: {"weight": p.get("weight"), "interval": p.get("interval")}
+                        for n, p in weights.items()},
+            "fit_weights": {h: round(w, 4) for h, w in e.weights.items()},
+            "parameters": {k: d.get("value") for k, d in (v.get("parameters") or {}).items()
+                           if isinstance(d, dict)}, "layers": v.get("layers")}
+
+
+def _from_verdict(f: _Family, e: Explanation, v: dict[str, Any]) -> dict[str, Any]:
+    by_name = {f.m[h]["name"]: h for h in e.members}
+    return {"method": v.get("method") or "sparse", "kind": e.kind, "base": e.base, "audit_relation": v.get("relation"),
+            "weights": {by_name[p["model"]]: {"weight": p.get("weight"), "interval": p.get("interval")}
+                        for p in v.get("parents", []) if p.get("model") in by_name},
+            "fit_weights": {h: round(w, 4) for h, w in e.weights.items()},
+            "parameters": {k: d.get("value") for k, d in (v.get("parameters") or {}).items() if isinstance(d, dict)},
+            "layers": v.get("layers")}
