@@ -76,6 +76,7 @@ def trained(out: dict[str, Any], run: AuditRun, matrix: list[SlotResult], relate
                               "training left the rest (a residual above storage rounding in most tensors).")
             return out
     if pl.parent is not None:
+        assert run.base is not None  # a parent is placed only against a known base (relatives.place)
         out["relation"] = "finetune"
         out["direction"] = "parent-to-suspect"
         w = [r.fit.free_weights.get(pl.parent, np.nan) for r in matrix]
@@ -106,9 +107,9 @@ def trained(out: dict[str, Any], run: AuditRun, matrix: list[SlotResult], relate
                           "training: a merge of them then trained or perturbed, or a relative through a common "
                           "ancestor not among the candidates (offer it as a candidate or with --base).")
         return out
-    others = [names[c] for c in rel if c != near]
+    also = [names[c] for c in rel if c != near]
     out["summary"] = (f"{s} is related to {names[near]} through training ({p_of.get(near, '?')})"
-                      + (f", and to {', '.join(others)}" if others else "")
+                      + (f", and to {', '.join(also)}" if also else "")
                       + f": a parent, a sibling or a child of {names[near]} cannot be told apart without their common "
                       "base; offer it as a candidate or with --base.")
     return out

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # annotations only: sources/ reads family data from here (gguf_names)
     from modeltrace.sources.base import TensorInfo
@@ -101,7 +101,7 @@ class Family:
         rule, spec, is_bias = entry
         return rule, {g: (pieces[v] if isinstance(v, int) else v[0]) for g, v in spec}, is_bias
 
-    def template(self, tensor_name: str) -> tuple[object, list[str]]:
+    def template(self, tensor_name: str) -> tuple[Any, list[str]]:
         """(entry, pieces): the name split around its numeric components (text, number, ..., text) and what its
         template classifies to: True (no rule), False (match this name by itself), or (rule, groups, is_bias) with
         each group an index into `pieces` or a 1-tuple holding its constant value."""
@@ -133,6 +133,7 @@ class Family:
         elif hit is None:
             entry = True
         else:
+            assert m is not None  # a rule matched, so its match object exists
             numbers = [(n.start(1), n.end(1), 2 * i + 1) for i, n in enumerate(_NUMBERS.finditer(tensor_name))]
             spec: list[tuple[str, object]] = []
             for g, v in hit[1].items():

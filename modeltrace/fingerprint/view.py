@@ -97,6 +97,6 @@ def audit_fingerprints(suspect: Fingerprint, label: str, cands: list[Fingerprint
 
     views = fingerprint_views([suspect, *cands], [label, *labels])
     base_idx = labels.index(base) + 1 if base is not None else None
-    kw = {} if layers else {"layer_matches": []}
+    kw: dict[str, list] = {} if layers else {"layer_matches": []}
     return decide(run_views(views, base_idx, **kw))  # type: ignore[arg-type]
 

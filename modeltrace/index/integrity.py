@@ -81,7 +81,7 @@ def legacy_problem(content_hash: str, sketch: bytes, blob: bytes) -> str | None:
     if not all(bool(np.isfinite(a).all()) for a in arrays):
         return "fingerprint holds non-finite numbers"
     with np.errstate(all="ignore"):
-        now = fp.sketch().astype(np.float32)
+        now: np.ndarray = fp.sketch().astype(np.float32)
         stored = np.frombuffer(sketch, dtype="<f2").astype(np.float32)
         if not np.isfinite(stored).all() or not np.isfinite(now).all() or \
                 float(np.abs(now - stored).max(initial=0.0)) > SKETCH_TOLERANCE:
