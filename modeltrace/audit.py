@@ -36,6 +36,7 @@ from modeltrace.detectors import kernels
 from modeltrace.detectors.accumulate import SlotAccumulator, SlotStats
 from modeltrace.detectors.fits import SlotFit, fit_slot
 from modeltrace.errors import InputError
+from modeltrace.methods import fitting_order
 from modeltrace.stats import fisher_z, z_from_log10p
 
 DEFAULT_AUDIT_CHUNK = 4 * 1024 * 1024
@@ -268,7 +269,7 @@ def _process_slot(views: list[ModelView], item: _PlanItem, base: int | None, sam
         tick((b - a) * part.cols)
     st = acc.finish()
     local = list(range(1, len(cands) + 1))
-    fit = _to_global(fit_slot(st, local, idx_base), cands)
+    fit = _to_global(fit_slot(st, local, idx_base, fitting_order()), cands)
     res = SlotResult(slot, cands, st, fit, structured, rows_compared=st.rows, rows_total=part.rows, note=note,
                      cross={i: item.tfs[i].slot.role for i in cands if item.tfs[i].slot.role != slot.role})
     for li, ci in zip(local, cands, strict=True):

@@ -19,8 +19,6 @@ from modeltrace.stats import fisher_log10, format_p, log10_sf, mean_interval, st
 
 #: A candidate is called related when its combined independence p-value is below this.
 ALPHA = 1e-6
-SPARSE_METHODS = ("ties", "dare_linear", "dare_ties", "della", "breadcrumbs", "sparse")
-MERGE_METHODS = ("linear", "task_arithmetic", "model_stock", "slerp", *SPARSE_METHODS)
 
 
 def _majority(results: list[SlotResult]) -> tuple[str, float]:
@@ -249,7 +247,7 @@ def _decide(run: AuditRun) -> dict[str, Any]:
             n_layers = sum(1 for e in layers if e["layer"] >= 0)
             out["summary"] = _merge_summary(out, names[0], agree, n_layers, logp, names)
             return out
-    return trained(out, run, matrix, related, logp, ws if method in MERGE_METHODS else {})
+    return trained(out, run, matrix, related, logp, ws if merger is not None and merger.family != "stack" else {})
 
 
 #: storage dtype names as people say them, and their precision (mantissa bits) to tell widening from rounding

@@ -171,6 +171,22 @@ def test_a_toy_method_from_one_module_is_summarised_exported_and_replayed(toy, c
     assert got["replayed"] and got["tensors"] > 10 and got["max_rel_error"] < 0.01
 
 
+def test_a_toy_method_from_one_module_is_fitted_by_the_audit(toy, corpus):
+    """Registered from one module, the method is asked by fit_slot, named by the verdict, exported and replayed."""
+    m = corpus.root / "models"
+    res = modeltrace.audit(m / "m_linear_cross", [m / "ft_a1", m / "ft_b1"],
+                           options=modeltrace.AuditOptions(verify=True))
+    assert res.relation == "merge" and res.verdict.method == "toy_mean"
+    assert res.verdict.summary.startswith("m_linear_cross is the plain mean of ft_a1 and ft_b1")
+    assert res.recipe is not None and "merge_method: toy_mean" in res.recipe.yaml
+    assert res.replay is not None and res.replay.replayed and res.replay.max_rel_error < 0.01
+    a, b = (p.weight for p in res.verdict.parents)
+    assert a == b == 0.5
+    # a 0.6/0.4 merge is not its recipe: the linear method still names it
+    other = modeltrace.audit(m / "m_linear_rio", [m / "ft_a1", m / "ft_a2"])
+    assert other.relation == "merge" and other.verdict.method == "linear"
+
+
 def test_a_wrong_recipe_replays_badly(toy, corpus):
     """The replay measures: the toy mean of the wrong parents does not reproduce the suspect."""
     from modeltrace.recipe import replay, to_mergekit

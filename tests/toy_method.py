@@ -14,6 +14,14 @@ class ToyMean(MergeMethod):
     description = "plain average of the parents, whatever their weights"
     paper = "Toy et al., Averages, 2026"
     parameters = ()  # no per-model weights in its YAML
+    fit_order = 35.0  # asked after SLERP, before the linear family
+
+    def fit(self, ctx: Any) -> Any:
+        """Claims a slot when the candidates' free least-squares fit is their plain mean, down to storage rounding."""
+        k = len(ctx.cands)
+        if ctx.rss_free <= ctx.floor and all(abs(w - 1 / k) < 0.01 for w in ctx.free.values()):
+            return ctx.result(self.name, {c: 1 / k for c in ctx.cands}, ctx.rss_free)
+        return None
 
     def summarise(self, verdict: dict[str, Any], suspect: str) -> str:
         return f"{suspect} is the plain mean of {' and '.join(p['model'] for p in verdict['parents'])}"

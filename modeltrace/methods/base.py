@@ -1,9 +1,10 @@
 """What a merge method is to modeltrace: an object that knows its name, paper and parameters, how to say what it
 found in a sentence, how to write itself as a mergekit configuration, and how to replay itself on weights.
 
-Data flow: verdict.decide names the method the per-tensor fits agree on (detectors/fits.py) and asks it for the
-summary; recipe.to_mergekit asks it for the mergekit configuration; recipe.replay streams the parents' rows and asks
-it to combine them (`combine`), comparing the result with the suspect. A new method is one subclass registered with
+Data flow: the audit's fit_slot (detectors/fits.py) asks each method with a `fit_order`, simplest first, to `fit`
+one slot's statistics; verdict.decide names the method the per-tensor fits agree on and asks it for the summary;
+recipe.to_mergekit asks it for the mergekit configuration; recipe.replay streams the parents' rows and asks it to
+combine them (`combine`), comparing the result with the suspect. A new method is one subclass registered with
 `modeltrace.methods.register_method` (see docs/api.md); nothing else needs an edit.
 
 The verdict a method reads is modeltrace/verdict.py's dict: `parents` [{model, weight, interval}], `base`,
@@ -12,9 +13,12 @@ The verdict a method reads is modeltrace/verdict.py's dict: `parents` [{model, w
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from modeltrace.detectors.fits import FitContext, SlotFit
 
 __all__ = ["MERGEKIT_DTYPE", "MergeMethod", "layer_value", "per_layer", "ref"]
 
@@ -76,12 +80,22 @@ class MergeMethod:
     whole_tensor: ClassVar[bool] = False
     #: why the output cannot be replayed, after the method's name ("dare_ties drops entries at random ..."), or None
     not_replayable: ClassVar[str | None] = None
+    #: where fit_slot asks this method to fit a slot, simplest recipes first (lower first); None: never asked (a
+    #: method told apart by another's fit, as the sparse family's members are by `sparse`, or by the layer map)
+    fit_order: ClassVar[float | None] = None
 
     def __repr__(self) -> str:
         return f"<merge method {self.name}: {self.description}>"
 
     def info(self) -> dict[str, str]:
         return {"description": self.description, "paper": self.paper}
+
+    # ---- from the statistics ----------------------------------------------------------------------------------
+    def fit(self, ctx: FitContext) -> SlotFit | None:
+        """The recipe of this method that explains one slot (detectors/fits.FitContext: the slot's statistics, the
+        candidates, their free least-squares fit and the residual floor), or None when it does not. Build the
+        answer with `ctx.result(self.name, weights, rss, **params)`."""
+        return None
 
     # ---- in words ---------------------------------------------------------------------------------------------
     def summarise(self, verdict: dict[str, Any], suspect: str) -> str:

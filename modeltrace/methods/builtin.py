@@ -7,9 +7,12 @@ ranking, so only their statistics can be compared (the audit's parameters), not 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from modeltrace.detectors.fits import FitContext, SlotFit
 
 from modeltrace.methods.base import MergeMethod, layer_value, per_layer, ref
 
@@ -23,6 +26,12 @@ class Linear(MergeMethod):
     name = "linear"
     description = "weighted average of the parents, per tensor (model soup)"
     paper = "Wortsman et al., Model soups, ICML 2022, arXiv:2203.05482"
+    fit_order = 42.0  # after SLERP and the task-vector methods, which are linear recipes with more structure
+
+    def fit(self, ctx: FitContext) -> SlotFit | None:
+        from modeltrace.detectors.fits import fit_linear
+
+        return fit_linear(ctx)
 
     def global_parameters(self, verdict: dict[str, Any]) -> dict[str, Any]:
         s = (verdict.get("parameters") or {}).get("sum_weights", {}).get("value", 1.0)
@@ -42,6 +51,12 @@ class TaskArithmetic(MergeMethod):
     description = "base plus weighted sum of task vectors (parent - base)"
     paper = "Ilharco et al., Editing models with task arithmetic, ICLR 2023, arXiv:2212.04089"
     needs_base = True
+    fit_order = 41.0
+
+    def fit(self, ctx: FitContext) -> SlotFit | None:
+        from modeltrace.detectors.fits import fit_task_vectors
+
+        return fit_task_vectors(ctx, model_stock=False)
 
     def summarise(self, verdict: dict[str, Any], suspect: str) -> str:
         return f"{suspect} ≈ {verdict['base']} + task vectors: {self.terms(verdict)} ({self.name})"
@@ -58,6 +73,12 @@ class ModelStock(TaskArithmetic):
     description = "average of fine-tunes pulled toward the base by a ratio set by their angle"
     paper = "Jang et al., Model Stock, ECCV 2024, arXiv:2403.19522"
     parameters = ()
+    fit_order = 40.0  # task arithmetic with every lambda tied to the parents' angle: the more specific first
+
+    def fit(self, ctx: FitContext) -> SlotFit | None:
+        from modeltrace.detectors.fits import fit_task_vectors
+
+        return fit_task_vectors(ctx, model_stock=True)
 
 
 class Slerp(MergeMethod):
@@ -66,6 +87,12 @@ class Slerp(MergeMethod):
     paper = "Shoemake, Animating rotation with quaternion curves, SIGGRAPH 1985"
     family = "spherical"
     parameters = ()
+    fit_order = 30.0
+
+    def fit(self, ctx: FitContext) -> SlotFit | None:
+        from modeltrace.detectors.fits import fit_spherical
+
+        return fit_spherical(ctx)
 
     def summarise(self, verdict: dict[str, Any], suspect: str) -> str:
         t = (verdict.get("parameters") or {}).get("t", {}).get("value")
@@ -175,6 +202,12 @@ class Sparse(_Sparse):
     paper = "Davari & Belilovsky, arXiv:2312.06795; Yadav et al., arXiv:2306.01708"
     parameters = ()
     not_replayable = None  # no mergekit method of that name: it is not a recipe to replay
+    fit_order = 50.0  # fits the whole family and names the member the statistics point to (TIES, DARE, ...)
+
+    def fit(self, ctx: FitContext) -> SlotFit | None:
+        from modeltrace.detectors.sparse_fits import fit_sparse
+
+        return fit_sparse(ctx)
 
 
 class Passthrough(MergeMethod):
