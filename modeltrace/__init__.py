@@ -36,6 +36,8 @@ _EXPORTS: dict[str, str] = {
     "load_report": "modeltrace.api",
     "render": "modeltrace.api",
     "save": "modeltrace.api",
+    "verify": "modeltrace.api",
+    "verify_attestation": "modeltrace.api",
     "Index": "modeltrace.index.store",
     "AuditOptions": "modeltrace.options",
     "ReadOptions": "modeltrace.options",
@@ -70,7 +72,7 @@ __all__ = [
     "InputError", "InspectResult", "LayerRow", "MergeMethod", "ModelTraceError", "PValue", "Parent", "ProbeOptions",
     "RELATIONS", "ReadOptions", "Recipe", "Relation", "RemoteError", "Replay", "Report", "SCHEMA_VERSION", "Verdict",
     "audit", "fingerprint", "identify", "inspect", "load_report", "merge_methods", "probe_compare", "probe_identity",
-    "register_method", "render", "save",
+    "register_method", "render", "save", "verify", "verify_attestation",
 ]
 
 

@@ -6,10 +6,12 @@
     fingerprint(model)                      the small sample of a model an `Index` keeps (Index.add)
     probe_identity(model) / probe_compare   behavioural evidence (local models or OpenAI-compatible endpoints)
     load_report(path), render(report, fmt), save(report, path)    reports without re-running anything
+    verify(report), verify_attestation(report, bundle)             re-check a report, or a signed attestation
 
-Data flow of `audit`, the one pipeline the command line and the demo share: open and stream the models
-(audit.run_audit) -> verdict.decide -> the recipe as mergekit configuration and, with `verify`, its replay
-(recipe.py) -> the report subject (report/build.py: card audit, ancestors' licences, evidence) -> AuditResult.
+Data flow of `audit`, the one pipeline the command line, the demo and `verify` share (pipeline.py): open and
+stream the models (audit.run_audit) -> verdict.decide -> the recipe as mergekit configuration and, with `verify`,
+its replay (recipe.py) -> the report subject (report/build.py: card audit, ancestors' licences, evidence) ->
+AuditResult.
 The command line (cli.py) only turns flags into options and prints what comes back. Heavy modules are imported
 inside the functions, so `import modeltrace` stays cheap.
 """
@@ -26,19 +28,19 @@ from modeltrace.options import AuditOptions, ProbeOptions, ReadOptions, remote_l
 if TYPE_CHECKING:  # the results import pydantic: each function imports them when it builds one
     from modeltrace.fingerprint.core import Fingerprint
     from modeltrace.index.store import Index
+    from modeltrace.provenance.check import BundleResult
+    from modeltrace.report.verify import VerifyResult
     from modeltrace.results import (
         AuditResult,
         CompareProbe,
         IdentifyResult,
         IdentityProbe,
         InspectResult,
-        Recipe,
-        Replay,
         Report,
     )
 
 __all__ = ["audit", "fingerprint", "identify", "inspect", "load_report", "probe_compare", "probe_identity", "render",
-           "save"]
+           "save", "verify", "verify_attestation"]
 
 #: (done, total) in bytes of the streaming pass
 Progress = Callable[[int, int], None]
@@ -82,43 +84,14 @@ def audit_subjects(suspect: str, candidates: list[str], base: str | None, o: Aud
                    progress: Progress | None = None, seeds: dict[str, Any] | None = None,
                    command: str = "audit") -> AuditResult:
     """`audit` with the report's seeds and command named (the demo audits two models into one report)."""
-    from modeltrace.audit import run_audit
-    from modeltrace.sources.base import recording_remote_ranges
+    from modeltrace.pipeline import audit_pipeline
+    from modeltrace.report.build import new_report
+    from modeltrace.results import AuditResult
 
-    nbytes = o.budget_bytes()
-    with remote_limits(o, nbytes):
-        with recording_remote_ranges():
-            run = run_audit(suspect, candidates, base=base, sample=o.sample, chunk_bytes=o.chunk_bytes,
-                            progress=progress, allow_pickle=o.allow_pickle, workers=o.workers, ray=o.ray,
-                            address=o.address, budget=nbytes)
-        from modeltrace.report.build import audit_parameters, audit_subject, new_report  # after the reading
-        from modeltrace.results import AuditResult
-        from modeltrace.verdict import decide
-
-        verdict = decide(run)
-        recipe, replayed = _recipe(verdict, o.verify)
-        verdict["mergekit_yaml"] = recipe.yaml if recipe else None
-        if replayed is not None:
-            verdict["verify"] = replayed.model_dump(exclude_unset=True)
-        params = audit_parameters(candidates, base, run.sample, o.chunk_bytes, o.allow_pickle, o.hashes)
-        subject, findings = audit_subject(run, verdict, params, full_hashes=o.hashes, allow_pickle=o.allow_pickle,
-                                          seeds=seeds)
-    assert subject.audit is not None
-    return AuditResult(verdict=subject.audit, recipe=recipe, replay=replayed,
-                       report=new_report(command, [subject], findings))
-
-
-def _recipe(verdict: dict[str, Any], verify: bool) -> tuple[Recipe | None, Replay | None]:
-    from modeltrace.recipe import replay, to_mergekit, to_yaml
-    from modeltrace.results import Recipe, Replay
-
-    cfg = to_mergekit(verdict, verdict["sources"])
-    recipe = Recipe(method=cfg["merge_method"], config=cfg, yaml=to_yaml(cfg)) if cfg else None
-    if not verify:
-        return recipe, None
-    if cfg is None:
-        return recipe, Replay(replayed=False, reason="no merge recipe to replay")
-    return recipe, Replay.model_validate(replay(verdict, verdict["sources"], cfg))
+    done = audit_pipeline(suspect, candidates, base, o, progress=progress, seeds=seeds)
+    assert done.subject.audit is not None
+    return AuditResult(verdict=done.subject.audit, recipe=done.recipe, replay=done.replay,
+                       report=new_report(command, [done.subject], done.findings))
 
 
 def fingerprint(model: str | Path, *, options: ReadOptions | None = None) -> Fingerprint:
@@ -132,11 +105,12 @@ def fingerprint(model: str | Path, *, options: ReadOptions | None = None) -> Fin
 
 
 def identify(suspect: str | Path, index: Index | str | Path | None = None, *, top: int = 5, digest: bool = False,
-             options: ReadOptions | None = None) -> IdentifyResult:
+             options: ReadOptions | None = None, progress: Progress | None = None) -> IdentifyResult:
     """Which indexed models is `suspect` made from, and how? Ranks the index (an open `Index`, a path, or None for
     $MODELTRACE_INDEX / the default) by evidence of ancestry, p-values Holm-adjusted over all of it, and recovers
     relation and recipe from fingerprints; `audit_command` confirms it on the weights. `digest`: also compute the
-    suspect's content digest (reads every tensor), so identical models are named at once."""
+    suspect's content digest (reads every tensor), so identical models are named at once; `progress(done, total)`
+    in bytes of that digest."""
     from modeltrace.identify import identify as run_identify
     from modeltrace.index.store import Index, default_index_path
     from modeltrace.results import IdentifyResult
@@ -156,7 +130,15 @@ def identify(suspect: str | Path, index: Index | str | Path | None = None, *, to
                 from modeltrace.sources import open_source
 
                 with open_source(spec, allow_pickle=o.allow_pickle) as src:
-                    cd = content_digest(src)
+                    total = sum(t.nbytes for t in src.tensors().values())
+                    done = [0]
+
+                    def advance(n: int) -> None:
+                        done[0] += n
+                        if progress is not None:
+                            progress(done[0], total)
+
+                    cd = content_digest(src, progress=advance)
             doc = run_identify(fp, ix, top=top, digest=cd)
         finally:
             if owned:
@@ -214,6 +196,33 @@ def probe_compare(suspect: str, candidates: Sequence[str], references: Sequence[
 def _backend_options(o: ProbeOptions, planned: int) -> dict[str, Any]:
     return {"endpoint": o.endpoint, "api_key_env": o.api_key_env, "concurrency": o.concurrency,
             "timeout": o.timeout, "retries": o.retries, "budget": o.budget or 2 * planned, "device": o.device}
+
+
+def verify(report: str | Path | Report, *, tolerance: float = 0.02, allow_pickle: bool = False) -> VerifyResult:
+    """Re-check a report against the same sources: file hashes, pinned remote commits and byte ranges, and every
+    conclusion re-derived with the recorded parameters (the audit through the same pipeline). `.ok` when all match;
+    each difference is a check with its explanation."""
+    from modeltrace.report.model import Report
+    from modeltrace.report.verify import verify_report
+
+    if tolerance < 0:
+        raise InputError("tolerance must be >= 0")
+    doc = report if isinstance(report, Report) else load_report(report)
+    return verify_report(doc, tolerance=tolerance, allow_pickle=allow_pickle)
+
+
+def verify_attestation(report: str | Path, bundle: str | Path, *, key: str | Path | None = None,
+                       trust_roots: Sequence[str | Path] = (), model: str | None = None, recompute: bool = False,
+                       tolerance: float = 0.02, allow_pickle: bool = False) -> BundleResult:
+    """Check a signed attestation (`modeltrace attest`): its signature against the trusted `key` or `trust_roots`,
+    that `report` is the attested report, that the model in hand (`model`, default where the report says) has the
+    attested content digest; `recompute` also re-derives the finding."""
+    from modeltrace.provenance.check import verify_bundle
+
+    if (key is None) == (not trust_roots):
+        raise InputError("an attestation needs the signer's trust: exactly one of key or trust_roots")
+    return verify_bundle(Path(report), Path(bundle), None if key is None else Path(key),
+                         [Path(t) for t in trust_roots], model, recompute, tolerance, allow_pickle)
 
 
 def load_report(path: str | Path) -> Report:

@@ -250,18 +250,18 @@ def register(app: typer.Typer) -> None:
 
         Example: modeltrace identify ./new-upload --top 5
         """
-        from modeltrace.fingerprint import make_fingerprint
-        from modeltrace.identify import identify
+        from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 
-        remote_limits(timeout, connections)
-        with _open(index) as ix:
-            fp = make_fingerprint(suspect, allow_pickle=allow_pickle)
-            cd = None
-            if digest:
-                from modeltrace.commands.provenance import digest_model
+        from modeltrace.api import identify
+        from modeltrace.options import ReadOptions
 
-                cd = digest_model(suspect, allow_pickle)
-            res = identify(fp, ix, top=top, digest=cd)
+        options = ReadOptions(allow_pickle=allow_pickle, timeout=timeout, connections=connections)
+        with _open(index) as ix, Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                                          TimeRemainingColumn(), console=err, disable=not err.is_terminal,
+                                          transient=True) as bar:
+            task = bar.add_task(f"content digest of {suspect}", total=None, visible=digest)
+            res = identify(suspect, ix, top=top, digest=digest, options=options,
+                           progress=lambda done, total: bar.update(task, completed=done, total=total)).document()
         if json_out:
             print_json(res)
             warn_damaged(res)

@@ -46,23 +46,20 @@ def register(app: typer.Typer) -> None:
 
         Example: modeltrace verify rio-report.json;  modeltrace verify rio.json --bundle rio.sigstore.json --key pub.pem
         """
+        from modeltrace.api import verify, verify_attestation
         from modeltrace.errors import InputError
-        from modeltrace.report.model import load_report
-        from modeltrace.report.verify import verify_report
 
         if tolerance < 0:
             raise InputError("--tolerance must be >= 0")
         if bundle is not None:
-            from modeltrace.provenance.check import verify_bundle
-
             if (key is None) == (not trust_root):
                 raise InputError("--bundle needs the signer's trust: exactly one of --key PUBKEY or --trust-root CA")
-            result = verify_bundle(report, bundle, key, list(trust_root or []), model, recompute, tolerance,
-                                   allow_pickle)
+            result = verify_attestation(report, bundle, key=key, trust_roots=list(trust_root or []), model=model,
+                                        recompute=recompute, tolerance=tolerance, allow_pickle=allow_pickle)
         elif key or trust_root or recompute or model:
             raise InputError("--key, --trust-root, --recompute and --model go with --bundle")
         else:
-            result = verify_report(load_report(report), tolerance=tolerance, allow_pickle=allow_pickle)
+            result = verify(report, tolerance=tolerance, allow_pickle=allow_pickle)
         if json_out:
             sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
         else:

@@ -108,10 +108,9 @@ def _check_files(res: VerifyResult, subject: str, src: SourceEvidence) -> None:
 
 
 def _recheck_audit(res: VerifyResult, s: Subject, recorded: list[Finding], tol: float, allow_pickle: bool) -> None:
-    from modeltrace.audit import DEFAULT_AUDIT_CHUNK, run_audit
-    from modeltrace.report.build import audit_subject
-    from modeltrace.sources.base import recording_remote_ranges
-    from modeltrace.verdict import decide
+    from modeltrace.audit import DEFAULT_AUDIT_CHUNK
+    from modeltrace.options import AuditOptions
+    from modeltrace.pipeline import audit_pipeline
 
     ev = s.evidence
     assert ev is not None and s.audit is not None
@@ -120,12 +119,13 @@ def _recheck_audit(res: VerifyResult, s: Subject, recorded: list[Finding], tol: 
     cands = list(params.get("candidates") or [])
     base = params.get("base")
     suspect = s.location
-    with recording_remote_ranges():
-        run = run_audit(_pinned(suspect, by_spec.get(suspect)), [_pinned(c, by_spec.get(c)) for c in cands],
-                        base=_pinned(base, by_spec.get(base)) if base else None, sample=params.get("sample"),
-                        chunk_bytes=int(params.get("chunk_bytes") or DEFAULT_AUDIT_CHUNK),
-                        allow_pickle=bool(params.get("allow_pickle", allow_pickle)))
-    new = decide(run)
+    options = AuditOptions(sample=params.get("sample"), chunk_bytes=int(params.get("chunk_bytes") or
+                                                                        DEFAULT_AUDIT_CHUNK),
+                           allow_pickle=bool(params.get("allow_pickle", allow_pickle)))
+    done = audit_pipeline(_pinned(suspect, by_spec.get(suspect)), [_pinned(c, by_spec.get(c)) for c in cands],
+                          _pinned(base, by_spec.get(base)) if base else None, options, parameters=dict(params),
+                          evidence=False)
+    run, new = done.run, done.verdict
     # labels of the re-run (pinned specs) -> labels in the report
     pinned_to_old = {_pinned(x.spec, x): x.label for x in ev.sources}
     rename = {vw.label: pinned_to_old.get(vw.spec, vw.label) for vw in run.views}
@@ -134,9 +134,7 @@ def _recheck_audit(res: VerifyResult, s: Subject, recorded: list[Finding], tol: 
         if old is not None and old.spec.startswith("hf://"):
             _check_remote(res, s.name, old, vw.source)
     compare_verdicts(res, s.name, s.audit, Verdict.model_validate(new), rename, tol)
-    subject, findings = audit_subject(run, new, dict(params), allow_pickle=bool(params.get("allow_pickle",
-                                                                                          allow_pickle)),
-                                      evidence=False)
+    subject, findings = done.subject, done.findings
     subject = Subject.model_validate(renamed(subject.model_dump(), rename))
     compare_findings(res, s.name, recorded, [Finding.model_validate(renamed(f.model_dump(), rename))
                                              for f in findings], tol * DERIVED_SHARE)
