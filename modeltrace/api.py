@@ -85,10 +85,11 @@ def audit_subjects(suspect: str, candidates: list[str], base: str | None, o: Aud
                    command: str = "audit") -> AuditResult:
     """`audit` with the report's seeds and command named (the demo audits two models into one report)."""
     from modeltrace.pipeline import audit_pipeline
-    from modeltrace.report.build import new_report
-    from modeltrace.results import AuditResult
 
     done = audit_pipeline(suspect, candidates, base, o, progress=progress, seeds=seeds)
+    from modeltrace.report.build import new_report  # after the reading: the first byte does not wait for them
+    from modeltrace.results import AuditResult
+
     assert done.subject.audit is not None
     return AuditResult(verdict=done.subject.audit, recipe=done.recipe, replay=done.replay,
                        report=new_report(command, [done.subject], done.findings))
@@ -174,9 +175,11 @@ def probe_identity(model: str, *, languages: Sequence[str] | None = None, questi
 
 
 def probe_compare(suspect: str, candidates: Sequence[str], references: Sequence[str] = (), *, prompts: int = 48,
-                  positions: int = 8, alpha: float = 0.01, options: ProbeOptions | None = None) -> CompareProbe:
+                  positions: int = 8, alpha: float = 0.01, options: ProbeOptions | None = None,
+                  progress_factory: Callable[[str, int], Callable[[int], None]] | None = None) -> CompareProbe:
     """Which candidate does `suspect` behave like? The same prompts to every model; greedy outputs and next-token
-    distributions compared against unrelated `references`, Holm-adjusted p-values."""
+    distributions compared against unrelated `references`, Holm-adjusted p-values. `progress_factory(label, total)`
+    gives the callback that counts one model's answers."""
     from modeltrace.probes.backends import open_backend
     from modeltrace.probes.compare import run_compare
     from modeltrace.probes.reporting import compare_report
@@ -188,7 +191,8 @@ def probe_compare(suspect: str, candidates: Sequence[str], references: Sequence[
         raise InputError("--alpha must be in (0, 1); --max-tokens and --positions at least 1")
     backend_opts = _backend_options(o, 4 * prompts)
     rep = run_compare(suspect, list(candidates), list(references), lambda spec: open_backend(spec, **backend_opts),
-                      n_prompts=prompts, max_tokens=max_tokens, positions=positions, seed=o.seed, alpha=alpha)
+                      n_prompts=prompts, max_tokens=max_tokens, positions=positions, seed=o.seed, alpha=alpha,
+                      progress_factory=progress_factory)
     return CompareProbe(summary=rep["summary"], models=rep["models"], warnings=rep["warnings"],
                         report=compare_report(rep, suspect), data=rep)
 

@@ -7,12 +7,19 @@ streaming pass all show as they happen. Reads made in worker processes (--worker
 
 from __future__ import annotations
 
+import sys
+
 from rich.progress import ProgressColumn, Task
 from rich.text import Text
 
-from modeltrace.sources.remote import read_counts
-
 __all__ = ["RemoteReadsColumn"]
+
+
+def _counts() -> tuple[int, int]:
+    """(requests, bytes) answered so far in this process; (0, 0) while the remote reader (and its HTTP stack, ~0.3 s
+    of imports) has not been loaded, since then nothing remote was read."""
+    remote = sys.modules.get("modeltrace.sources.remote")
+    return (0, 0) if remote is None else remote.read_counts()
 
 
 class RemoteReadsColumn(ProgressColumn):
@@ -20,10 +27,10 @@ class RemoteReadsColumn(ProgressColumn):
 
     def __init__(self) -> None:
         super().__init__()
-        self.start = read_counts()
+        self.start = _counts()
 
     def render(self, task: Task) -> Text:
-        n, nbytes = (now - then for now, then in zip(read_counts(), self.start, strict=True))
+        n, nbytes = (now - then for now, then in zip(_counts(), self.start, strict=True))
         if n <= 0:
             return Text("")
         return Text(f"{n:,} request{'s' if n > 1 else ''}, {nbytes / 1e6:,.1f} MB fetched", style="progress.download")

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from modeltrace.console import FormatOpt, JsonOpt, OutputOpt, _report_format, deliver, err, guarded, out
-from modeltrace.errors import InputError
 
 probe_app = typer.Typer(
     name="probe",
@@ -40,17 +39,6 @@ def _progress(enabled: bool):
 
     return Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                     TimeRemainingColumn(), console=err, disable=not enabled, transient=True)
-
-
-def _opener(endpoint: str | None, api_key_env: str | None, budget_for: int, **opts: Any):
-    from modeltrace.probes.backends import open_backend
-
-    def open_(spec: str):
-        budget = opts.get("budget") or 2 * budget_for
-        return open_backend(spec, endpoint=endpoint, api_key_env=api_key_env,
-                            **{**opts, "budget": budget})
-
-    return open_
 
 
 @probe_app.command("identity")
@@ -93,25 +81,21 @@ def identity_cmd(
 
     Example: modeltrace probe identity ./rio --no-system-prompt --expect Rio
     """
+    from modeltrace.api import probe_identity
+    from modeltrace.options import ProbeOptions
     from modeltrace.probes.bank import select_questions
-    from modeltrace.probes.identity import run_identity
-    from modeltrace.probes.reporting import identity_report
 
     fmt = _report_format(fmt, json_out, output)
-    if system_prompt is not None and no_system_prompt:
-        raise InputError("--system-prompt and --no-system-prompt are exclusive")
-    if samples < 1 or max_tokens < 1:
-        raise InputError("--samples and --max-tokens must be at least 1")
-    qs = select_questions(language, questions)
-    opener = _opener(endpoint, api_key_env, len(qs) * samples, concurrency=concurrency, timeout=timeout,
-                     retries=retries, budget=budget, device=device)
-    with opener(model) as backend, _progress((fmt is None or output is not None) and err.is_terminal) as bar:
-        task = bar.add_task("asking", total=len(qs) * samples)
-        rep = run_identity(backend, qs, samples=samples, system_prompt=system_prompt,
-                           no_system_prompt=no_system_prompt, expected=expect, max_tokens=max_tokens,
-                           temperature=temperature, top_p=top_p, seed=seed,
-                           progress=lambda k: bar.advance(task, k))
-    deliver(identity_report(rep, model), fmt, output, lambda: render_identity(rep))
+    options = ProbeOptions(endpoint=endpoint, api_key_env=api_key_env, concurrency=concurrency, timeout=timeout,
+                           retries=retries, budget=budget, device=device, max_tokens=max_tokens,
+                           temperature=temperature, top_p=top_p, seed=seed)
+    planned = len(select_questions(language, questions)) * max(samples, 1)  # also checks the languages now
+    with _progress((fmt is None or output is not None) and err.is_terminal) as bar:
+        task = bar.add_task("asking", total=planned)
+        res = probe_identity(model, languages=language, questions=questions, samples=samples,
+                             system_prompt=system_prompt, no_system_prompt=no_system_prompt, expect=expect,
+                             options=options, progress=lambda k: bar.advance(task, k))
+    deliver(res.report, fmt, output, lambda: render_identity(res.document()))
 
 
 def render_identity(rep: dict) -> None:
@@ -182,24 +166,21 @@ def compare_cmd(
 
     Example: modeltrace probe compare ./suspect -c ./parent -c ./other -r ./unrelated1 -r ./unrelated2
     """
-    from modeltrace.probes.compare import run_compare
-    from modeltrace.probes.reporting import compare_report
+    from modeltrace.api import probe_compare
+    from modeltrace.options import ProbeOptions
 
     fmt = _report_format(fmt, json_out, output)
-    if not 0 < alpha < 1 or max_tokens < 1 or positions < 1:
-        raise InputError("--alpha must be in (0, 1); --max-tokens and --positions at least 1")
-    opener = _opener(endpoint, api_key_env, 4 * prompts, concurrency=concurrency, timeout=timeout,
-                     retries=retries, budget=budget, device=device)
+    options = ProbeOptions(endpoint=endpoint, api_key_env=api_key_env, concurrency=concurrency, timeout=timeout,
+                           retries=retries, budget=budget, device=device, max_tokens=max_tokens, seed=seed)
     with _progress((fmt is None or output is not None) and err.is_terminal) as bar:
 
         def factory(label: str, total: int):
             task = bar.add_task(label, total=total or None)
             return lambda k: bar.advance(task, k)
 
-        rep = run_compare(suspect, list(candidate), list(reference or []), opener, n_prompts=prompts,
-                          max_tokens=max_tokens, positions=positions, seed=seed, alpha=alpha,
-                          progress_factory=factory)
-    deliver(compare_report(rep, suspect), fmt, output, lambda: render_compare(rep))
+        res = probe_compare(suspect, list(candidate), list(reference or []), prompts=prompts, positions=positions,
+                            alpha=alpha, options=options, progress_factory=factory)
+    deliver(res.report, fmt, output, lambda: render_compare(res.document()))
 
 
 def _short_names(specs: list[str]) -> dict[str, str]:
