@@ -28,9 +28,9 @@ import numpy as np  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
 from benchmarks.common import data_dir, rss_mb  # noqa: E402
+from modeltrace.align.match_test import unit_test  # noqa: E402
 from modeltrace.align.sketch import RES_SAMPLE_WIDE, Sketcher, res_coords  # noqa: E402
 from modeltrace.align.units import unit_features  # noqa: E402
-from modeltrace.align.match_test import unit_test  # noqa: E402
 from modeltrace.align.view import open_view  # noqa: E402
 from modeltrace.architectures import Slot  # noqa: E402
 
