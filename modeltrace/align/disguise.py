@@ -71,7 +71,8 @@ def _routers_moved(s: ModelView, c: ModelView, k: int = 8, layers: int = 4) -> b
         if cp is None or (cp.rows, cp.cols) != (part.rows, part.cols) or part.rows < 2:
             continue
         ids = np.arange(min(k, part.rows))
-        a, b = gather(s, slot, ids).astype(np.float64), gather(c, slot, ids).astype(np.float64)
+        a: np.ndarray = gather(s, slot, ids).astype(np.float64)
+        b: np.ndarray = gather(c, slot, ids).astype(np.float64)
         a -= a.mean(axis=1, keepdims=True)
         b -= b.mean(axis=1, keepdims=True)
         den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)

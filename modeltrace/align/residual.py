@@ -43,8 +43,8 @@ def embed_identity(s: ModelView, c: ModelView) -> float:
     n = min(s.parts[slot].rows, c.parts[slot].rows)
     # two contiguous blocks of 16 rows (two reads, also over HTTP ranges)
     ids = np.unique(np.concatenate([np.arange(16), n // 2 + np.arange(16)]).clip(0, n - 1))
-    a = gather(s, slot, ids).ravel().astype(np.float64)
-    b = gather(c, slot, ids).ravel().astype(np.float64)
+    a: np.ndarray = gather(s, slot, ids).ravel().astype(np.float64)
+    b: np.ndarray = gather(c, slot, ids).ravel().astype(np.float64)
     a, b = a - a.mean(), b - b.mean()
     den = np.linalg.norm(a) * np.linalg.norm(b)
     return float(a @ b / den) if den > 0 else 0.0
@@ -232,8 +232,8 @@ def _streamed_procrustes(s: ModelView, c: ModelView, vocab: np.ndarray | None, g
         ids, cids = ids[keep], cids[keep]
         g = (gains or {}).get(Slot("final_norm")) if role == "lm_head" else None
         for a in range(0, len(ids), chunk):
-            xs = gather(s, slot, ids[a:a + chunk]).astype(np.float64)
-            xc = gather(c, slot, cids[a:a + chunk]).astype(np.float64)
+            xs: np.ndarray = gather(s, slot, ids[a:a + chunk]).astype(np.float64)
+            xc: np.ndarray = gather(c, slot, cids[a:a + chunk]).astype(np.float64)
             if xs.shape[1] != h or xc.shape[1] != h:
                 return None, -np.inf
             if g is not None and len(g) == h:

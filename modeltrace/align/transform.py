@@ -62,8 +62,8 @@ def gather(view: ModelView, slot: Slot, idx: np.ndarray, whole: np.ndarray | Non
         return view.read(slot, int(idx[0]), int(idx[-1]) + 1)
     order = np.argsort(idx, kind="stable")
     s = idx[order]
-    out = np.empty((len(idx), cols), dtype=np.float32)
-    breaks = np.nonzero(np.diff(s) > GAP)[0] + 1
+    out: np.ndarray = np.empty((len(idx), cols), dtype=np.float32)
+    breaks: np.ndarray = np.nonzero(np.diff(s) > GAP)[0] + 1
     for g in np.split(np.arange(len(s)), breaks):
         lo, hi = int(s[g[0]]), int(s[g[-1]]) + 1
         block = view.read(slot, lo, hi)

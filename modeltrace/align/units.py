@@ -55,7 +55,7 @@ def _layer_signature(sk: Sketcher, layer: int, coords: np.ndarray) -> np.ndarray
             continue
         g = np.zeros((len(coords), len(coords)))
         for sl in groups[key]:
-            x = sk.rows(sl, coords).astype(np.float64)
+            x: np.ndarray = sk.rows(sl, coords).astype(np.float64)
             g += x @ x.T
         d = np.sqrt(np.maximum(np.diag(g), 1e-300))
         cg = g / d[:, None] / d[None, :]
@@ -68,7 +68,8 @@ def _layer_signature(sk: Sketcher, layer: int, coords: np.ndarray) -> np.ndarray
 
 def layer_map(al: Alignment, s: ModelView, c: ModelView, sk_s: Sketcher, sk_c: Sketcher, coords: np.ndarray,
                ci: int, matches: list[LayerMatch]) -> None:
-    exact = {m.layer: m.source_layer for m in matches if m.exact and m.candidate == ci - 1}
+    exact = {m.layer: m.source_layer for m in matches
+             if m.exact and m.candidate == ci - 1 and m.source_layer is not None}
     s_layers = sorted({sl.layer for sl in s.parts if sl.layer >= 0})
     c_layers = sorted({sl.layer for sl in c.parts if sl.layer >= 0})
     sig_s = {layer: _layer_signature(sk_s, layer, coords) for layer in s_layers}
@@ -85,7 +86,7 @@ def layer_map(al: Alignment, s: ModelView, c: ModelView, sk_s: Sketcher, sk_c: S
         sims = {m: float(a @ b) for m, b in sig_c.items() if b is not None and b.shape == a.shape}
         if not sims:
             continue
-        order = sorted(sims, key=sims.get, reverse=True)
+        order = sorted(sims, key=lambda m: sims[m], reverse=True)
         best = order[0]
         second = sims[order[1]] if len(order) > 1 else 0.0
         if best != layer and sims[best] >= LAYER_MIN_SIM and sims[best] - max(second, sims.get(layer, -1)) \
@@ -123,7 +124,8 @@ def head_dims(view: ModelView) -> tuple[int, int, int]:
     if not isinstance(nh, int) or not isinstance(nkv, int) or q is None or nh <= 0:
         return 0, 0, 0
     rows = view.parts[q].cols if rs.residual_axis(q.role) == 0 else view.parts[q].rows
-    hd = cfg.get("head_dim") if isinstance(cfg.get("head_dim"), int) else rows // nh
+    hd_cfg = cfg.get("head_dim")
+    hd = hd_cfg if isinstance(hd_cfg, int) else rows // nh
     if hd <= 0 or rows % hd:
         return 0, 0, 0
     return nh, nkv, hd
@@ -312,7 +314,7 @@ def _expert_summary(sk: Sketcher, layer: int, experts: list[int], coords: np.nda
     rr = sk.cols(routers[0], coords) if routers and sk.has(routers[0]) else None
     iu = np.triu_indices(len(coords), 1)
     for j, e in enumerate(experts):
-        x = sk.rows(Slot(down, layer, e), coords).astype(np.float64)
+        x: np.ndarray = sk.rows(Slot(down, layer, e), coords).astype(np.float64)
         g = x @ x.T
         d = np.sqrt(np.maximum(np.diag(g), 1e-300))
         parts = [_unit(x.sum(axis=1)), _unit((g / d[:, None] / d[None, :])[iu])]

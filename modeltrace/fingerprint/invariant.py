@@ -115,7 +115,7 @@ def _memo(fp: Fingerprint, key: tuple, make):  # noqa: ANN001, ANN202
     return got
 
 
-def _gram(x: np.ndarray) -> np.ndarray:
+def _gram(x: np.ndarray) -> np.ndarray | None:
     """x x^T per stacked matrix when that is the smaller Gram (rows < columns), else None."""
     return x @ x.swapaxes(-1, -2) if x.shape[-2] < x.shape[-1] else None
 
@@ -189,15 +189,17 @@ def product_evidence(a: RobustSection, b: RobustSection, ia: np.ndarray, ib: np.
         x = np.concatenate([centred[s][0] for s in members])
         y = np.concatenate([centred[s][1] for s in members])
         stacked[x.shape].append((x, y))
-    zs, rs, fz = [], [], []
+    zs: list[float] = []
+    rs: list[float] = []
+    fz: list[float] = []
     for (n, m), xy in stacked.items():
         z, r = exchangeable_stack(np.stack([x for x, _ in xy]), np.stack([y for _, y in xy]))
         zs += z.tolist()
         rs += r.tolist()
         fz += fisher_z_many(r, (n - n // len(ia)) * (m - 1)).tolist()  # n / len(ia) matrices of len(ia) rows
-    z_all, z_best = stouffer(zs), float(best_of_z(max(zs), len(zs)))
-    z = max(z_all, z_best)
-    return (PairEvidence(min(0.0, log10_sf(z) + math.log10(2)), z, z_all, z_best, len(zs), float(np.median(rs))),
+    z_all, z_best = float(stouffer(zs)), float(best_of_z(max(zs), len(zs)))
+    top = max(z_all, z_best)
+    return (PairEvidence(min(0.0, log10_sf(top) + math.log10(2)), top, z_all, z_best, len(zs), float(np.median(rs))),
             stouffer(fz))
 
 
@@ -281,7 +283,8 @@ def residual_map(xs: np.ndarray, xc: np.ndarray, full: bool = True, memo: Finger
     return out
 
 
-def _token_side(a: RobustSection, ia: np.ndarray, roles: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _token_side(a: RobustSection, ia: np.ndarray, roles: list[str]
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """The suspect's token rows at `ia`, double-centred (as a stack of one) and their Gram."""
     xs = token_matrix(a, ia, roles)
     xdc = double_centred(xs)[None]

@@ -80,7 +80,7 @@ def token_keys(view: ModelView, n: int) -> tuple[str, np.ndarray]:
     except Exception:  # noqa: BLE001 - a damaged tokenizer must not sink a fingerprint: fall back to ids
         strings = None
     if strings:
-        keys = np.full(n, np.iinfo(np.uint64).max, dtype=np.uint64)
+        keys: np.ndarray = np.full(n, np.iinfo(np.uint64).max, dtype=np.uint64)
         seen: set[str] = set()
         for i, t in enumerate(strings[:n]):
             if t and t not in seen:
@@ -167,7 +167,7 @@ class Collector:
             ok = ids < part.rows
             if not ok.all():
                 continue
-            got = np.empty((len(ids), hidden), dtype=np.float32)
+            got: np.ndarray = np.empty((len(ids), hidden), dtype=np.float32)
             got[srt] = gather(view, Slot(r), ids[srt])  # type: ignore[arg-type]
             rows[r] = got
         if "embed" not in rows and "lm_head" not in rows:
@@ -192,7 +192,7 @@ class Collector:
         kp = min(len(ids), PRODUCT_TOKENS, max(MIN_PRODUCT_TOKENS, PRODUCT_BYTES // max(2 * block_rows, 1)))
         emb = rows.get("embed")
         if emb is not None:
-            e = emb[:kp].astype(np.float64)
+            e: np.ndarray = emb[:kp].astype(np.float64)
             rms = np.sqrt(np.mean(e * e, axis=1, keepdims=True))
             self.probe = np.divide(e, rms, out=np.zeros_like(e), where=rms > 0).astype(np.float32)
         else:
@@ -225,7 +225,7 @@ class Collector:
             return
         gain_slot = self.roles.gain_slot(p.slot)
         g = self.full_gains.get(gain_slot) if gain_slot is not None else None
-        w = block.astype(np.float64)
+        w: np.ndarray = block.astype(np.float64)
         if not np.isfinite(w).all():
             w = np.nan_to_num(w, nan=0.0, posinf=0.0, neginf=0.0)
         if g is not None:

@@ -225,24 +225,25 @@ def _token_mode(suspect: Fingerprint, fps: dict[str, Fingerprint], related: list
     a = suspect.robust
     if a is None:
         return None
-    group = [n for n in related if fps[n].robust is not None and dv.get(n) is not None]
+    rob = {n: r for n in related if (r := fps[n].robust) is not None and dv.get(n) is not None}
+    group = list(rob)
     if not group:
         return None
     keys = a.keys
     for n in group:
-        r = fps[n].robust
+        r = rob[n]
         keys = np.intersect1d(keys, r.keys if r.token_kind == a.token_kind else np.zeros(0, np.uint64))
-    roles = [x for x in ("embed", "lm_head") if x in a.rows and all(x in fps[n].robust.rows for n in group)]
+    roles = [x for x in ("embed", "lm_head") if x in a.rows and all(x in rob[n].rows for n in group)]
     if len(keys) < 16 or not roles:
         return None
-    idx = {n: np.searchsorted(fps[n].robust.keys, keys) for n in group}
-    ia = np.searchsorted(a.keys, keys)
+    idx: dict[str, np.ndarray] = {n: np.asarray(np.searchsorted(rob[n].keys, keys)) for n in group}
+    ia: np.ndarray = np.asarray(np.searchsorted(a.keys, keys))
     xs = token_matrix(a, ia, roles)
     h = xs.shape[1]
     folded = a.folded()
     maps: dict[str, tuple[str, np.ndarray | None, np.ndarray | None]] = {}
     for n in group:
-        r = fps[n].robust
+        r = rob[n]
         if r.hidden != h:
             continue
         xc = token_matrix(r, idx[n], roles, fold=folded and not r.folded())
@@ -262,7 +263,7 @@ def _token_mode(suspect: Fingerprint, fps: dict[str, Fingerprint], related: list
     if not maps:
         return None
     rows = int(suspect.slots[Slot("embed")].rows) if Slot("embed") in suspect.slots else len(keys)
-    out = {n: token_fp(fps[n], idx[n], rows, cols=m[1], rot=m[2], fold=folded and not fps[n].robust.folded())
+    out = {n: token_fp(fps[n], idx[n], rows, cols=m[1], rot=m[2], fold=folded and not rob[n].folded())
            for n, m in maps.items()}
     kinds = {m[0] for m in maps.values()}
     notes = []
@@ -270,7 +271,7 @@ def _token_mode(suspect: Fingerprint, fps: dict[str, Fingerprint], related: list
         notes.append("residual stream permuted")
     if "rotated" in kinds:
         notes.append("residual stream rotated (orthogonal map fitted on token rows)")
-    if folded and any(not fps[n].robust.folded() for n in maps):
+    if folded and any(not rob[n].folded() for n in maps):
         notes.append("norm gains folded into the matrices that read them")
     notes.append(f"recipe from {len(keys)} shared token rows of {' and '.join(roles)} only")
     s_fp = token_fp(suspect, ia, rows)
