@@ -44,8 +44,7 @@ class Roles:
         if role.endswith("_bias"):
             return sem.writes, ""
         rows, cols = (sem.reads, sem.writes) if sem.table else (sem.writes, sem.reads)
-        base = role[:-5] if role.endswith("_bias") else role
-        return (cols, rows) if base in self.transposed else (rows, cols)
+        return (cols, rows) if role in self.transposed else (rows, cols)
 
     def residual_axis(self, role: str) -> int | None:
         """0 when the stored part's rows are the residual stream, 1 when its columns are, else None."""
