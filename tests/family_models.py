@@ -121,13 +121,20 @@ def permute_mlp(m: Model, rng: np.random.Generator) -> Model:
 
 
 def permute_heads(m: Model, rng: np.random.Generator) -> Model:
-    """Attention heads permuted in every layer (BERT: q, k, v rows and the output's columns, head by head)."""
-    assert m.config["model_type"] == "bert"
+    """Attention heads permuted in every layer (BERT: q, k, v rows and the output's columns, head by head; GPT-2: the
+    q, k and v column blocks of the fused c_attn and the rows of c_proj)."""
     out = m.copy()
     t = out.tensors
     hd = H // NH
     for i in range(L):
         rows = (rng.permutation(NH)[:, None] * hd + np.arange(hd)[None, :]).ravel()
+        if m.config["model_type"] == "gpt2":
+            p = f"transformer.h.{i}.attn."
+            fused = np.concatenate([rows, H + rows, 2 * H + rows])
+            t[f"{p}c_attn.weight"] = _take(t[f"{p}c_attn.weight"], fused, 1)
+            t[f"{p}c_attn.bias"] = _take(t[f"{p}c_attn.bias"], fused, 0)
+            t[f"{p}c_proj.weight"] = _take(t[f"{p}c_proj.weight"], rows, 0)
+            continue
         p = f"encoder.layer.{i}.attention."
         for n in ("self.query", "self.key", "self.value"):
             t[f"{p}{n}.weight"] = _take(t[f"{p}{n}.weight"], rows, 0)

@@ -40,6 +40,7 @@ class Alignment:
     q_heads: dict[int, np.ndarray] = field(default_factory=dict)
     kv_heads: dict[int, np.ndarray] = field(default_factory=dict)
     head_dim: tuple[int, int] = (0, 0)  # suspect, candidate
+    cand_heads: tuple[int, int] = (0, 0)  # the candidate's query and KV heads (to map a fused qkv matrix)
     mlp: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)  # (mlp|shared, layer) -> unit map
     experts: dict[int, np.ndarray] = field(default_factory=dict)
     expert_units: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
@@ -91,6 +92,8 @@ class Alignment:
             return head_blocks(self.q_heads[layer], self.head_dim[1]), True
         if space == "kv_heads" and layer in self.kv_heads:
             return head_blocks(self.kv_heads[layer], self.head_dim[1]), True
+        if space == "qkv" and (layer in self.q_heads or layer in self.kv_heads):
+            return self._qkv(layer), True
         if space in UNIT_SPACES and (space, layer) in self.mlp:
             return self.mlp[(space, layer)], True
         if space == "expert" and (layer, slot.expert) in self.expert_units:
@@ -98,6 +101,15 @@ class Alignment:
         if space == "experts" and layer in self.experts:
             return self.experts[layer], True
         return None, False
+
+    def _qkv(self, layer: int) -> np.ndarray:
+        """Candidate row per suspect row of a fused [q; k; v] output (query heads, then KV heads twice)."""
+        nq, nkv = self.cand_heads
+        hd = self.head_dim[1]
+        q = self.q_heads.get(layer, np.arange(nq))
+        kv = self.kv_heads.get(layer, np.arange(nkv))
+        return np.concatenate([head_blocks(q, hd), nq * hd + head_blocks(kv, hd),
+                               (nq + nkv) * hd + head_blocks(kv, hd)])
 
     def transform(self, slot: Slot, cview: ModelView) -> SlotTransform | None:
         """Where suspect slot `slot` sits in the candidate and how to read it there; None if nowhere."""

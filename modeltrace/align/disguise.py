@@ -159,6 +159,7 @@ def align_pair(s: ModelView, c: ModelView, ci: int, matches: list[LayerMatch]) -
     units.layer_map(al, s, c, sk_s, sk_c, coords, ci, matches)
     hs, hc = units.head_dims(s), units.head_dims(c)
     al.head_dim = (hs[2], hc[2])
+    al.cand_heads = (hc[0], hc[1])
     counts: dict = {"mlp": 0, "heads": 0, "kv": 0, "experts": 0, "expert_units": 0, "pruned": 0, "heads_pruned": "",
                     "heads_pruned_layers": 0}
     layers = sorted({sl.layer for sl in s.parts if sl.layer >= 0})

@@ -116,14 +116,16 @@ def layer_map(al: Alignment, s: ModelView, c: ModelView, sk_s: Sketcher, sk_c: S
 def head_dims(view: ModelView) -> tuple[int, int, int]:
     """(query heads, KV heads, head dim) from the config and the q/k shapes; zeros when unknown."""
     cfg = view.config
-    nh = cfg.get("num_attention_heads")
+    nh = cfg.get("num_attention_heads") or cfg.get("n_head")
     nkv = cfg.get("num_key_value_heads") or nh
     rs = roles_of(view.family)
-    qr = rs.writing("heads")
+    qr = rs.writing("heads") or rs.writing("qkv")
     q = next((sl for sl in view.parts if sl.role in qr), None)
     if not isinstance(nh, int) or not isinstance(nkv, int) or q is None or nh <= 0:
         return 0, 0, 0
     rows = view.parts[q].cols if rs.residual_axis(q.role) == 0 else view.parts[q].rows
+    if not rs.writing("heads"):  # fused q, k and v (GPT-2's c_attn): the query heads' share of the rows
+        rows = rows * nh // (nh + 2 * nkv) if rows % (nh + 2 * nkv) == 0 else 0
     hd_cfg = cfg.get("head_dim")
     hd = hd_cfg if isinstance(hd_cfg, int) else rows // nh
     if hd <= 0 or rows % hd:
@@ -165,21 +167,36 @@ def _attention_roles(roles: Roles) -> tuple[str, str, str, str] | None:
     return (q[0], kv[0], kv[1], o[0]) if len(q) == 1 and len(kv) == 2 and len(o) == 1 else None
 
 
+def _attention(sk: Sketcher, layer: int, coords: np.ndarray, dims: tuple[int, int, int]
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """(q, k, v: units x k, o: k x units) of one layer at the sampled residual coordinates; q, k and v cut out of a
+    fused matrix (GPT-2's c_attn, writing the "qkv" space) where the family declares one."""
+    nh, nkv, hd = dims
+    names, fused = _attention_roles(sk.roles), sk.roles.writing("qkv")
+    o_role = sk.roles.reading("heads")
+    if nh <= 0 or nkv <= 0 or len(o_role) != 1 or not sk.has(o := Slot(o_role[0], layer)):
+        return None
+    if names is not None:
+        q, k, v = (Slot(r, layer) for r in names[:3])
+        if not all(sk.has(x) for x in (q, k, v)) or _units_of(sk, q) != nh * hd:
+            return None
+        return sk.cols(q, coords), sk.cols(k, coords), sk.cols(v, coords), sk.rows(o, coords)
+    if len(fused) != 1 or not sk.has(f := Slot(fused[0], layer)) or _units_of(sk, f) != (nh + 2 * nkv) * hd:
+        return None
+    x = sk.cols(f, coords)
+    return x[:nh * hd], x[nh * hd:(nh + nkv) * hd], x[(nh + nkv) * hd:], sk.rows(o, coords)
+
+
 def heads(al: Alignment, s: ModelView, c: ModelView, sk_s: Sketcher, sk_c: Sketcher, coords: np.ndarray,
           layer: int, cl: int, hs: tuple[int, int, int], hc: tuple[int, int, int], counts: dict) -> None:
-    names = _attention_roles(sk_s.roles)
-    if names is None or _attention_roles(sk_c.roles) != names:
-        return
-    q, k, v, o = (Slot(r, layer) for r in names)
-    qc, kc, vc, oc = (Slot(r, cl) for r in names)
-    if not all(x in s.parts for x in (q, k, v, o)) or not all(x in c.parts for x in (qc, kc, vc, oc)):
-        return
     nh_s, nkv_s, hd = hs
     nh_c, nkv_c, _ = hc
-    if _units_of(sk_s, q) != nh_s * hd or _units_of(sk_c, qc) != nh_c * hd or nkv_s <= 0 or nkv_c <= 0:
+    got_s = _attention(sk_s, layer, coords, hs)
+    got_c = _attention(sk_c, cl, coords, hc) if got_s is not None else None
+    if got_s is None or got_c is None:
         return
-    ks, kcand = sk_s.cols(k, coords), sk_c.cols(kc, coords)
-    vs, vcand = sk_s.cols(v, coords), sk_c.cols(vc, coords)
+    qs_, ks, vs, os_ = got_s
+    qc_, kcand, vcand, oc_ = got_c
     gs = np.concatenate([ks.reshape(nkv_s, -1), vs.reshape(nkv_s, -1)], axis=1)
     gc = np.concatenate([kcand.reshape(nkv_c, -1), vcand.reshape(nkv_c, -1)], axis=1)
     gperm, _, _ = _small_match(gs, gc)
@@ -188,8 +205,6 @@ def heads(al: Alignment, s: ModelView, c: ModelView, sk_s: Sketcher, sk_c: Sketc
         al.kv_heads[layer] = gperm
         if np.any(np.diff(gperm) < 0):  # kept groups in their order are pruning, not a permutation
             counts["kv"] += 1
-    qs_, qc_ = sk_s.cols(q, coords), sk_c.cols(qc, coords)
-    os_, oc_ = sk_s.rows(o, coords), sk_c.rows(oc, coords)
     fs = np.concatenate([qs_.reshape(nh_s, -1), os_.reshape(len(coords), nh_s, hd).transpose(1, 0, 2)
                          .reshape(nh_s, -1)], axis=1)
     fc = np.concatenate([qc_.reshape(nh_c, -1), oc_.reshape(len(coords), nh_c, hd).transpose(1, 0, 2)
