@@ -28,8 +28,9 @@ import numpy as np  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
 from benchmarks.common import data_dir, rss_mb  # noqa: E402
-from modeltrace.align.disguise import RES_SAMPLE_WIDE, _Sketcher, _unit_features, res_coords  # noqa: E402
 from modeltrace.align.match_test import unit_test  # noqa: E402
+from modeltrace.align.sketch import RES_SAMPLE_WIDE, Sketcher, res_coords  # noqa: E402
+from modeltrace.align.units import unit_features  # noqa: E402
 from modeltrace.align.view import open_view  # noqa: E402
 from modeltrace.architectures import Slot  # noqa: E402
 
@@ -72,7 +73,7 @@ def sketch(path: Path, hidden: int) -> tuple[list[np.ndarray], list[np.ndarray]]
     view = open_view(str(path))
     coords = res_coords(hidden)
     coords = coords[np.linspace(0, len(coords) - 1, RES_SAMPLE_WIDE).astype(np.int64)]
-    feats = _unit_features(_Sketcher(view), Slot("mlp_gate", 0), Slot("mlp_up", 0), Slot("mlp_down", 0), coords)
+    feats = unit_features(Sketcher(view), [Slot("mlp_gate", 0), Slot("mlp_up", 0), Slot("mlp_down", 0)], coords)
     view.close()
     return feats
 

@@ -210,29 +210,24 @@ class SampleFamily:
 def _robust_layout(parts: dict[Slot, Part], plans: list) -> tuple[dict[str, tuple[int, ...]], np.ndarray, int]:
     """(array shapes, gain columns, product tokens) of the robust section that the collector
     (fingerprint/robust.py) makes for `parts` (bf16)."""
-    from modeltrace.fingerprint.robust import (
-        GAIN_OF,
-        GAIN_ROLES,
-        MIN_PRODUCT_TOKENS,
-        PRODUCT_BYTES,
-        PRODUCT_TOKENS,
-        READER_ROLES,
-        n_tokens,
-    )
+    from modeltrace.align.roles import roles_named
+    from modeltrace.fingerprint.robust import MIN_PRODUCT_TOKENS, PRODUCT_BYTES, PRODUCT_TOKENS, n_tokens, read_gains
     from modeltrace.fingerprint.sampling import KEEP_COLS, column_order
+
+    roles = roles_named("llama")
 
     emb = parts[Slot("embed")]
     hidden, vocab = emb.cols, emb.rows
     k = n_tokens(hidden, 2, True, vocab)
-    readers = [p for p in plans if p.slot.role in READER_ROLES and p.part.cols == hidden]
+    readers = [p for p in plans if p.slot.role in roles.readers and p.part.cols == hidden]
     kp = min(k, PRODUCT_TOKENS, max(MIN_PRODUCT_TOKENS, PRODUCT_BYTES // max(2 * sum(p.nrows for p in readers), 1)))
     idx: set[int] = set()
     for p in plans:
-        if p.part.cols == hidden and p.slot.role in GAIN_OF:
+        if p.part.cols == hidden and roles.gain_slot(p.slot) is not None:
             idx.update(int(c) for c in column_order(p.part.rows, p.part.cols)[:KEEP_COLS])
     shapes: dict[str, tuple[int, ...]] = {"robust:rows:embed": (k, hidden), "robust:rows:lm_head": (k, hidden)}
     for s in parts:
-        if s.role in GAIN_ROLES:
+        if s.role in read_gains(roles):
             shapes[f"robust:gain:{s.role}:{s.layer}"] = (hidden,) if s.role == "final_norm" else (len(idx),)
     for p in readers:
         shapes[f"robust:prod:{p.slot.role}:{p.slot.layer}:{p.slot.expert}"] = (kp, p.nrows)

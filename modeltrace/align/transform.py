@@ -13,38 +13,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from modeltrace.align.core import ResidualMap
 from modeltrace.align.view import ModelView
 from modeltrace.architectures import Slot
+
+__all__ = ["GAP", "WHOLE_BYTES", "AlignedReader", "ResidualMap", "SlotTransform", "gather"]
 
 #: Row indices closer than this are read as one span (fewer, larger reads for locally shuffled rows).
 GAP = 8
 #: Candidate tensors up to this many float32 bytes are read whole once per slot and gathered in memory.
 WHOLE_BYTES = 8 * 1024 * 1024
-
-
-@dataclass
-class ResidualMap:
-    """How the suspect's residual stream sits in the candidate's: W_s ~ W_c M for tensors that read the residual
-    (columns), W_s ~ M^T W_c for tensors that write it (rows). M is a permutation (`perm`: candidate dim of each
-    suspect dim) or a dense orthogonal matrix (`rot`, H_c x H_s); neither means identity."""
-
-    perm: np.ndarray | None = None
-    rot: np.ndarray | None = None
-
-    @property
-    def kind(self) -> str:
-        return "rotated" if self.rot is not None else ("permuted" if self.perm is not None else "identity")
-
-    def cols(self, x: np.ndarray, coords: np.ndarray | None = None, gain: np.ndarray | None = None) -> np.ndarray:
-        """Candidate rows `x` (residual along columns, candidate order) in suspect coordinates `coords`."""
-        if gain is not None:
-            x = x * gain[None, :]
-        if self.rot is not None:
-            m = self.rot if coords is None else self.rot[:, coords]
-            return np.ascontiguousarray(x @ m, dtype=np.float32)
-        if self.perm is not None:
-            return np.ascontiguousarray(x[:, self.perm if coords is None else self.perm[coords]])
-        return x if coords is None else np.ascontiguousarray(x[:, coords])
 
 
 @dataclass
@@ -84,8 +62,8 @@ def gather(view: ModelView, slot: Slot, idx: np.ndarray, whole: np.ndarray | Non
         return view.read(slot, int(idx[0]), int(idx[-1]) + 1)
     order = np.argsort(idx, kind="stable")
     s = idx[order]
-    out = np.empty((len(idx), cols), dtype=np.float32)
-    breaks = np.nonzero(np.diff(s) > GAP)[0] + 1
+    out: np.ndarray = np.empty((len(idx), cols), dtype=np.float32)
+    breaks: np.ndarray = np.nonzero(np.diff(s) > GAP)[0] + 1
     for g in np.split(np.arange(len(s)), breaks):
         lo, hi = int(s[g[0]]), int(s[g[-1]]) + 1
         block = view.read(slot, lo, hi)

@@ -5,6 +5,10 @@ tensors (qkv, gate_up, stacked experts) are split here into canonical *parts*, e
 tensor, so that a per-expert checkpoint and a fused one compare expert by expert. Names are matched once per
 template (every all-digit component as "#"): later names of a template take their layer and expert numbers from
 their own components, so a 93k-tensor MoE is classified in about half a second.
+
+A family's `[roles]` table says what each role means for alignment (`RoleSemantics`: the space it reads, the space
+it writes, the norm gain that scales its input); align/roles.py turns that into disguise checks, so a family that
+declares them gets permutation and rotation checks without code.
 """
 
 from __future__ import annotations
@@ -73,12 +77,55 @@ _NUMBERS = re.compile(r"\.(\d+)(?=\.|$)")
 _CACHE_LIMIT = 1 << 16
 
 
+#: Spaces a role may read, write or scale (align/roles.py maps each to an alignment map).
+SPACES = frozenset({"residual", "vocab", "position", "token_type", "heads", "kv_heads", "qkv", "mlp", "shared",
+                    "expert", "experts", "scalar", "pooled"})
+_ROLE_KEYS = frozenset({"reads", "writes", "scales", "gain", "gain_layer", "gain_first", "table"})
+
+
+@dataclass(frozen=True, slots=True)
+class RoleSemantics:
+    """What one role does, from a family's `[roles]` table.
+
+    A matrix role `reads` one space and `writes` another: its canonical part (nn.Linear layout) has rows in the
+    written space and columns in the read one; a `table` (an embedding) is looked up, so its rows are the read
+    space. A family's `transposed` roles are stored the other way round (GPT-2's Conv1D). A vector role `scales`
+    one space (a norm gain). `gain` names the norm role whose gain scales what the role reads, in the same layer, or
+    in the previous one when `gain_layer` is -1 (post-LN BERT), `gain_first` standing in for layer 0; layer-less
+    roles (lm_head) use the layer-less norm."""
+
+    reads: str = ""
+    writes: str = ""
+    scales: str = ""
+    gain: str = ""
+    gain_layer: int = 0
+    gain_first: str = ""
+    table: bool = False
+
+
+def _role_semantics(family: str, data: dict) -> dict[str, RoleSemantics]:
+    out: dict[str, RoleSemantics] = {}
+    for role, spec in data.items():
+        if not isinstance(spec, dict) or set(spec) - _ROLE_KEYS:
+            raise ValueError(f"family {family}: role {role}: unknown keys {sorted(set(spec) - _ROLE_KEYS)}")
+        sem = RoleSemantics(**spec)
+        for space in (sem.reads, sem.writes, sem.scales):
+            if space and space not in SPACES:
+                raise ValueError(f"family {family}: role {role}: unknown space {space!r}")
+        if bool(sem.scales) == bool(sem.reads or sem.writes) or bool(sem.reads) != bool(sem.writes):
+            raise ValueError(f"family {family}: role {role}: give reads and writes, or scales")
+        out[role] = sem
+    return out
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
     model_types: tuple[str, ...]
     rules: tuple[Rule, ...]
     transposed: frozenset[str]
+    #: alignment semantics by role (the `[roles]` table, merged over the families it extends)
+    roles: dict[str, RoleSemantics] = field(default_factory=dict, compare=False, hash=False)
     #: template (the name with every all-digit component as "#") -> (rule, groups by component index or as
     #: constants, is_bias), or False when names of that template must be matched one by one
     _templates: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
@@ -176,11 +223,13 @@ def get_family(name: str) -> Family:
     for r in data.get("rule", []):
         rules.append(Rule(re.compile(prefix + r["match"]), r["role"], tuple(r.get("fused", ())),
                           bool(r.get("per_expert", False))))
+    roles = _role_semantics(name, data.get("roles", {}))
     if "extends" in data:
         parent = get_family(data["extends"])
         rules.extend(parent.rules)
         transposed |= parent.transposed
-    return Family(name, tuple(data.get("model_types", [])), tuple(rules), frozenset(transposed))
+        roles = {**parent.roles, **roles}
+    return Family(name, tuple(data.get("model_types", [])), tuple(rules), frozenset(transposed), roles)
 
 
 def detect_family(tensor_names: list[str], model_type: str | None = None) -> Family:

@@ -34,8 +34,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from modeltrace.align.roles import Roles, roles_of
 from modeltrace.architectures import Slot
 from modeltrace.fingerprint.sampling import HALF_EXACT, KEEP_COLS, column_order, widen_scaled
+
+__all__ = ["FLUSH_ROWS", "MAX_TOKENS", "MIN_PRODUCT_TOKENS", "MIN_TOKENS", "PRODUCT_BYTES", "PRODUCT_TOKENS",
+           "TOKEN_BYTES", "VOCAB_ROLES", "Collector", "RobustSection", "decode", "encode", "from_names", "n_tokens",
+           "read_gains", "token_keys"]
 
 if TYPE_CHECKING:
     from modeltrace.align.view import ModelView
@@ -50,12 +55,8 @@ PRODUCT_TOKENS, MIN_PRODUCT_TOKENS = 64, 16
 PRODUCT_BYTES = 1024 * 1024
 #: Reader rows gathered before their products are computed in one matrix product.
 FLUSH_ROWS = 2048
-#: Matrices that read the normalised residual stream, and the gain that normalises it (align/disguise.GAIN_OF).
-GAIN_OF = {"attn_q": "attn_norm", "attn_k": "attn_norm", "attn_v": "attn_norm", "mlp_gate": "mlp_norm",
-           "mlp_up": "mlp_norm", "expert_gate": "mlp_norm", "expert_up": "mlp_norm", "shared_gate": "mlp_norm",
-           "shared_up": "mlp_norm", "router": "mlp_norm", "lm_head": "final_norm"}
-READER_ROLES = frozenset(GAIN_OF) - {"lm_head"}
-GAIN_ROLES = ("attn_norm", "mlp_norm", "final_norm")
+#: Which matrices read the normalised residual stream, and which norm gain normalises it, come from the family data
+#: (align/roles.py: `Roles.readers`, `Roles.gain_slot`, `read_gains`).
 VOCAB_ROLES = ("embed", "lm_head")
 _ID_SALT = 0x9E3779B97F4A7C15
 
@@ -71,7 +72,7 @@ def _splitmix(x: np.ndarray) -> np.ndarray:
 def token_keys(view: ModelView, n: int) -> tuple[str, np.ndarray]:
     """("string", 64-bit hashes of token strings) when the model names its tokens, else ("id", hashes of ids).
     Ids without a string (holes, padding rows) get the largest key, so they are never chosen."""
-    from modeltrace.align.disguise import token_strings
+    from modeltrace.align.residual import token_strings
 
     strings = None
     try:
@@ -79,7 +80,7 @@ def token_keys(view: ModelView, n: int) -> tuple[str, np.ndarray]:
     except Exception:  # noqa: BLE001 - a damaged tokenizer must not sink a fingerprint: fall back to ids
         strings = None
     if strings:
-        keys = np.full(n, np.iinfo(np.uint64).max, dtype=np.uint64)
+        keys: np.ndarray = np.full(n, np.iinfo(np.uint64).max, dtype=np.uint64)
         seen: set[str] = set()
         for i, t in enumerate(strings[:n]):
             if t and t not in seen:
@@ -89,6 +90,11 @@ def token_keys(view: ModelView, n: int) -> tuple[str, np.ndarray]:
         if (keys != np.iinfo(np.uint64).max).sum() >= min(n, MIN_TOKENS):
             return "string", keys
     return "id", _splitmix(np.arange(n, dtype=np.uint64))
+
+
+def read_gains(roles: Roles) -> frozenset[str]:
+    """Norm roles whose gains some matrix reads through (kept in the section, to fold gains by)."""
+    return frozenset(g for s in roles.sem.values() for g in (s.gain, s.gain_first) if g)
 
 
 def n_tokens(hidden: int, mats: int, half: bool, vocab: int) -> int:
@@ -161,29 +167,32 @@ class Collector:
             ok = ids < part.rows
             if not ok.all():
                 continue
-            got = np.empty((len(ids), hidden), dtype=np.float32)
+            got: np.ndarray = np.empty((len(ids), hidden), dtype=np.float32)
             got[srt] = gather(view, Slot(r), ids[srt])  # type: ignore[arg-type]
             rows[r] = got
         if "embed" not in rows and "lm_head" not in rows:
             return
         # gains at every column a coordinate sample keeps of a matrix that reads the residual stream
+        self.roles = roles = roles_of(view.family)
+        gain_roles = read_gains(roles)
         idx: set[int] = set()
         for p in plans:
-            if p.part.cols == hidden and p.slot.role in GAIN_OF:
+            if p.part.cols == hidden and roles.residual_axis(p.slot.role) == 1 \
+                    and roles.gain_slot(p.slot) is not None:
                 idx.update(int(c) for c in column_order(p.part.rows, p.part.cols)[:KEEP_COLS])
         gain_idx = np.array(sorted(idx), dtype=np.int64)
         full_gains: dict[Slot, np.ndarray] = {}
         for slot, part in view.parts.items():
-            if slot.role in GAIN_ROLES and slot.expert < 0 and part.cols == 1 and part.rows == hidden:
+            if slot.role in gain_roles and slot.expert < 0 and part.cols == 1 and part.rows == hidden:
                 full_gains[slot] = view.read(slot).ravel().astype(np.float32)
-            elif slot.role in GAIN_ROLES and slot.expert < 0 and part.rows == 1 and part.cols == hidden:
+            elif slot.role in gain_roles and slot.expert < 0 and part.rows == 1 and part.cols == hidden:
                 full_gains[slot] = view.read(slot).ravel().astype(np.float32)
         self.full_gains = full_gains
-        block_rows = sum(p.nrows for p in plans if p.slot.role in READER_ROLES and p.part.cols == hidden)
+        block_rows = sum(p.nrows for p in plans if p.slot.role in roles.readers and p.part.cols == hidden)
         kp = min(len(ids), PRODUCT_TOKENS, max(MIN_PRODUCT_TOKENS, PRODUCT_BYTES // max(2 * block_rows, 1)))
         emb = rows.get("embed")
         if emb is not None:
-            e = emb[:kp].astype(np.float64)
+            e: np.ndarray = emb[:kp].astype(np.float64)
             rms = np.sqrt(np.mean(e * e, axis=1, keepdims=True))
             self.probe = np.divide(e, rms, out=np.zeros_like(e), where=rms > 0).astype(np.float32)
         else:
@@ -210,13 +219,13 @@ class Collector:
 
     def observe(self, p: SlotPlan, block: np.ndarray) -> None:
         """Products of the probe tokens with one sampled block of a reader matrix (its full rows)."""
-        if not self.ok or self.probe is None or p.slot.role not in READER_ROLES or block.ndim != 2:
+        if not self.ok or self.probe is None or p.slot.role not in self.roles.readers or block.ndim != 2:
             return
         if block.shape[1] != self.hidden or block.shape[0] < 2:
             return
-        gain_slot = Slot(GAIN_OF[p.slot.role], p.slot.layer)
-        g = self.full_gains.get(gain_slot)
-        w = block.astype(np.float64)
+        gain_slot = self.roles.gain_slot(p.slot)
+        g = self.full_gains.get(gain_slot) if gain_slot is not None else None
+        w: np.ndarray = block.astype(np.float64)
         if not np.isfinite(w).all():
             w = np.nan_to_num(w, nan=0.0, posinf=0.0, neginf=0.0)
         if g is not None:
