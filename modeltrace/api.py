@@ -8,7 +8,7 @@
     load_report(path), render(report, fmt), save(report, path)    reports without re-running anything
     verify(report), verify_attestation(report, bundle)             re-check a report, or a signed attestation
 
-Data flow of `audit`, the one pipeline the command line, the demo and `verify` share (pipeline.py): open and
+Data flow of `audit`, the one pipeline the command line, the demo and `verify` share (report/pipeline.py): open and
 stream the models (audit.run_audit) -> verdict.decide -> the recipe as mergekit configuration and, with `verify`,
 its replay (recipe.py) -> the report subject (report/build.py: card audit, ancestors' licences, evidence) ->
 AuditResult.
@@ -84,14 +84,17 @@ def audit_subjects(suspect: str, candidates: list[str], base: str | None, o: Aud
                    progress: Progress | None = None, seeds: dict[str, Any] | None = None,
                    command: str = "audit") -> AuditResult:
     """`audit` with the report's seeds and command named (the demo audits two models into one report)."""
-    from modeltrace.pipeline import audit_pipeline
+    from modeltrace.report.pipeline import audit_pipeline
 
     done = audit_pipeline(suspect, candidates, base, o, progress=progress, seeds=seeds)
     from modeltrace.report.build import new_report  # after the reading: the first byte does not wait for them
-    from modeltrace.results import AuditResult
+    from modeltrace.results import AuditResult, Recipe, Replay
 
+    recipe = None if done.recipe is None else Recipe(method=done.recipe["merge_method"], config=done.recipe,
+                                                      yaml=done.recipe_yaml or "")
+    replayed = None if done.replay is None else Replay.model_validate(done.replay)
     assert done.subject.audit is not None
-    return AuditResult(verdict=done.subject.audit, recipe=done.recipe, replay=done.replay,
+    return AuditResult(verdict=done.subject.audit, recipe=recipe, replay=replayed,
                        report=new_report(command, [done.subject], done.findings))
 
 

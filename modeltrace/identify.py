@@ -32,7 +32,7 @@ from modeltrace.fingerprint.copies import copy_groups, copy_notes, copy_verdict,
 from modeltrace.fingerprint.core import Fingerprint
 from modeltrace.fingerprint.lineage import Explanation, centre, explain, merges_among, stack_sources
 from modeltrace.fingerprint.undisguise import Aligned, DisguiseEvidence, align_group, evidence
-from modeltrace.fingerprint.view import audit_fingerprints
+from modeltrace.fingerprint_audit import audit_fingerprints
 from modeltrace.index.store import Index
 from modeltrace.schema import SCHEMA_VERSION
 from modeltrace.stats import format_p, holm_log10

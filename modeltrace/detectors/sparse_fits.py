@@ -47,7 +47,7 @@ def fit_sparse(ctx: FitContext) -> SlotFit | None:
 def magnitude_threshold_density(st: SlotStats, i: int) -> float:
     """TIES density of parent i: share of its entries above the smallest magnitude that always survives."""
     dropped = st.hist_dropped[i]
-    allh = st.hist_all[i].astype(float)
+    allh: np.ndarray = st.hist_all[i].astype(float)
     nz = np.nonzero(dropped)[0]
     if len(nz) == 0 or allh.sum() == 0:
         return 1.0
@@ -96,8 +96,8 @@ def top_zero_ratio(st: SlotStats, i: int, top: float = 0.1) -> float:
 
     0 for magnitude trimming (TIES keeps the top entries), ~1 for random dropping (DARE), in between for
     magnitude-ranked random dropping (DELLA)."""
-    allh = st.hist_all[i].astype(float)
-    dropped = st.hist_dropped[i].astype(float)
+    allh: np.ndarray = st.hist_all[i].astype(float)
+    dropped: np.ndarray = st.hist_dropped[i].astype(float)
     total, zeros = allh.sum(), dropped.sum()
     if total == 0 or zeros == 0:
         return float("nan")
@@ -122,7 +122,7 @@ def _sign_election(st: SlotStats, k: int) -> tuple[dict[int, float], float]:
     b = st.G_conflict[idx, 0]
     A = st.G_conflict[np.ix_(idx, idx)]
     rss_imposed = float(st.G_conflict[0, 0] - 2 * wa @ b + wa @ A @ wa)
-    excess = (rss_imposed - rss_c) / max(st.G_conflict[0, 0], 1e-300)
+    excess = (rss_imposed - rss_c) / max(float(st.G_conflict[0, 0]), 1e-300)
     return {i: float(w) for i, w in zip(idx, wa, strict=True)}, float(excess + float(np.abs(wc - wa).max()))
 
 

@@ -1,4 +1,5 @@
-"""Fingerprints seen as models: the audit's layer map, slot fits and verdict run on them unchanged.
+"""Fingerprints seen as models: the audit's layer map, slot fits and verdict run on them unchanged
+(modeltrace/fingerprint_audit.py runs them; this package does not import the audit).
 
 Each sampled tensor is presented as a small part (its sample's rows and columns) whose `numel` is the real tensor's,
 so `is_structured` classifies it exactly as the audit classifies the full tensor. Only coordinates sampled
@@ -86,17 +87,3 @@ def fingerprint_views(fps: list[Fingerprint], labels: list[str]) -> list[Fingerp
         keep = {k: width[(k.role, v.rows, v.cols)] for k, v in fp.slots.items() if (k.role, v.rows, v.cols) in shapes}
         views.append(FingerprintView(fp, label, keep))
     return views
-
-
-def audit_fingerprints(suspect: Fingerprint, label: str, cands: list[Fingerprint], labels: list[str],
-                       base: str | None, layers: bool = True) -> dict:
-    """The audit's layer map, streaming slot fits and verdict, run on fingerprint samples (identify and the family
-    tree use it). `layers=False` for fingerprints reduced to token rows (a residual stream re-based): no layer map."""
-    from modeltrace.audit import run_views
-    from modeltrace.verdict import decide
-
-    views = fingerprint_views([suspect, *cands], [label, *labels])
-    base_idx = labels.index(base) + 1 if base is not None else None
-    kw: dict[str, list] = {} if layers else {"layer_matches": []}
-    return decide(run_views(views, base_idx, **kw))  # type: ignore[arg-type]
-

@@ -110,7 +110,7 @@ def _check_files(res: VerifyResult, subject: str, src: SourceEvidence) -> None:
 def _recheck_audit(res: VerifyResult, s: Subject, recorded: list[Finding], tol: float, allow_pickle: bool) -> None:
     from modeltrace.audit import DEFAULT_AUDIT_CHUNK
     from modeltrace.options import AuditOptions
-    from modeltrace.pipeline import audit_pipeline
+    from modeltrace.report.pipeline import audit_pipeline
 
     ev = s.evidence
     assert ev is not None and s.audit is not None

@@ -3,7 +3,7 @@
 Data flow: a family's cached pairs -> per model, relatives making an obtuse angle at it -> Gram stack assembled from
 the cached pairs (no fingerprint decoded) -> fingerprint/lineage.py's `explanations` -> accepted fewest parents first,
 then parents no recipe explains, never a cycle -> method, weights and intervals from the audit's detectors on the
-fingerprints (fingerprint.view.audit_fingerprints), or the fit's own weights in large indexes.
+fingerprints (fingerprint_audit.audit_fingerprints), or the fit's own weights in large indexes.
 
 Recipes that are not exact (sparse merges: TIES, DARE, DELLA, breadcrumbs; model stock) are searched after, in
 indexes of up to 1,000 models: for a model no exact recipe explains, candidate sets of two relatives a, b and a base m
@@ -147,7 +147,7 @@ def _task_sets(f: _Family, x: str, rel: list[str], explained: set[str]) -> list[
 
 def _audited(f: _Family, x: str, sets: list[tuple[float, str, str, str]]) -> list[Explanation]:
     """Explanations the audit's verdict on the fingerprints calls a merge, one per candidate set."""
-    from modeltrace.fingerprint.view import audit_fingerprints
+    from modeltrace.fingerprint_audit import audit_fingerprints
 
     found = []
     for _, a, b, m in sets:
@@ -223,7 +223,7 @@ def find_merges(f: _Family, reps: list[str], stacks: set[str], out: dict, audit:
 def recipe(f: _Family, x: str, e: Explanation, audit: bool) -> dict[str, Any]:
     """Method, weights and intervals from the audit's detectors on the fingerprints (as identify reports them); with
     `audit` off, the exact fit's own weights (median over tensors) and linear / task arithmetic by their signs."""
-    from modeltrace.fingerprint.view import audit_fingerprints
+    from modeltrace.fingerprint_audit import audit_fingerprints
 
     if e.kind == "audit":
         return _from_verdict(f, e, e.verdict)  # type: ignore[attr-defined]

@@ -18,7 +18,6 @@ from modeltrace.options import AuditOptions, remote_limits
 if TYPE_CHECKING:
     from modeltrace.audit import AuditRun
     from modeltrace.report.model import Finding, Subject
-    from modeltrace.results import Recipe, Replay
 
 __all__ = ["AuditOutcome", "audit_pipeline"]
 
@@ -26,12 +25,14 @@ __all__ = ["AuditOutcome", "audit_pipeline"]
 @dataclass(frozen=True)
 class AuditOutcome:
     """Everything one audit produced: the streamed run (views, slot results), the verdict as the report records it,
-    the recipe and its replay, and the report subject with its findings."""
+    the recipe as a mergekit configuration (and its YAML), the replay's measurements, and the report subject with its
+    findings. (The API wraps the recipe and replay in its typed results.)"""
 
     run: AuditRun
     verdict: dict[str, Any]
-    recipe: Recipe | None
-    replay: Replay | None
+    recipe: dict[str, Any] | None
+    recipe_yaml: str | None
+    replay: dict[str, Any] | None
     subject: Subject
     findings: list[Finding]
 
@@ -55,25 +56,26 @@ def audit_pipeline(suspect: str, candidates: list[str], base: str | None, o: Aud
         from modeltrace.verdict import decide
 
         verdict = decide(run)
-        recipe, replayed = _recipe(verdict, o.verify)
-        verdict["mergekit_yaml"] = recipe.yaml if recipe else None
+        cfg, yaml, replayed = _recipe(verdict, o.verify)
+        verdict["mergekit_yaml"] = yaml
         if replayed is not None:
-            verdict["verify"] = replayed.model_dump(exclude_unset=True)
+            verdict["verify"] = replayed
         params = parameters if parameters is not None else audit_parameters(
             candidates, base, run.sample, o.chunk_bytes, o.allow_pickle, o.hashes)
         subject, findings = audit_subject(run, verdict, params, full_hashes=o.hashes, allow_pickle=o.allow_pickle,
                                           seeds=seeds, evidence=evidence)
-    return AuditOutcome(run, verdict, recipe, replayed, subject, findings)
+    return AuditOutcome(run, verdict, cfg, yaml, replayed, subject, findings)
 
 
-def _recipe(verdict: dict[str, Any], verify: bool) -> tuple[Recipe | None, Replay | None]:
+def _recipe(verdict: dict[str, Any], verify: bool
+            ) -> tuple[dict[str, Any] | None, str | None, dict[str, Any] | None]:
+    """(mergekit configuration, its YAML, the replay's measurements when `verify`)."""
     from modeltrace.recipe import replay, to_mergekit, to_yaml
-    from modeltrace.results import Recipe, Replay
 
     cfg = to_mergekit(verdict, verdict["sources"])
-    recipe = Recipe(method=cfg["merge_method"], config=cfg, yaml=to_yaml(cfg)) if cfg else None
+    yaml = to_yaml(cfg) if cfg else None
     if not verify:
-        return recipe, None
+        return cfg, yaml, None
     if cfg is None:
-        return recipe, Replay(replayed=False, reason="no merge recipe to replay")
-    return recipe, Replay.model_validate(replay(verdict, verdict["sources"], cfg))
+        return None, None, {"replayed": False, "reason": "no merge recipe to replay"}
+    return cfg, yaml, replay(verdict, verdict["sources"], cfg)
