@@ -48,7 +48,7 @@ from modeltrace.sources.bytestore import ByteStore
 from modeltrace.sources.planner import Prefetcher
 from modeltrace.sources.remote import RETRY_EXCEPTIONS, RETRY_STATUS, describe_exc, status_error
 
-__all__ = ["HubStore", "open_hub", "parse_spec", "cache_root", "sample_for_budget"]
+__all__ = ["HubStore", "open_hub", "parse_spec", "parse_spec_file", "cache_root", "sample_for_budget"]
 
 DEFAULT_REVISION = "main"
 
@@ -67,12 +67,29 @@ T = TypeVar("T")
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
-    """`hf://owner/name[@revision]` -> (repo_id, revision); InputError on anything else."""
-    usage = f"{spec}: expected hf://owner/name or hf://owner/name@revision"
+    """`hf://owner/name[@revision]` -> (repo_id, revision); InputError on anything else. A GGUF file selector
+    (`hf://owner/name/FILE.gguf`, see `parse_spec_file`) is accepted and left out."""
+    repo_id, revision, _ = parse_spec_file(spec)
+    return repo_id, revision
+
+
+def parse_spec_file(spec: str) -> tuple[str, str, str | None]:
+    """`hf://owner/name[@revision][/path/FILE.gguf]` or `hf://owner/name/path/FILE.gguf[@revision]` ->
+    (repo_id, revision, the GGUF file or None). With `@`, the revision is one path segment (`refs/pr/N` and
+    `refs/convert/X`: three) and what follows it, ending in `.gguf`, is the file."""
+    usage = f"{spec}: expected hf://owner/name, hf://owner/name@revision or hf://owner/name/FILE.gguf"
     if not spec.startswith("hf://"):
         raise InputError(usage)
     body = spec[len("hf://"):].strip().rstrip("/")
     repo_id, sep, revision = body.partition("@")
+    file = None
+    parts = repo_id.split("/")
+    if len(parts) > 2 and parts[-1].lower().endswith(".gguf"):
+        repo_id, file = "/".join(parts[:2]), "/".join(parts[2:])
+    elif sep and revision.lower().endswith(".gguf") and "/" in revision:
+        segs = revision.split("/")
+        k = 3 if segs[0] == "refs" and len(segs) > 3 else 1
+        revision, file = "/".join(segs[:k]), "/".join(segs[k:])
     if sep and not revision:
         raise InputError(f"{spec}: empty revision after '@'")
     revision = revision or DEFAULT_REVISION
@@ -82,7 +99,10 @@ def parse_spec(spec: str) -> tuple[str, str]:
         raise InputError(usage)
     if any(c.isspace() or ord(c) < 32 for c in revision) or ".." in revision or revision.startswith("/"):
         raise InputError(f"{spec}: invalid revision {revision!r}")
-    return repo_id, revision
+    if file is not None and (any(p in ("", ".", "..") for p in file.split("/")) or "\\" in file
+                             or any(c.isspace() or ord(c) < 32 for c in file)):
+        raise InputError(f"{spec}: invalid file name {file!r}")
+    return repo_id, revision, file
 
 
 def _endpoint() -> str:
@@ -425,19 +445,54 @@ def sample_for_budget(specs: list[str], budget: int, share: float = 0.5) -> floa
 
 
 def open_hub(spec: str) -> Source:
-    """Open `hf://owner/name[@revision]` for lazy reading over HTTP Range requests."""
+    """Open `hf://owner/name[@revision]` (safetensors, or the repository's one GGUF file or split set) or
+    `hf://owner/name[@revision]/FILE.gguf` for lazy reading over HTTP Range requests."""
     from modeltrace.sources.safetensors_source import SafetensorsSource
 
-    repo_id, revision = parse_spec(spec)
+    repo_id, revision, file = parse_spec_file(spec)
     endpoint = _endpoint()
     if urlsplit(endpoint).scheme not in ("http", "https"):
         raise InputError(f"HF_ENDPOINT={endpoint!r}: expected an http:// or https:// address")
     store = HubStore(repo_id, revision)
-    if not any(n.endswith(".safetensors") for n in store._files):
-        names = sorted(store._files)
-        if any(n.endswith(".gguf") for n in names):
-            raise InputError(f"{store.location}: holds GGUF files; reading GGUF from the Hub is not supported yet")
-        if any(n.endswith((".bin", ".pt", ".pth", ".ckpt")) for n in names):
-            raise InputError(f"{store.location}: has only PyTorch pickle weights; modeltrace reads safetensors "
-                             "from the Hub")
+    names = sorted(store._files)
+    if file is None and any(n.endswith(".safetensors") for n in names):
+        return SafetensorsSource(store)
+    from modeltrace.sources.gguf_remote import gguf_choices
+
+    choices = gguf_choices(names)
+    if file is not None:
+        picked = next((parts for first, parts in choices.items() if file == first or file in parts), None)
+        if picked is None:
+            raise InputError(f"{store.location}: no GGUF file named {file!r}"
+                             + (f" (it holds {_listing(choices)})" if choices else ""))
+        return _open_gguf(store, picked, file)
+    if len(choices) == 1:
+        ((first, parts),) = choices.items()
+        return _open_gguf(store, parts, None)
+    if choices:
+        raise InputError(f"{store.location}: holds {len(choices)} GGUF files ({_listing(choices)}); name one, "
+                         f"e.g. {store.location}/{next(iter(choices))}")
+    if any(n.endswith((".bin", ".pt", ".pth", ".ckpt")) for n in names):
+        raise InputError(f"{store.location}: has only PyTorch pickle weights; modeltrace reads safetensors "
+                         "and GGUF from the Hub")
     return SafetensorsSource(store)
+
+
+def _listing(choices: dict[str, list[str]]) -> str:
+    shown = [f + (f" +{len(p) - 1} parts" if len(p) > 1 else "") for f, p in list(choices.items())[:8]]
+    return ", ".join(shown) + (f" and {len(choices) - 8} more" if len(choices) > 8 else "")
+
+
+def _open_gguf(store: HubStore, parts: list[str], selected: str | None) -> Source:
+    from modeltrace.sources.gguf_remote import SPLIT_RE, RemoteGGUFSource
+
+    m = SPLIT_RE.match(parts[0])
+    if m is not None:
+        want = int(m.group(3))
+        missing = [f"{m.group(1)}-{i:05d}-of-{m.group(3)}.gguf" for i in range(1, want + 1)]
+        missing = [f for f in missing if f not in parts]
+        if missing:
+            raise InputError(f"{store.location}: split GGUF {parts[0]} is missing {missing[0]}"
+                             + (f" and {len(missing) - 1} more parts" if len(missing) > 1 else ""))
+    location = f"{store.location}/{selected or parts[0]}" if selected else store.location
+    return RemoteGGUFSource(store, parts, location)
