@@ -210,9 +210,14 @@ class VirtualModel:
             i += 1
 
 
-def rio_family(shape: RioShape) -> dict[str, VirtualModel]:
-    """Repository id -> virtual model: the merge, its parents, a sibling of one parent and an independent model."""
-    return {f"bench/{k}": VirtualModel(shape, k, k) for k in ("rio", "nex", "qwen", "sibling", "indep")}
+def rio_family(shape: RioShape) -> dict[str, VirtualModel | VirtualGGUF]:
+    """Repository id -> virtual model: the merge, its parents, a sibling of one parent, an independent model, and
+    the merge as GGUF (Q6_K, IQ4_XS)."""
+    out: dict[str, VirtualModel | VirtualGGUF] = {
+        f"bench/{k}": VirtualModel(shape, k, k) for k in ("rio", "nex", "qwen", "sibling", "indep")}
+    out["bench/rio-gguf-q6k"] = VirtualGGUF(shape, "rio", "Q6_K")
+    out["bench/rio-gguf-iq4xs"] = VirtualGGUF(shape, "rio", "IQ4_XS")
+    return out
 
 
 # ---- GGUF ----------------------------------------------------------------------------------------------------
