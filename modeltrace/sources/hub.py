@@ -177,6 +177,8 @@ class HubStore(ByteStore):
         self.pinned = remote.PinnedFiles(self.location, self.endpoint, revision, self.sha or "", self.url,
                                          self._headers, self._files, etags, self.stats)
         self.prefetcher = Prefetcher(self._fetch, self.cfg.connections)
+        self._ahead: dict[tuple[str, int], bytes] = {}  # (file, offset) -> bytes read ahead by `read_ahead`
+        self._ahead_lock = threading.Lock()
 
     @property  # type: ignore[override]
     def stats(self) -> ReadStats:
@@ -356,10 +358,33 @@ class HubStore(ByteStore):
                 self.cache_hits += 1
                 self.stats.digest(name, offset, data)
                 return data
-        data = self._fetch(name, offset, length)
+        with self._ahead_lock:
+            ahead = self._ahead.pop((name, offset), None)
+        if ahead:  # the start came with an earlier request: fetch only what it lacks
+            data = ahead[:length] if len(ahead) >= length else \
+                ahead + self._fetch(name, offset + len(ahead), length - len(ahead))
+        else:
+            data = self._fetch(name, offset, length)
         if cache is not None:
             _write_atomic(cache, data)
         return data
+
+    def read_ahead(self, name: str, offset: int, length: int, ahead: int) -> bytes:
+        """`read`, and when the bytes come from the network, up to `ahead` more that follow them in the same
+        request: the next `read` starting where this one ends is served from memory, once (a safetensors header
+        and its length prefix in one request instead of two). Under a byte budget nothing is read on speculation."""
+        cache = self._cache_path(name, offset, length)
+        if ahead <= 0 or self.cfg.budget is not None or (cache is not None and cache.is_file()):
+            return self.read(name, offset, length)
+        total = min(length + ahead, self.size(name) - offset)
+        if total <= length:
+            return self.read(name, offset, length)
+        data = self._fetch(name, offset, total)
+        with self._ahead_lock:
+            self._ahead[(name, offset + length)] = data[length:]
+        if cache is not None:
+            _write_atomic(cache, data[:length])
+        return data[:length]
 
     def prefetch(self, spans: Iterable[tuple[str, int, int]]) -> None:
         """Fetch these (file, offset, length) spans ahead, coalesced, many at a time; `read` serves them."""
@@ -392,6 +417,7 @@ class HubStore(ByteStore):
 
     def close(self) -> None:
         self.prefetcher.clear()
+        self._ahead.clear()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -82,8 +82,13 @@ class SafetensorsSource(Source):
         n = min(self.store.parallel, len(self.weight_files))
         if n <= 1:
             return [fmt.parse_header(self.store, wf, sizes.get(wf)) for wf in self.weight_files]
+        names: dict[str, list[str]] = {}
+        for tname, shard in (self._weight_map or {}).items():
+            names.setdefault(shard, []).append(tname)
+        ahead = {wf: fmt.header_estimate(names[wf]) if wf in names else fmt.HEADER_AHEAD for wf in self.weight_files}
         with ThreadPoolExecutor(max_workers=n, thread_name_prefix="modeltrace-headers") as pool:
-            return list(pool.map(lambda wf: fmt.parse_header(self.store, wf, sizes.get(wf)), self.weight_files))
+            return list(pool.map(lambda wf: fmt.parse_header(self.store, wf, sizes.get(wf), ahead[wf]),
+                                 self.weight_files))
 
     def prefetch(self, reads: Iterable[tuple[str, int, int]]) -> None:
         if self.store.parallel <= 1:
