@@ -23,6 +23,7 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 #: Bounds on a shape, so that a hostile one stays cheap to multiply out (torch itself allows 64 dimensions).
 MAX_RANK = 64
 MAX_DIM = 2**63 - 1
+_DIMS: dict[int, int] = {}  # dimension values seen, one int object shared by every shape (at most 65,536 kept)
 #: Bytes of header fetched with the 8-byte length prefix in one request (remote stores) when nothing tells its size;
 #: a larger header costs a second request for the rest.
 HEADER_AHEAD = 64 * 1024
@@ -107,8 +108,14 @@ def _tensor_info(where: str, file: str, tname: str, entry: object, data_start: i
     if end - begin != expect:
         raise InputError(f"{where}: tensor {tname!r} claims shape {shape} {dtype} ({expect} bytes) but spans "
                          f"{end - begin} bytes")
-    # one dtype string for all tensors (a 93k-tensor checkpoint otherwise holds 93k copies)
-    return TensorInfo(tname, sys.intern(dtype), tuple(shape), expect, file, data_start + begin)
+    # one dtype string and one int per dimension value for all tensors (a 93k-tensor checkpoint otherwise holds 93k
+    # copies of each)
+    return TensorInfo(tname, sys.intern(dtype), tuple(_DIMS.get(d) or _dim(d) for d in shape), expect, file,
+                      data_start + begin)
+
+
+def _dim(d: int) -> int:
+    return _DIMS.setdefault(d, d) if len(_DIMS) < 65536 else d
 
 
 def row_span(info: TensorInfo, start: int, stop: int) -> tuple[int, int]:

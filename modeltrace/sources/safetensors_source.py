@@ -74,6 +74,7 @@ class SafetensorsSource(Source):
                         raise InputError(f"{self.location}: {INDEX_NAME} lists {name} in {shard} but it is not there")
                     if got.file != shard:
                         raise InputError(f"{self.location}: {INDEX_NAME} lists {name} in {shard}, found in {got.file}")
+                self._weight_map = {}  # checked: its 93k names need not stay in memory (the tensors hold them)
             self._tensors = out
         return self._tensors
 
