@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -88,8 +89,10 @@ class SafetensorsSource(Source):
             names.setdefault(shard, []).append(tname)
         ahead = {wf: fmt.header_estimate(names[wf]) if wf in names else fmt.HEADER_AHEAD for wf in self.weight_files}
         with ThreadPoolExecutor(max_workers=n, thread_name_prefix="modeltrace-headers") as pool:
-            return list(pool.map(lambda wf: fmt.parse_header(self.store, wf, sizes.get(wf), ahead[wf]),
-                                 self.weight_files))
+            out = list(pool.map(lambda wf: fmt.parse_header(self.store, wf, sizes.get(wf), ahead[wf]),
+                                self.weight_files))
+        _trim()
+        return out
 
     def prefetch(self, reads: Iterable[tuple[str, int, int]]) -> None:
         if self.store.parallel <= 1:
@@ -159,6 +162,15 @@ class SafetensorsSource(Source):
 
     def close(self) -> None:
         self.store.close()
+
+
+def _trim() -> None:
+    """Hand the C allocator's free pages back to the system: parsing many headers on many threads leaves them in
+    glibc's per-thread arenas (~15 MB for a 93k-tensor model). A no-op where malloc_trim does not exist."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
 
 
 def dumps_index(weight_map: dict[str, str]) -> str:
