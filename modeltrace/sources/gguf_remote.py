@@ -29,7 +29,7 @@ from modeltrace.sources.base import MAX_TEXT_BYTES, FileInfo, TensorInfo
 from modeltrace.sources.bytestore import ByteStore
 from modeltrace.sources.gguf_source import GGUFSource, _one_line
 
-__all__ = ["RemoteGGUFSource", "header_end", "gguf_choices", "MAX_HEADER"]
+__all__ = ["RemoteGGUFSource", "header_end", "gguf_choices", "open_gguf_repo", "MAX_HEADER"]
 
 #: The most header bytes read before giving up (real headers, a 256k-token vocabulary included, are ~10-20 MB).
 MAX_HEADER = 256 * 1024 * 1024
@@ -257,3 +257,36 @@ class RemoteGGUFSource(GGUFSource):
     def close(self) -> None:
         super().close()
         self.store.close()
+
+
+def open_gguf_repo(store: ByteStore, names: list[str], file: str | None) -> RemoteGGUFSource:
+    """The repository's GGUF model: the one named (a file, or any part of a split set: the whole set), else its only
+    GGUF file or split set; a one-line InputError listing the choices when there are several."""
+    location = store.location
+    choices = gguf_choices(names)
+    if file is not None:
+        picked = next((parts for first, parts in choices.items() if file == first or file in parts), None)
+        if picked is None:
+            raise InputError(f"{location}: no GGUF file named {file!r}"
+                             + (f" (it holds {_listing(choices)})" if choices else ""))
+        return _open(store, picked, f"{location}/{file}")
+    if len(choices) == 1:
+        return _open(store, next(iter(choices.values())), location)
+    raise InputError(f"{location}: holds {len(choices)} GGUF files ({_listing(choices)}); name one, "
+                     f"e.g. {location}/{next(iter(choices))}")
+
+
+def _listing(choices: dict[str, list[str]]) -> str:
+    shown = [f + (f" +{len(p) - 1} parts" if len(p) > 1 else "") for f, p in list(choices.items())[:8]]
+    return ", ".join(shown) + (f" and {len(choices) - 8} more" if len(choices) > 8 else "")
+
+
+def _open(store: ByteStore, parts: list[str], location: str) -> RemoteGGUFSource:
+    m = SPLIT_RE.match(parts[0])
+    if m is not None:
+        want = [f"{m.group(1)}-{i:05d}-of-{m.group(3)}.gguf" for i in range(1, int(m.group(3)) + 1)]
+        missing = [f for f in want if f not in parts]
+        if missing:
+            raise InputError(f"{location}: split GGUF {parts[0]} is missing {missing[0]}"
+                             + (f" and {len(missing) - 1} more parts" if len(missing) > 1 else ""))
+    return RemoteGGUFSource(store, parts, location)

@@ -1,7 +1,8 @@
 """Hugging Face Hub repositories (`hf://owner/name[@revision]`) read lazily with HTTP Range requests.
 
 Only the bytes asked for are fetched: the file listing comes from the Hub API (one request), safetensors headers from
-two small ranged reads per weight file (all shards at once), and tensor rows from ranged reads. Header reads and
+one ranged read per weight file (length prefix and header together, all shards at once; `read_ahead`), GGUF headers
+by gguf_remote.py, and tensor rows from ranged reads. Header reads and
 small metadata files are cached on disk per commit, so a second open of the same revision makes no header requests.
 The revision is resolved once, by the listing, to a commit; every read is pinned to it and every answer is checked
 against the listing (commit, ETag = LFS SHA-256 or git blob id, size) by `remote.PinnedFiles`, which also holds the
@@ -483,42 +484,11 @@ def open_hub(spec: str) -> Source:
     names = sorted(store._files)
     if file is None and any(n.endswith(".safetensors") for n in names):
         return SafetensorsSource(store)
-    from modeltrace.sources.gguf_remote import gguf_choices
+    from modeltrace.sources.gguf_remote import open_gguf_repo
 
-    choices = gguf_choices(names)
-    if file is not None:
-        picked = next((parts for first, parts in choices.items() if file == first or file in parts), None)
-        if picked is None:
-            raise InputError(f"{store.location}: no GGUF file named {file!r}"
-                             + (f" (it holds {_listing(choices)})" if choices else ""))
-        return _open_gguf(store, picked, file)
-    if len(choices) == 1:
-        ((first, parts),) = choices.items()
-        return _open_gguf(store, parts, None)
-    if choices:
-        raise InputError(f"{store.location}: holds {len(choices)} GGUF files ({_listing(choices)}); name one, "
-                         f"e.g. {store.location}/{next(iter(choices))}")
+    if file is not None or any(n.lower().endswith(".gguf") for n in names):
+        return open_gguf_repo(store, names, file)
     if any(n.endswith((".bin", ".pt", ".pth", ".ckpt")) for n in names):
         raise InputError(f"{store.location}: has only PyTorch pickle weights; modeltrace reads safetensors "
                          "and GGUF from the Hub")
     return SafetensorsSource(store)
-
-
-def _listing(choices: dict[str, list[str]]) -> str:
-    shown = [f + (f" +{len(p) - 1} parts" if len(p) > 1 else "") for f, p in list(choices.items())[:8]]
-    return ", ".join(shown) + (f" and {len(choices) - 8} more" if len(choices) > 8 else "")
-
-
-def _open_gguf(store: HubStore, parts: list[str], selected: str | None) -> Source:
-    from modeltrace.sources.gguf_remote import SPLIT_RE, RemoteGGUFSource
-
-    m = SPLIT_RE.match(parts[0])
-    if m is not None:
-        want = int(m.group(3))
-        missing = [f"{m.group(1)}-{i:05d}-of-{m.group(3)}.gguf" for i in range(1, want + 1)]
-        missing = [f for f in missing if f not in parts]
-        if missing:
-            raise InputError(f"{store.location}: split GGUF {parts[0]} is missing {missing[0]}"
-                             + (f" and {len(missing) - 1} more parts" if len(missing) > 1 else ""))
-    location = f"{store.location}/{selected or parts[0]}" if selected else store.location
-    return RemoteGGUFSource(store, parts, location)
