@@ -192,3 +192,16 @@ def test_cli_audit_of_remote_gguf(hub_server, wide, repos, monkeypatch, capsys):
         assert exc.code in (0, 1, None)
     out = capsys.readouterr().out
     assert '"relation": "merge"' in out and "org/merge-ggufs/merge-Q6_K.gguf" in out
+
+
+def test_remote_gguf_fingerprint_equals_local(hub_server, wide, repos):  # noqa: F811
+    """What `index add` and `identify` compute for a GGUF repository: the local GGUF's fingerprint, by Range."""
+    from modeltrace.fingerprint import make_fingerprint
+
+    srv = _serve(hub_server, wide, repos)
+    remote = make_fingerprint("hf://org/merge-gguf")
+    local = make_fingerprint(str(repos["one"] / "merge-Q6_K.gguf"))
+    assert remote.slots.keys() == local.slots.keys() and len(local.slots) > 10
+    for k, s in local.slots.items():
+        np.testing.assert_array_equal(remote.slots[k].values, s.values)
+    assert all(r.range is not None for r in srv.requests("GET", "/resolve/"))
