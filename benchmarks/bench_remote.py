@@ -5,7 +5,7 @@ own process. Printed per step: wall time, requests and bytes per model (from the
 floor: the same byte ranges fetched again by a plain parallel reader (16 threads, no checks) over the same link.
 
     python benchmarks/bench_remote.py [--shape small|full] [--sample 0.002] [--bandwidth 100e6] [--latency 0.02]
-        [--steps inspect,index,identify,audit]
+        [--steps inspect,index,identify,audit,gguf]
 
 `--shape full` is the 397B shape (60 layers, 512 experts, ~93k tensors in 94 shards); generating its sampled
 bytes is the server's work on this machine's 2 cores, so `small` (8 layers, 32 experts, 881 tensors, 131 MB a
@@ -175,6 +175,24 @@ def main() -> None:
                       f"{json.dumps(v.get('parents'), default=str)[:700]}")
             except ValueError:
                 print(f"    -> (no JSON answer) {err.strip()[-300:]}")
+        if "gguf" in steps:
+            from rio_virtual import VirtualGGUF
+
+            for q in ("Q6_K", "IQ4_XS"):
+                repo = f"bench/rio-gguf-{q.lower().replace('_', '')}"
+                gsize = VirtualGGUF(shape_obj, "rio", q).sizes()
+                args = ["audit", f"hf://{repo}", "-c", "hf://bench/nex", "-c", "hf://bench/qwen", "--sample",
+                        str(a.sample), "--json"]
+                dt, peak, out, err = _run(url, cache, args)
+                st = _stats(url)
+                _report(f"audit {repo} ({q} GGUF of rio) vs nex, qwen --sample {a.sample}", dt, peak, st,
+                        _floor(url, st), {**sizes, repo: gsize[f"rio-{q}.gguf"]})
+                try:
+                    v = _find(json.loads(out), "relation")
+                    print(f"    -> {v.get('summary')}; relation {v.get('relation')}, method {v.get('method')}; "
+                          f"parents {json.dumps(v.get('parents'), default=str)[:500]}")
+                except ValueError:
+                    print(f"    -> (no JSON answer) {err.strip()[-300:]}")
     finally:
         for _, proc in servers.values():
             proc.terminate()

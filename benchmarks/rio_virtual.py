@@ -11,6 +11,11 @@ this 2-core machine can stream in a benchmark.
 Models (`VirtualModel`): qwen = base noise; nex = qwen + a fine-tune delta; sibling = qwen + another delta;
 rio = bf16(0.6 nex + 0.4 qwen) elementwise (the merge, rounded once); indep = other base noise. Values of element i
 of tensor t are a function of (model seed, t, i) only.
+
+`VirtualGGUF`: one of these models as llama.cpp would publish it (architecture qwen35moe, experts stacked per layer
+into one [experts, rows, cols] tensor, matrices Q6_K or IQ4_XS, norms and routers F32): each requested byte range
+is made by generating the bf16 rows it covers and quantizing them. The linear-attention input projections, which
+llama.cpp re-splits, and conv1d/A_log/dt_bias are left out (the audit compares the slots the copies share).
 """
 
 from __future__ import annotations
@@ -18,14 +23,17 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import tempfile
 from bisect import bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
+import gguf
 import ml_dtypes
 import numpy as np
 
-__all__ = ["RioShape", "VirtualModel", "rio_family"]
+__all__ = ["RioShape", "VirtualModel", "VirtualGGUF", "rio_family", "iq4_xs"]
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
@@ -202,6 +210,185 @@ class VirtualModel:
             i += 1
 
 
-def rio_family(shape: RioShape) -> dict[str, VirtualModel]:
-    """Repository id -> virtual model: the merge, its parents, a sibling of one parent and an independent model."""
-    return {f"bench/{k}": VirtualModel(shape, k, k) for k in ("rio", "nex", "qwen", "sibling", "indep")}
+def rio_family(shape: RioShape) -> dict[str, VirtualModel | VirtualGGUF]:
+    """Repository id -> virtual model: the merge, its parents, a sibling of one parent, an independent model, and
+    the merge as GGUF (Q6_K, IQ4_XS)."""
+    out: dict[str, VirtualModel | VirtualGGUF] = {
+        f"bench/{k}": VirtualModel(shape, k, k) for k in ("rio", "nex", "qwen", "sibling", "indep")}
+    out["bench/rio-gguf-q6k"] = VirtualGGUF(shape, "rio", "Q6_K")
+    out["bench/rio-gguf-iq4xs"] = VirtualGGUF(shape, "rio", "IQ4_XS")
+    return out
+
+
+# ---- GGUF ----------------------------------------------------------------------------------------------------
+_KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
+
+
+def iq4_xs(x: np.ndarray) -> np.ndarray:
+    """A plain IQ4_XS encoder (gguf-py only decodes it): rows of 256 -> 136-byte super-blocks (fp16 d, 6-bit
+    sub-block scales, 4-bit indices into the non-linear IQ4_NL grid)."""
+    rows, cols = x.shape
+    b = x.astype(np.float32).reshape(-1, 8, 32)
+    sub = np.abs(b).max(axis=-1) / 127.0  # (n, 8)
+    d16 = (sub.max(axis=-1) / 31.0).astype(np.float16)
+    df = d16.astype(np.float32)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ls = np.clip(np.nan_to_num(np.rint(sub / df)), 1, 31).astype(np.int32)
+        v = np.nan_to_num(b / (df * ls)[..., None])
+    mid = (_KVALUES[1:] + _KVALUES[:-1]) / 2
+    idx = np.searchsorted(mid, v).astype(np.uint8)  # nearest grid value
+    ls6 = (ls + 32).astype(np.uint16)
+    scales_l = (ls6[:, 0::2] & 0xF) | ((ls6[:, 1::2] & 0xF) << 4)
+    scales_h = ((ls6 >> 4) << (2 * np.arange(8, dtype=np.uint16))).sum(axis=-1).astype(np.uint16)
+    qs = (idx[..., :16] | (idx[..., 16:] << 4)).reshape(-1, 128)
+    out = np.concatenate([d16.view(np.uint8).reshape(-1, 2), scales_h.view(np.uint8).reshape(-1, 2),
+                          scales_l.astype(np.uint8), qs], axis=1)
+    return out.reshape(rows, cols // 256 * 136)
+
+
+def _q6_k(x: np.ndarray) -> np.ndarray:
+    from disguise import _q6_k as encode  # tests/disguise.py (on sys.path in the benchmark)
+
+    return encode(x)
+
+
+_Q = gguf.GGMLQuantizationType
+_ENCODERS = {"Q6_K": (_q6_k, 210), "IQ4_XS": (iq4_xs, 136)}
+
+
+class VirtualGGUF:
+    """One model of the family as a single GGUF file (see the module docstring), a RepoFiles for tests/hubserver."""
+
+    def __init__(self, shape: RioShape, kind: str = "rio", qtype: str = "Q6_K") -> None:
+        self.shape, self.kind, self.qtype = shape, kind, qtype
+        self.model = VirtualModel(shape, kind, kind)
+        self.fname = f"{kind}-{qtype}.gguf"
+        ids = {name: i for i, (name, _) in enumerate(shape.tensors())}
+        shapes = dict(shape.tensors())
+        items: list[tuple[str, tuple[int, ...], list[int], str]] = []  # gguf name, shape, source ids, storage
+
+        def add(gname: str, hf: str, storage: str | None = None) -> None:
+            shp = shapes[hf]
+            store = storage or ("F32" if len(shp) == 1 or shp[0] == 1 else qtype)
+            if store == qtype and shp[-1] % 256:
+                store = "F16"
+            items.append((gname, shp, [ids[hf]], store))
+
+        add("token_embd.weight", "model.embed_tokens.weight")
+        for L in range(shape.layers):
+            p, b = f"model.layers.{L}.", f"blk.{L}."
+            add(b + "attn_norm.weight", p + "input_layernorm.weight")
+            add(b + "post_attention_norm.weight", p + "post_attention_layernorm.weight")
+            if L % 4 == 3:
+                for g, h in (("attn_q", "q_proj"), ("attn_k", "k_proj"), ("attn_v", "v_proj"),
+                             ("attn_output", "o_proj"), ("attn_q_norm", "q_norm"), ("attn_k_norm", "k_norm")):
+                    add(f"{b}{g}.weight", f"{p}self_attn.{h}.weight")
+            else:
+                add(b + "ssm_out.weight", p + "linear_attn.out_proj.weight")
+            add(b + "ffn_gate_inp.weight", p + "mlp.gate.weight", "F32")
+            add(b + "ffn_gate_inp_shexp.weight", p + "mlp.shared_expert_gate.weight", "F32")
+            for g, h in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
+                add(f"{b}ffn_{g}_shexp.weight", f"{p}mlp.shared_expert.{h}.weight")
+                first = shapes[f"{p}mlp.experts.0.{h}.weight"]
+                store = qtype if first[-1] % 256 == 0 else "F16"
+                items.append((f"{b}ffn_{g}_exps.weight", (shape.experts, *first),
+                              [ids[f"{p}mlp.experts.{e}.{h}.weight"] for e in range(shape.experts)], store))
+        add("output_norm.weight", "model.norm.weight")
+        add("output.weight", "lm_head.weight")
+
+        w = gguf.GGUFWriter(None, "qwen35moe")
+        w.add_block_count(shape.layers)
+        w.add_context_length(262_144)
+        w.add_embedding_length(shape.hidden)
+        w.add_head_count(shape.heads)
+        w.add_head_count_kv(shape.kv_heads)
+        w.add_key_length(shape.head_dim)
+        w.add_expert_count(shape.experts)
+        w.add_expert_used_count(10)
+        w.add_expert_feed_forward_length(shape.moe_inter)
+        w.add_vocab_size(shape.vocab)
+        self.items: list[tuple[int, int, int, tuple[int, ...], list[int], str]] = []  # offset, nbytes, row bytes...
+        off = 0
+        for gname, shp, src, store in items:
+            rows, cols = int(np.prod(shp[:-1])), shp[-1]
+            row_bytes = {"F32": 4 * cols, "F16": 2 * cols}.get(store) or cols // 256 * _ENCODERS[store][1]
+            n = rows * row_bytes
+            raw = None if store in ("F32", "F16") else _Q[store]
+            w.add_tensor_info(gname, shp, np.float32 if store == "F32" else np.float16, n, raw_dtype=raw)
+            self.items.append((off, n, row_bytes, shp, src, store))
+            off += n + (-n % 32)
+        self.data_len = off
+        with tempfile.TemporaryDirectory() as tmp:
+            w.path = Path(tmp) / "h.gguf"
+            w.write_header_to_file(w.path)
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            w.close()
+            head = (Path(tmp) / "h.gguf").read_bytes()
+        self.head = head + b"\0" * (-len(head) % 32)
+        self._starts = [it[0] for it in self.items]
+
+    # ---- RepoFiles -----------------------------------------------------------------------------------------
+    def sizes(self) -> dict[str, int]:
+        return {self.fname: len(self.head) + self.data_len, "README.md": len(self._card())}
+
+    def _card(self) -> bytes:
+        return (f"---\nlicense: apache-2.0\nbase_model: bench/{self.kind}\nbase_model_relation: quantized\n---\n"
+                f"# {self.kind} {self.qtype}\n").encode()
+
+    def is_lfs(self, name: str) -> bool:
+        return name.endswith(".gguf")
+
+    def etag(self, name: str) -> str:
+        algo = hashlib.sha256 if self.is_lfs(name) else hashlib.sha1
+        return algo(f"gguf/{self.kind}/{self.qtype}/{name}/{self.shape}".encode()).hexdigest()
+
+    def _rows(self, src: list[int], shp: tuple[int, ...], store: str, r0: int, r1: int) -> bytes:
+        """Stored bytes of rows [r0, r1) of a (possibly stacked) tensor."""
+        cols = shp[-1]
+        per = int(np.prod(shp[1:-1])) if len(shp) == 3 else int(np.prod(shp[:-1]))
+        parts = []
+        r = r0
+        while r < r1:
+            t = 0 if len(src) == 1 else r // per
+            a = r - t * per if len(src) > 1 else r
+            n = min(r1 - r, (per - a) if len(src) > 1 else r1 - r)
+            x = self.model.values(src[t], a * cols, n * cols).astype(np.float32).reshape(n, cols)
+            if store == "F32":
+                parts.append(x.tobytes())
+            elif store == "F16":
+                parts.append(x.astype(np.float16).tobytes())
+            else:
+                parts.append(_ENCODERS[store][0](x).tobytes())
+            r += n
+        return b"".join(parts)
+
+    def chunks(self, name: str, start: int, length: int) -> Iterator[bytes]:
+        if name == "README.md":
+            yield self._card()[start:start + length]
+            return
+        end = start + length
+        if start < len(self.head):
+            yield self.head[start:min(end, len(self.head))]
+            start = len(self.head)
+        a, b = start - len(self.head), end - len(self.head)
+        i = max(0, bisect_right(self._starts, a) - 1)
+        while a < b and i < len(self.items):
+            off, n, row_bytes, shp, src, store = self.items[i]
+            if a < off:  # alignment padding before this tensor
+                pad = min(b, off) - a
+                yield b"\0" * pad
+                a += pad
+                continue
+            if a >= off + n:
+                i += 1
+                continue
+            lo, hi = a - off, min(b - off, n)
+            r0, r1 = lo // row_bytes, -(-hi // row_bytes)
+            for c in range(r0, r1, 64):
+                raw = self._rows(src, shp, store, c, min(r1, c + 64))
+                s0 = lo - c * row_bytes if c == r0 else 0
+                yield raw[s0:min(len(raw), hi - c * row_bytes)]
+            a = off + hi
+        if a < b:  # padding after the last tensor
+            yield b"\0" * (b - a)

@@ -591,7 +591,8 @@ def _reopen_spec(view: ModelView) -> str:
     store = getattr(view.source, "store", None)
     repo, sha = getattr(store, "repo_id", None), getattr(store, "sha", None)
     if view.spec.startswith("hf://") and repo and sha:
-        return f"hf://{repo}@{sha}"
+        picked = getattr(view.source, "selected_file", None)  # a GGUF file of the repository
+        return f"hf://{repo}@{sha}" + (f"/{picked}" if picked else "")
     return normalize_spec(view.spec)
 
 

@@ -39,6 +39,11 @@ class ByteStore(ABC):
     def read(self, name: str, offset: int, length: int) -> bytes:
         """Exactly `length` bytes at `offset`, or an InputError if the file is shorter."""
 
+    def read_ahead(self, name: str, offset: int, length: int, ahead: int) -> bytes:
+        """Like `read`; a remote store may fetch up to `ahead` following bytes in the same request and serve the next
+        read that starts where this one ends from them (headers whose length comes first)."""
+        return self.read(name, offset, length)
+
     def read_transient(self, name: str, offset: int, length: int) -> bytes | memoryview:
         """Like `read`, but the result may live in a reused buffer: valid only until the next read."""
         return self.read(name, offset, length)

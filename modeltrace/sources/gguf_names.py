@@ -25,6 +25,7 @@ __all__ = ["GGUFNaming", "PERMUTED_ARCHS", "hf_class", "model_type_for", "naming
 
 #: GGUF `general.architecture` -> HF `model_type` where they differ (besides '-' -> '_')
 _MODEL_TYPES = {"qwen3moe": "qwen3_moe", "qwen2moe": "qwen2_moe", "qwen3next": "qwen3_next", "olmo2": "olmo2",
+                "qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe",
                 "jina-bert-v2": "jina_bert", "nomic-bert": "nomic_bert", "modern-bert": "modernbert"}
 _HF_CLASSES = {
     "llama": "LlamaForCausalLM",

@@ -64,6 +64,13 @@ class GGUFSource(Source):
         except Exception as exc:  # the gguf parser raises ValueError/IndexError/KeyError/... on bad input
             raise InputError(f"{self.location}: not a readable GGUF file (truncated or corrupt: {_one_line(exc)})") \
                 from None
+        self._setup([(self.path.name, reader)])
+        # the header (metadata and tensor table) is what was read to list the tensors
+        self.stats.add(self.path.name, 0, int(min(reader.data_offset, self.path.stat().st_size)))
+
+    def _setup(self, readers: list[tuple[str, gguf.GGUFReader]]) -> None:
+        """Metadata from the first reader, tensors from all of them (a split GGUF: one reader per file)."""
+        reader = readers[0][1]
         self._reader: gguf.GGUFReader | None = reader
         self._swapped = reader.byte_order == "S"
         self.arch = self._meta("general.architecture")
@@ -77,7 +84,7 @@ class GGUFSource(Source):
         self._whole: tuple[str, np.ndarray] | None = None  # the last transposed tensor read whole
         self._raw: dict[str, Any] = {}  # HF name -> gguf ReaderTensor
         self._gguf_names: dict[str, str] = {}  # HF name -> GGUF name
-        self._build_tensors(reader)
+        self._build_tensors(readers)
 
     # ---- metadata ------------------------------------------------------------------------------------------
     def _meta(self, key: str) -> Any:
@@ -107,14 +114,15 @@ class GGUFSource(Source):
         return None
 
     # ---- tensors -------------------------------------------------------------------------------------------
-    def _build_tensors(self, reader: gguf.GGUFReader) -> None:
+    def _build_tensors(self, readers: list[tuple[str, gguf.GGUFReader]]) -> None:
+        stored = [(file, t) for file, reader in readers for t in reader.tensors]
         n_blocks = self._as_int(self._arch_meta("block_count"))
         n_blocks = n_blocks if isinstance(n_blocks, int) and 0 <= n_blocks <= 100_000 else 0
         if n_blocks == 0:  # fall back to the highest blk.N seen
-            nums = [int(m.group(1)) for t in reader.tensors if (m := re.match(r"blk\.(\d+)\.", t.name))]
+            nums = [int(m.group(1)) for _, t in stored if (m := re.match(r"blk\.(\d+)\.", t.name))]
             n_blocks = max(nums) + 1 if nums else 0
-        self._naming = naming_for(self.arch, self.model_type, n_blocks, [t.name for t in reader.tensors])
-        for t in reader.tensors:
+        self._naming = naming_for(self.arch, self.model_type, n_blocks, [t.name for _, t in stored])
+        for file, t in stored:
             hf = self._naming.hf_name(t.name)
             if hf in self._tensors:  # two GGUF tensors claim one HF name: keep the later one's own name
                 hf = t.name
@@ -129,13 +137,11 @@ class GGUFSource(Source):
                 dtype=t.tensor_type.name,
                 shape=shape,
                 nbytes=int(t.n_bytes),
-                file=self.path.name,
+                file=file,
                 offset=int(t.data_offset),
             )
             self._raw[hf] = t
             self._gguf_names[hf] = t.name
-        # the header (metadata and tensor table) is what was read to list the tensors
-        self.stats.add(self.path.name, 0, int(min(reader.data_offset, self.path.stat().st_size)))
 
     def tensors(self) -> Mapping[str, TensorInfo]:
         return self._tensors
@@ -171,13 +177,35 @@ class GGUFSource(Source):
             raise InputError(f"{self.location}: source is closed")
         return self._raw[info.name]
 
-    def _stored_rows(self, info: TensorInfo) -> np.ndarray | None:
-        """The tensor's stored data as a (rows, items per row) view of the memory map, or None for 1-D quants."""
-        t = self._tensor(info)
-        data = t.data
+    def _stored_count(self, info: TensorInfo) -> int | None:
+        """How many rows the stored data has (a transposed tensor's stored rows are its HF columns; a 1-D tensor of
+        plain numbers has one per element), or None for a 1-D block-quantized tensor (blocks span its elements)."""
+        if info.name in self._transposed:
+            return info.cols
         if len(info.shape) <= 1:
-            return data.reshape(-1, 1) if t.tensor_type in _PLAIN_TYPES else None
-        return data.reshape(info.rows, -1)
+            return info.numel if self._tensor(info).tensor_type in _PLAIN_TYPES else None
+        return info.rows
+
+    def _stored(self, info: TensorInfo, count: int, lo: int, hi: int) -> np.ndarray:
+        """Stored rows [lo, hi) of the tensor's data seen as `count` rows: a (hi - lo, items per row) array of the
+        stored item type (numbers, or the raw bytes of quantized blocks). The one place data is read (here: a view
+        of the memory map; a remote GGUF reads the byte range)."""
+        rows = self._tensor(info).data.reshape(count, -1)
+        chunk = rows[lo:hi]
+        self.stats.add(info.file, info.offset + lo * rows.strides[0], int(chunk.nbytes))
+        return chunk
+
+    def _spans(self, info: TensorInfo, start: int, stop: int) -> list[tuple[int, int]]:
+        """Stored byte ranges (offset, length) that reading HF rows [start, stop) touches (for prefetching)."""
+        count = self._stored_count(info)
+        if count is None or info.name in self._transposed:
+            return [(info.offset, info.nbytes)]
+        heads = self._permute_heads(info)
+        if heads is not None:
+            src = _source_rows(start, stop, heads, info.rows)
+            start, stop = int(src.min()), int(src.max()) + 1
+        per = info.nbytes // max(1, count)
+        return [(info.offset + start * per, (stop - start) * per)]
 
     def _unsupported(self, info: TensorInfo, why: str = "") -> InputError:
         return InputError(f"{self.location}: tensor {self._gguf_names[info.name]} ({info.name}) is stored as "
@@ -200,14 +228,10 @@ class GGUFSource(Source):
 
     def _read_stored(self, info: TensorInfo, lo: int, hi: int) -> np.ndarray:
         """Stored rows [lo, hi), dequantized to float32 (hi - lo, cols)."""
-        rows = self._stored_rows(info)
-        t = self._tensor(info)
-        if rows is None:  # 1-D block-quantized tensor: blocks span "rows", so dequantize it whole (it is small)
-            self.stats.add(info.file, info.offset, info.nbytes)
-            return self._dequantize(info, t.data).reshape(-1, 1)[lo:hi]
-        chunk = rows[lo:hi]
-        self.stats.add(info.file, info.offset + lo * chunk.strides[0], int(chunk.nbytes))
-        return self._dequantize(info, chunk).reshape(hi - lo, info.cols)
+        count = self._stored_count(info)
+        if count is None:  # 1-D block-quantized tensor: blocks span "rows", so dequantize it whole (it is small)
+            return self._dequantize(info, self._stored(info, 1, 0, 1).reshape(-1)).reshape(-1, 1)[lo:hi]
+        return self._dequantize(info, self._stored(info, count, lo, hi)).reshape(hi - lo, info.cols)
 
     def _read_transposed(self, info: TensorInfo) -> np.ndarray:
         """A tensor the family stores [in, out] (GGUF: [out, in]), whole, in the family's orientation. Its HF rows
@@ -216,9 +240,8 @@ class GGUFSource(Source):
         with self._whole_lock:
             if self._whole is not None and self._whole[0] == info.name:
                 return self._whole[1]
-        t = self._tensor(info)
-        self.stats.add(info.file, info.offset, info.nbytes)
-        stored = self._dequantize(info, t.data.reshape(info.cols, -1)).reshape(info.cols, info.rows)
+        raw = self._stored(info, info.cols, 0, info.cols)
+        stored = self._dequantize(info, raw).reshape(info.cols, info.rows)
         whole = np.ascontiguousarray(stored.T)
         with self._whole_lock:
             self._whole = (info.name, whole)
@@ -240,28 +263,23 @@ class GGUFSource(Source):
         stop = info.rows if stop is None else min(stop, info.rows)
         if start < 0 or start > stop:
             raise InputError(f"{self.location}: bad row range [{start}, {stop}) for {name}")
+        count = self._stored_count(info)
         if info.name in self._transposed:
-            t = self._tensor(info)
-            if t.tensor_type not in _PLAIN_TYPES:
+            if self._tensor(info).tensor_type not in _PLAIN_TYPES:
                 raise InputError(f"{self.location}: {name} is a transposed {info.dtype} tensor; its rows have no "
                                  "bytes of their own")
-            self.stats.add(info.file, info.offset, info.nbytes)
-            return np.ascontiguousarray(t.data.reshape(info.cols, info.rows).T[start:stop]).tobytes()
-        rows = self._stored_rows(info)
-        if rows is None:
+            stored = self._stored(info, info.cols, 0, info.cols)
+            return np.ascontiguousarray(stored.reshape(info.cols, info.rows).T[start:stop]).tobytes()
+        if count is None:
             if (start, stop) != (0, info.rows):
                 raise InputError(f"{self.location}: {name} is a 1-D {info.dtype} tensor; only all of it has bytes")
-            self.stats.add(info.file, info.offset, info.nbytes)
-            return self._tensor(info).data.tobytes()
+            return self._stored(info, 1, 0, 1).tobytes()
         heads = self._permute_heads(info) if stop > start else None
         if heads is None:
-            chunk = rows[start:stop]
-            self.stats.add(info.file, info.offset + start * rows.strides[0], int(chunk.nbytes))
-            return chunk.tobytes()
+            return self._stored(info, count, start, stop).tobytes()
         src = _source_rows(start, stop, heads, info.rows)
         lo, hi = int(src.min()), int(src.max()) + 1
-        self.stats.add(info.file, info.offset + lo * rows.strides[0], int(rows[lo:hi].nbytes))
-        return rows[lo:hi][src - lo].tobytes()
+        return self._stored(info, count, lo, hi)[src - lo].tobytes()
 
     # ---- config and tokenizer ------------------------------------------------------------------------------
     def config(self) -> dict | None:

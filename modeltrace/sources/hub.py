@@ -1,7 +1,8 @@
 """Hugging Face Hub repositories (`hf://owner/name[@revision]`) read lazily with HTTP Range requests.
 
 Only the bytes asked for are fetched: the file listing comes from the Hub API (one request), safetensors headers from
-two small ranged reads per weight file (all shards at once), and tensor rows from ranged reads. Header reads and
+one ranged read per weight file (length prefix and header together, all shards at once; `read_ahead`), GGUF headers
+by gguf_remote.py, and tensor rows from ranged reads. Header reads and
 small metadata files are cached on disk per commit, so a second open of the same revision makes no header requests.
 The revision is resolved once, by the listing, to a commit; every read is pinned to it and every answer is checked
 against the listing (commit, ETag = LFS SHA-256 or git blob id, size) by `remote.PinnedFiles`, which also holds the
@@ -48,7 +49,7 @@ from modeltrace.sources.bytestore import ByteStore
 from modeltrace.sources.planner import Prefetcher
 from modeltrace.sources.remote import RETRY_EXCEPTIONS, RETRY_STATUS, describe_exc, status_error
 
-__all__ = ["HubStore", "open_hub", "parse_spec", "cache_root", "sample_for_budget"]
+__all__ = ["HubStore", "open_hub", "parse_spec", "parse_spec_file", "cache_root", "sample_for_budget"]
 
 DEFAULT_REVISION = "main"
 
@@ -67,12 +68,29 @@ T = TypeVar("T")
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
-    """`hf://owner/name[@revision]` -> (repo_id, revision); InputError on anything else."""
-    usage = f"{spec}: expected hf://owner/name or hf://owner/name@revision"
+    """`hf://owner/name[@revision]` -> (repo_id, revision); InputError on anything else. A GGUF file selector
+    (`hf://owner/name/FILE.gguf`, see `parse_spec_file`) is accepted and left out."""
+    repo_id, revision, _ = parse_spec_file(spec)
+    return repo_id, revision
+
+
+def parse_spec_file(spec: str) -> tuple[str, str, str | None]:
+    """`hf://owner/name[@revision][/path/FILE.gguf]` or `hf://owner/name/path/FILE.gguf[@revision]` ->
+    (repo_id, revision, the GGUF file or None). With `@`, the revision is one path segment (`refs/pr/N` and
+    `refs/convert/X`: three) and what follows it, ending in `.gguf`, is the file."""
+    usage = f"{spec}: expected hf://owner/name, hf://owner/name@revision or hf://owner/name/FILE.gguf"
     if not spec.startswith("hf://"):
         raise InputError(usage)
     body = spec[len("hf://"):].strip().rstrip("/")
     repo_id, sep, revision = body.partition("@")
+    file = None
+    parts = repo_id.split("/")
+    if len(parts) > 2 and parts[-1].lower().endswith(".gguf"):
+        repo_id, file = "/".join(parts[:2]), "/".join(parts[2:])
+    elif sep and revision.lower().endswith(".gguf") and "/" in revision:
+        segs = revision.split("/")
+        k = 3 if segs[0] == "refs" and len(segs) > 3 else 1
+        revision, file = "/".join(segs[:k]), "/".join(segs[k:])
     if sep and not revision:
         raise InputError(f"{spec}: empty revision after '@'")
     revision = revision or DEFAULT_REVISION
@@ -82,7 +100,10 @@ def parse_spec(spec: str) -> tuple[str, str]:
         raise InputError(usage)
     if any(c.isspace() or ord(c) < 32 for c in revision) or ".." in revision or revision.startswith("/"):
         raise InputError(f"{spec}: invalid revision {revision!r}")
-    return repo_id, revision
+    if file is not None and (any(p in ("", ".", "..") for p in file.split("/")) or "\\" in file
+                             or any(c.isspace() or ord(c) < 32 for c in file)):
+        raise InputError(f"{spec}: invalid file name {file!r}")
+    return repo_id, revision, file
 
 
 def _endpoint() -> str:
@@ -157,6 +178,8 @@ class HubStore(ByteStore):
         self.pinned = remote.PinnedFiles(self.location, self.endpoint, revision, self.sha or "", self.url,
                                          self._headers, self._files, etags, self.stats)
         self.prefetcher = Prefetcher(self._fetch, self.cfg.connections)
+        self._ahead: dict[tuple[str, int], bytes] = {}  # (file, offset) -> bytes read ahead by `read_ahead`
+        self._ahead_lock = threading.Lock()
 
     @property  # type: ignore[override]
     def stats(self) -> ReadStats:
@@ -336,10 +359,33 @@ class HubStore(ByteStore):
                 self.cache_hits += 1
                 self.stats.digest(name, offset, data)
                 return data
-        data = self._fetch(name, offset, length)
+        with self._ahead_lock:
+            ahead = self._ahead.pop((name, offset), None)
+        if ahead:  # the start came with an earlier request: fetch only what it lacks
+            data = ahead[:length] if len(ahead) >= length else \
+                ahead + self._fetch(name, offset + len(ahead), length - len(ahead))
+        else:
+            data = self._fetch(name, offset, length)
         if cache is not None:
             _write_atomic(cache, data)
         return data
+
+    def read_ahead(self, name: str, offset: int, length: int, ahead: int) -> bytes:
+        """`read`, and when the bytes come from the network, up to `ahead` more that follow them in the same
+        request: the next `read` starting where this one ends is served from memory, once (a safetensors header
+        and its length prefix in one request instead of two). Under a byte budget nothing is read on speculation."""
+        cache = self._cache_path(name, offset, length)
+        if ahead <= 0 or self.cfg.budget is not None or (cache is not None and cache.is_file()):
+            return self.read(name, offset, length)
+        total = min(length + ahead, self.size(name) - offset)
+        if total <= length:
+            return self.read(name, offset, length)
+        data = self._fetch(name, offset, total)
+        with self._ahead_lock:
+            self._ahead[(name, offset + length)] = data[length:]
+        if cache is not None:
+            _write_atomic(cache, data[:length])
+        return data[:length]
 
     def prefetch(self, spans: Iterable[tuple[str, int, int]]) -> None:
         """Fetch these (file, offset, length) spans ahead, coalesced, many at a time; `read` serves them."""
@@ -372,6 +418,7 @@ class HubStore(ByteStore):
 
     def close(self) -> None:
         self.prefetcher.clear()
+        self._ahead.clear()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -425,19 +472,23 @@ def sample_for_budget(specs: list[str], budget: int, share: float = 0.5) -> floa
 
 
 def open_hub(spec: str) -> Source:
-    """Open `hf://owner/name[@revision]` for lazy reading over HTTP Range requests."""
+    """Open `hf://owner/name[@revision]` (safetensors, or the repository's one GGUF file or split set) or
+    `hf://owner/name[@revision]/FILE.gguf` for lazy reading over HTTP Range requests."""
     from modeltrace.sources.safetensors_source import SafetensorsSource
 
-    repo_id, revision = parse_spec(spec)
+    repo_id, revision, file = parse_spec_file(spec)
     endpoint = _endpoint()
     if urlsplit(endpoint).scheme not in ("http", "https"):
         raise InputError(f"HF_ENDPOINT={endpoint!r}: expected an http:// or https:// address")
     store = HubStore(repo_id, revision)
-    if not any(n.endswith(".safetensors") for n in store._files):
-        names = sorted(store._files)
-        if any(n.endswith(".gguf") for n in names):
-            raise InputError(f"{store.location}: holds GGUF files; reading GGUF from the Hub is not supported yet")
-        if any(n.endswith((".bin", ".pt", ".pth", ".ckpt")) for n in names):
-            raise InputError(f"{store.location}: has only PyTorch pickle weights; modeltrace reads safetensors "
-                             "from the Hub")
+    names = sorted(store._files)
+    if file is None and any(n.endswith(".safetensors") for n in names):
+        return SafetensorsSource(store)
+    from modeltrace.sources.gguf_remote import open_gguf_repo
+
+    if file is not None or any(n.lower().endswith(".gguf") for n in names):
+        return open_gguf_repo(store, names, file)
+    if any(n.endswith((".bin", ".pt", ".pth", ".ckpt")) for n in names):
+        raise InputError(f"{store.location}: has only PyTorch pickle weights; modeltrace reads safetensors "
+                         "and GGUF from the Hub")
     return SafetensorsSource(store)

@@ -23,15 +23,21 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 #: Bounds on a shape, so that a hostile one stays cheap to multiply out (torch itself allows 64 dimensions).
 MAX_RANK = 64
 MAX_DIM = 2**63 - 1
+_DIMS: dict[int, int] = {}  # dimension values seen, one int object shared by every shape (at most 65,536 kept)
+#: Bytes of header fetched with the 8-byte length prefix in one request (remote stores) when nothing tells its size;
+#: a larger header costs a second request for the rest.
+HEADER_AHEAD = 64 * 1024
 
 
-def parse_header(store: ByteStore, name: str, file_size: int | None = None) -> tuple[dict[str, TensorInfo], dict]:
-    """Read and validate one safetensors file's header: (tensors by name, __metadata__)."""
+def parse_header(store: ByteStore, name: str, file_size: int | None = None, ahead: int = HEADER_AHEAD
+                 ) -> tuple[dict[str, TensorInfo], dict]:
+    """Read and validate one safetensors file's header: (tensors by name, __metadata__). `ahead`: header bytes
+    expected, fetched with the length prefix where that saves a request (see `header_estimate`)."""
     where = f"{store.location}: {name}"
     size = store.size(name) if file_size is None else file_size
     if size < 8:
         raise InputError(f"{where} is truncated ({size} bytes; not a safetensors file)")
-    (hlen,) = struct.unpack("<Q", store.read(name, 0, 8))
+    (hlen,) = struct.unpack("<Q", store.read_ahead(name, 0, 8, ahead))
     if hlen > MAX_HEADER_BYTES:
         raise InputError(f"{where}: header length {hlen} exceeds the 100 MB limit (corrupt or hostile file)")
     if 8 + hlen > size:
@@ -61,6 +67,12 @@ def parse_header(store: ByteStore, name: str, file_size: int | None = None) -> t
         if b1 < e0:
             raise InputError(f"{where}: tensors {n0} and {n1} overlap in the data section (corrupt or hostile)")
     return tensors, meta
+
+
+def header_estimate(names: list[str]) -> int:
+    """Header bytes a shard holding these tensors should have (JSON entries of ~90 bytes besides the name), with a
+    margin: enough to read most headers with their length prefix in one request, little past them."""
+    return int(1.1 * sum(len(n) + 90 for n in names)) + 2048
 
 
 def _short(value: object, limit: int = 80) -> str:
@@ -96,8 +108,14 @@ def _tensor_info(where: str, file: str, tname: str, entry: object, data_start: i
     if end - begin != expect:
         raise InputError(f"{where}: tensor {tname!r} claims shape {shape} {dtype} ({expect} bytes) but spans "
                          f"{end - begin} bytes")
-    # one dtype string for all tensors (a 93k-tensor checkpoint otherwise holds 93k copies)
-    return TensorInfo(tname, sys.intern(dtype), tuple(shape), expect, file, data_start + begin)
+    # one dtype string and one int per dimension value for all tensors (a 93k-tensor checkpoint otherwise holds 93k
+    # copies of each)
+    return TensorInfo(tname, sys.intern(dtype), tuple(_DIMS.get(d) or _dim(d) for d in shape), expect, file,
+                      data_start + begin)
+
+
+def _dim(d: int) -> int:
+    return _DIMS.setdefault(d, d) if len(_DIMS) < 65536 else d
 
 
 def row_span(info: TensorInfo, start: int, stop: int) -> tuple[int, int]:

@@ -21,6 +21,7 @@ from hubserver import HubServer, commit_sha, serve  # noqa: E402
 
 from modeltrace.errors import InputError, RemoteError  # noqa: E402
 from modeltrace.sources import open_source, remote  # noqa: E402
+from modeltrace.sources import safetensors_format as fmt  # noqa: E402
 from modeltrace.sources.hub import HubStore, open_hub, parse_spec  # noqa: E402
 
 README = "---\nlicense: apache-2.0\nbase_model: org/base\n---\n# tiny\n"
@@ -149,15 +150,20 @@ def test_listing_fetches_headers_only(models, hub_server):
     src.tensors()
     shards = sorted(p.name for p in folder.glob("*.safetensors"))
     assert len(shards) > 2
-    expect = []
-    for s in shards:
-        hlen = _header_len(folder / s)
-        expect += [(s, 0, 7), (s, 8, 8 + hlen - 1)]
     index = "model.safetensors.index.json"
     index_size = (folder / index).stat().st_size
+    names: dict[str, list[str]] = {}
+    for tname, shard in json.loads((folder / index).read_text())["weight_map"].items():
+        names.setdefault(shard, []).append(tname)
+    expect, fetched = [], 0
+    for s in shards:  # one request per shard: the length prefix and the header, estimated from the index
+        n = min((folder / s).stat().st_size, 8 + fmt.header_estimate(names[s]))
+        assert n >= 8 + _header_len(folder / s)
+        expect.append((s, 0, n - 1))
+        fetched += n
     assert sorted(srv.ranges()) == sorted(expect + [(index, 0, index_size - 1)])
     assert all(r.range is not None for r in _resolve_gets(srv))  # nothing fetched without a Range
-    assert src.stats.bytes_read == index_size + sum(8 + _header_len(folder / s) for s in shards)
+    assert src.stats.bytes_read == index_size + fetched
     api = srv.requests("GET", "/api/models/")
     assert len(api) == 1 and api[0].path == "/api/models/org/tiny/revision/main" and "blobs=true" in api[0].query
     # reads are pinned to the commit the listing returned
@@ -188,6 +194,16 @@ def test_row_range_is_one_exact_request(models, hub_server):
     np.testing.assert_array_equal(rows, open_source(folder).read_rows(name, 2, 4))
 
 
+def test_header_longer_than_its_estimate_costs_one_more_request(models, hub_server):
+    folder = models["tiny"]
+    srv = hub_server({"org/tiny": folder})
+    store = HubStore("org/tiny", "main")
+    hlen = _header_len(folder / "model.safetensors")
+    tensors, _ = fmt.parse_header(store, "model.safetensors", ahead=100)
+    assert srv.ranges() == [("model.safetensors", 0, 107), ("model.safetensors", 108, 8 + hlen - 1)]
+    assert tensors.keys() == open_source(folder).tensors().keys()
+
+
 def test_second_open_uses_header_cache(models, hub_server, hub_env):
     folder = models["sharded"]
     srv = hub_server({"org/tiny": folder})
@@ -202,7 +218,9 @@ def test_second_open_uses_header_cache(models, hub_server, hub_env):
     assert list(second.tensors()) == list(first.tensors())
     assert srv.ranges() == []  # index, 8-byte prefixes and JSON headers all from the cache
     assert [r.path for r in srv.requests()] == ["/api/models/org/tiny/revision/main"]
-    assert second.stats.bytes_read == 0 and second.store.cache_hits == n_first
+    shards = len(list(folder.glob("*.safetensors")))
+    assert n_first == shards + 1  # the index, and each header with its length prefix in one request
+    assert second.stats.bytes_read == 0 and second.store.cache_hits == 2 * shards + 1
     # data reads are never cached
     name = next(iter(second.tensors()))
     second.read_rows(name, 0, 1)
@@ -238,7 +256,7 @@ def test_cache_is_keyed_by_commit(models, hub_server):
     srv.clear()
     v1 = open_hub("hf://org/tiny@v1")
     v1.tensors()
-    assert len(srv.ranges()) == 2  # a different commit: its own header reads
+    assert len(srv.ranges()) == 1  # a different commit: its own header read (with its length prefix)
 
 
 def test_revision(models, hub_server):
@@ -365,7 +383,7 @@ def test_server_ignoring_range_is_never_read_whole(big_model, hub_server):
     srv = hub_server({"org/big": big_model}, ignore_range=True)
     size = (big_model / "model.safetensors").stat().st_size
     src = open_hub("hf://org/big")
-    # header reads at offsets 0 and 8 are small prefixes: read, then the connection is dropped
+    # the header read (prefix and header in one request) is a small prefix: read, then the connection is dropped
     assert src.tensors()["w"].shape == (8192, 2048)
     np.testing.assert_array_equal(src.read_rows("w", 0, 2), np.zeros((2, 2048), np.float32))
     with pytest.raises(RemoteError) as exc:
@@ -373,7 +391,7 @@ def test_server_ignoring_range_is_never_read_whole(big_model, hub_server):
     assert "ignored the Range request" in _one_line(exc)
     srv.wait_idle()
     gets = _resolve_gets(srv)
-    assert [r.status for r in gets] == [200] * 4
+    assert [r.status for r in gets] == [200] * 3
     assert all(r.sent < size // 4 for r in gets), [r.sent for r in gets]
     assert srv.bytes_sent() < size
 

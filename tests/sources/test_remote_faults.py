@@ -15,6 +15,7 @@ from modeltrace.errors import InputError, RemoteError
 from modeltrace.sources import open_source, remote
 from modeltrace.sources.base import ReadStats
 from modeltrace.sources.hub import open_hub
+from modeltrace.sources.safetensors_format import HEADER_AHEAD
 from tests.report.report_helpers import cli
 from tests.sources.test_hub import hub_env, hub_server  # noqa: F401 - fixtures (isolated env, local Hub server)
 
@@ -137,8 +138,9 @@ def test_trickling_server_cannot_stretch_a_request(corpus, hub_server, monkeypat
     with pytest.raises(RemoteError) as exc:
         src.tensors()  # the 8-byte header length alone would take 8 s
     assert time.monotonic() - t0 < 5
-    assert _one_line(exc) == (f"hf://org/m: reading {WEIGHTS} bytes 0-7: {srv.url} sent too slowly (no complete "
-                              "answer within 1.5 s, 1 attempts)")
+    end = 8 + HEADER_AHEAD - 1  # the header is asked for with its length prefix
+    assert _one_line(exc) == (f"hf://org/m: reading {WEIGHTS} bytes 0-{end}: {srv.url} sent too slowly (no "
+                              f"complete answer within {1.5 + (end + 1) / remote.MIN_RATE:.3g} s, 1 attempts)")
 
 
 def test_trickled_listing_is_cut(corpus, hub_server, monkeypatch):  # noqa: F811
