@@ -246,6 +246,11 @@ def _decide(run: AuditRun) -> dict[str, Any]:
             out["method_share"] = round(share, 4)
             n_layers = sum(1 for e in layers if e["layer"] >= 0)
             out["summary"] = _merge_summary(out, names[0], agree, n_layers, logp, names)
+            sd = out["suspect_dtype"]
+            if is_lossy(sd) and not sd.startswith("F8"):  # a GGUF of the merge (Rio's were IQ4_XS and Q6_K)
+                out["encoding"] = {"suspect": sd}
+                out["summary"] += (f" {names[0]} is stored {sd}: a quantized copy of that merge (its weights are "
+                                   f"estimated through {sd}'s rounding).")
             return out
     return trained(out, run, matrix, related, logp, ws if merger is not None and merger.family != "stack" else {})
 

@@ -113,6 +113,8 @@ def test_remote_gguf_audit_equals_local(hub_server, wide, repos):  # noqa: F811
     for k in lw:
         assert abs(lw[k] - rw[k]) < 1e-9
     assert abs(rw["ft1"] - 0.6) < 0.02
+    # named for what it is: a quantized copy of the merge, with its recipe
+    assert remote["encoding"] == {"suspect": "Q6_K"} and "a quantized copy of that merge" in remote["summary"]
     gets = [r for r in srv.requests("GET", "/resolve/") if r.path.endswith(".gguf")]
     assert gets and all(r.range is not None for r in gets)
 
