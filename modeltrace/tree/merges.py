@@ -44,6 +44,13 @@ AUDIT_SETS = 4
 AUDIT_RESIDUAL = 0.6
 #: A parent of an audited merge carries at least this weight (a relative at weight ~0.03 is a fit's leftover).
 AUDIT_MIN_WEIGHT = 0.05
+#: Span search: relatives searched in triples (nearest first; pairs: all), the largest residual of x outside a set's
+#: span relative to x's squared distance to its nearest relative (an exact recipe leaves only storage rounding; a
+#: fine-tune of any model in the span leaves its own training delta, about that squared distance: ratio ~1), and the
+#: sets offered to the exact fit.
+SPAN_RELATIVES = 48
+SPAN_RESIDUAL = 0.1
+SPAN_SETS = 4
 
 
 # ---- 3. merges --------------------------------------------------------------------------------------------------
@@ -93,36 +100,94 @@ def _stack_of(f: _Family, group: list[str]) -> GramStack:
                      np.zeros((n, n, 0), dtype=bool), np.zeros((n, 0), dtype=bool))
 
 
+def _span_sets(f: _Family, x: str, rel: list[str], explained: set[str]) -> list[list[str]]:
+    """Pairs and triples of x's relatives whose linear span holds x with recipe-like weights (least squares on the
+    Gram entries summed over shared tensors, all from cached pairs): an exact recipe with any weights (unnormalised
+    linear, task arithmetic with its base) lies in its members' span wherever it lies, between them or not. Sets with
+    fewer members first, then those with fewer members in `explained`, then the smallest residual."""
+    from modeltrace.fingerprint.lineage import _plausible
+
+    p_x = {y: f.pair(x, y, compute=False) for y in rel}
+    rel = [y for y in rel if p_x[y] is not None and p_x[y].keys]
+    if len(rel) < 2:
+        return []
+    gx = np.array([float(p_x[y].gab.sum()) for y in rel])
+    x2 = float(np.median([(p_x[y].gaa if p_x[y].a == x else p_x[y].gbb).sum() for y in rel]))
+    ny = np.array([float((p_x[y].gbb if p_x[y].a == x else p_x[y].gaa).sum()) for y in rel])
+    d_near = min(f.dist2(x, y)[0] for y in rel)
+    if not d_near > 0:
+        return []
+    n = len(rel)
+    G = np.full((n, n), np.nan)
+    G[np.diag_indices(n)] = ny
+    for i, j in itertools.combinations(range(n), 2):
+        p = f.pair(rel[i], rel[j], compute=False)
+        if p is not None and p.keys:
+            G[i, j] = G[j, i] = float(p.gab.sum())
+    fits = []
+    for k in (2, 3):
+        Q = np.array(list(itertools.combinations(range(min(n, SPAN_RELATIVES if k == 3 else n)), k)), dtype=int)
+        if not len(Q):
+            continue
+        A = G[Q[:, :, None], Q[:, None, :]]
+        ok = ~np.isnan(A).any(axis=(1, 2))
+        Q, A = Q[ok], A[ok]
+        g = gx[Q]
+        scale = np.maximum(np.trace(A, axis1=1, axis2=2), 1e-300)[:, None, None]
+        W = np.linalg.solve(A + 1e-12 * scale * np.eye(k), g[..., None])[..., 0]
+        res = (x2 - (W * g).sum(axis=1)) / d_near
+        for q in np.flatnonzero(res <= SPAN_RESIDUAL):
+            w = {int(i): float(v) for i, v in zip(Q[q], W[q], strict=True)}
+            if _plausible(w) and min(abs(v) for v in w.values()) >= 0.05:
+                members = [rel[int(i)] for i in Q[q]]
+                fits.append((k, sum(m in explained for m in members), float(res[q]), members))
+    return [m for *_, m in sorted(fits, key=lambda t: t[:3])][:SPAN_SETS]
+
+
 def _merge_options(f: _Family, x: str, rel: list[str], obtuse: list[tuple[float, str, str]],
                    explained: set[str]) -> list[Explanation]:
-    """Plausible recipes for x over the relatives making an obtuse angle at it, those not in `explained` (models
-    some recipe reproduces) first, so a merge's true parents are in its pool even among many sibling merges."""
-    exps: list[Explanation] = []
-    group: list[str] = [x]
+    """Plausible exact recipes for x over (1) the relatives making an obtuse angle at it, those not in `explained`
+    (models some recipe reproduces) first, so a merge's true parents are in its pool even among many sibling merges,
+    and (2) each set of relatives whose span holds x (_span_sets)."""
+    groups: list[list[str]] = []
     if obtuse:
         pool: list[str] = []  # the two most obtuse pairs (merges of merges), then unexplained models first
         for _, a, b in obtuse[:2] + sorted(obtuse, key=lambda o: ((o[1] in explained) + (o[2] in explained), o[0])):
             pool += [h for h in (a, b) if h not in pool]
         near = [y for y in rel if y not in pool and y not in explained]  # a task-arithmetic base sits off the segment
-        group = [x, *pool[:POOL - 2], *near[:2]] if len(pool) > POOL - 2 else [x, *(pool + near)[:POOL]]
-        exps = [e for e in explanations(_stack_of(f, group), 0, list(range(1, len(group)))) if e.kind == "exact"]
-    for e in exps:
-        e.target = x  # type: ignore[assignment]
-        e.weights = {group[i]: w for i, w in e.weights.items()}  # type: ignore[assignment]
-        e.base = group[e.base] if e.base is not None else None  # type: ignore[assignment]
+        groups.append([x, *pool[:POOL - 2], *near[:2]] if len(pool) > POOL - 2 else [x, *(pool + near)[:POOL]])
+    groups += [[x, *s] for s in _span_sets(f, x, rel, explained)]
+    exps: list[Explanation] = []
+    seen: set[frozenset] = set()
+    for group in groups:
+        for e in explanations(_stack_of(f, group), 0, list(range(1, len(group)))):
+            if e.kind != "exact":
+                continue
+            e.target = x  # type: ignore[assignment]
+            e.weights = {group[i]: w for i, w in e.weights.items()}  # type: ignore[assignment]
+            e.base = group[e.base] if e.base is not None else None  # type: ignore[assignment]
+            if frozenset(e.weights) not in seen:
+                seen.add(frozenset(e.weights))
+                exps.append(e)
     return exps
 
 
-def _task_sets(f: _Family, x: str, rel: list[str], explained: set[str]) -> list[tuple[float, str, str, str]]:
-    """(cosine, a, b, m): two relatives of x that no exact recipe explains and a base m that x, a and b all grew
-    from (training adds norm: r >= DIRECTED_R), x - m mostly in the span of a - m, b - m; the most independent task
-    vectors a - m, b - m first (fine-tunes of one base meet at ~90 degrees, merges of them lie between)."""
+def _task_sets(f: _Family, x: str, rel: list[str], explained: set[str]) -> list[tuple[tuple, str, str, str]]:
+    """(rank, a, b, m): two relatives of x that no recipe explains and a base m that x, a and b all grew from
+    (training adds norm: r >= DIRECTED_R), a and b meeting at m, x - m mostly in the span of a - m, b - m; best first.
+
+    Bases first by the share of coordinates x keeps exactly equal to them (a sparse merge keeps the base's value
+    wherever its members' changes were dropped; a dense merge or a fine-tune keeps none but storage ties), then sets
+    by the share of |x - m|^2 outside span(a - m, b - m): x carries its true parents' task vectors and nothing of a
+    fine-tune of a parent, whose own training delta leaves residual (a parent replaced by its fine-tune, or a
+    sibling, fits worse)."""
     from modeltrace.tree.family import DIRECTED_R
 
     pool = [y for y in rel if y not in explained][:AUDIT_POOL]
     hs = [x, *pool]
     DD = np.array([[f.dist2(u, v)[0] if u != v else 0.0 for v in hs] for u in hs])
     bases = [k for k in range(1, len(hs)) if f.growth(hs[k], x)[0] >= DIRECTED_R]
+    eq = {k: round(getattr(f.pair(x, hs[k], compute=False), "equal", 0.0), 3) for k in bases}
     grew = {(m, k): f.growth(hs[m], hs[k])[0] >= DIRECTED_R for m in bases for k in range(1, len(hs)) if m != k}
     out = []
     for ia, ib in itertools.combinations(range(1, len(hs)), 2):
@@ -140,17 +205,18 @@ def _task_sets(f: _Family, x: str, rel: list[str], explained: set[str]) -> list[
                 coef = np.linalg.solve(g[1:, 1:], g[1:, 0])
             except np.linalg.LinAlgError:
                 continue
-            if 1 - float(g[0, 1:] @ coef) / g[0, 0] <= AUDIT_RESIDUAL:
-                out.append((g[1, 2] / math.sqrt(g[1, 1] * g[2, 2]), hs[ia], hs[ib], hs[im]))
+            residual = 1 - float(g[0, 1:] @ coef) / g[0, 0]
+            if residual <= AUDIT_RESIDUAL and min(coef) > 0:
+                out.append(((-eq[im], round(residual, 3)), hs[ia], hs[ib], hs[im]))
     return sorted(out)[:AUDIT_SETS]
 
 
-def _audited(f: _Family, x: str, sets: list[tuple[float, str, str, str]]) -> list[Explanation]:
-    """Explanations the audit's verdict on the fingerprints calls a merge, one per candidate set."""
+def _audited(f: _Family, x: str, sets: list[tuple[tuple, str, str, str]]) -> list[Explanation]:
+    """The first set (in `sets`' order) the audit's verdict on the fingerprints calls a merge, as an explanation
+    whose quality is minus its rank (empty when the audit calls none a merge)."""
     from modeltrace.fingerprint.view import audit_fingerprints
 
-    found = []
-    for _, a, b, m in sets:
+    for rank, (_, a, b, m) in enumerate(sets):
         cands = [a, b, m]
         names = {h: f.m[h]["name"] for h in cands}
         fps = {names[h]: f.load(h) for h in cands}
@@ -164,14 +230,13 @@ def _audited(f: _Family, x: str, sets: list[tuple[float, str, str, str]]) -> lis
         by_name = {n: h for h, n in names.items()}
         ws = {by_name[p["model"]]: float(p.get("weight") or 0.0) for p in v.get("parents", [])
               if p.get("model") in by_name and by_name[p["model"]] != m}
-        if len(ws) < 2 or min(abs(w) for w in ws.values()) < AUDIT_MIN_WEIGHT:
+        if len(ws) < 2 or min(ws.values()) < AUDIT_MIN_WEIGHT:  # sparse merges add positive task vectors
             continue
-        r2 = [lay["r2_min"] for lay in v.get("layers") or [] if "r2_min" in lay]
-        e = Explanation(0, "audit", ws or {a: 0.5, b: 0.5}, m, float(np.mean(r2)) if r2 else 0.0)
+        e = Explanation(0, "audit", ws, m, -float(rank))
         e.target = x  # type: ignore[assignment]
         e.verdict = v  # type: ignore[attr-defined]
-        found.append(e)
-    return found
+        return [e]
+    return []
 
 
 def find_merges(f: _Family, reps: list[str], stacks: set[str], out: dict, audit: bool = False
@@ -183,7 +248,7 @@ def find_merges(f: _Family, reps: list[str], stacks: set[str], out: dict, audit:
     obtuse = {x: _between(f, x, rel[x]) for x in plain}
     options = {x: _merge_options(f, x, rel[x], obtuse[x], set()) for x in plain}
     first = {x for x, o in options.items() if o}  # again, offering models that no recipe explains first
-    options.update({x: _merge_options(f, x, rel[x], obtuse[x], first) for x in first})
+    options.update({x: _merge_options(f, x, rel[x], obtuse[x], first) for x in plain if first})
     explained = {x for x, o in options.items() if o}
     ranked = sorted(((e.kind != "exact", len(e.members), sum(m in explained for m in e.members), rank, x), e)
                     for x, opts in options.items() for rank, e in enumerate(opts))
@@ -209,7 +274,7 @@ def find_merges(f: _Family, reps: list[str], stacks: set[str], out: dict, audit:
         return accepted
     audited = {x: _audited(f, x, _task_sets(f, x, rel[x], set(accepted))) for x in plain if x not in accepted}
     audited = {x: o for x, o in audited.items() if o}
-    ranked_a = sorted(((sum(m in audited for m in e.members), -e.quality, x), e)  # the closest fit of a model first
+    ranked_a = sorted(((sum(m in audited for m in e.members), -e.quality, x), e)  # one set per model
                       for x, opts in audited.items() for e in opts)
     for _, e in ranked_a:
         x = e.target
