@@ -47,7 +47,7 @@ AUDIT_MIN_WEIGHT = 0.05
 #: Span search: relatives searched in triples (nearest first; pairs: all), the largest residual of x outside a set's
 #: span relative to x's squared distance to its nearest relative (an exact recipe leaves only storage rounding; a
 #: fine-tune of any model in the span leaves its own training delta, about that squared distance: ratio ~1), and the
-#: sets offered to the exact fit.
+#: sets of each size offered to the exact fit.
 SPAN_RELATIVES = 48
 SPAN_RESIDUAL = 0.1
 SPAN_SETS = 4
@@ -141,7 +141,8 @@ def _span_sets(f: _Family, x: str, rel: list[str], explained: set[str]) -> list[
             if _plausible(w) and min(abs(v) for v in w.values()) >= 0.05:
                 members = [rel[int(i)] for i in Q[q]]
                 fits.append((k, sum(m in explained for m in members), float(res[q]), members))
-    return [m for *_, m in sorted(fits, key=lambda t: t[:3])][:SPAN_SETS]
+    fits.sort(key=lambda t: t[:3])
+    return [m for k in (2, 3) for m in [m for kk, *_, m in fits if kk == k][:SPAN_SETS]]
 
 
 def _merge_options(f: _Family, x: str, rel: list[str], obtuse: list[tuple[float, str, str]],
@@ -250,10 +251,34 @@ def find_merges(f: _Family, reps: list[str], stacks: set[str], out: dict, audit:
     first = {x for x, o in options.items() if o}  # again, offering models that no recipe explains first
     options.update({x: _merge_options(f, x, rel[x], obtuse[x], first) for x in plain if first})
     explained = {x for x, o in options.items() if o}
-    ranked = sorted(((e.kind != "exact", len(e.members), sum(m in explained for m in e.members), rank, x), e)
-                    for x, opts in options.items() for rank, e in enumerate(opts))
+    stack_parents = {x: {e["parent"] for e in out["edges"] if e["child"] == x} for x in stacks}
+    accepted = _accept(_rank_exact(options, explained), [], stack_parents)
+    if not audit:
+        return accepted
+    audited = {x: _audited(f, x, _task_sets(f, x, rel[x], set(accepted))) for x in plain if x not in accepted}
+    audited = {x: o for x, o in audited.items() if o}
+    ranked_a = [e for _, e in sorted(((sum(m in audited for m in e.members), -e.quality, x), e)  # one set a model
+                                     for x, opts in audited.items() for e in opts)]
+    first_pass = _accept(_rank_exact(options, explained), ranked_a, stack_parents, audited)
+    # again, counting the merges the audit found as explained: an exact recipe over four models in one plane (a
+    # base, two fine-tunes, their model-stock merge) then names the models that are not merges
+    again = _accept(_rank_exact(options, explained | {x for x, e in first_pass.items() if e.kind == "audit"}),
+                    ranked_a, stack_parents, audited)
+    return again
+
+
+def _rank_exact(options: dict[str, list[Explanation]], explained: set[str]) -> list[Explanation]:
+    """Exact recipes, fewest members first, then those with fewest members some recipe explains."""
+    return [e for _, e in sorted(((len(e.members), sum(m in explained for m in e.members), rank, x), e)
+                                 for x, opts in options.items() for rank, e in enumerate(opts))]
+
+
+def _accept(exact: list[Explanation], audited: list[Explanation], stack_parents: dict[str, set[str]],
+            audited_by: dict[str, list[Explanation]] | None = None) -> dict[str, Explanation]:
+    """Recipes accepted in order (exact ones, then audited ones whose members are no audited merge), never making a
+    model its own ancestor."""
     accepted: dict[str, Explanation] = {}
-    parents: dict[str, set[str]] = {x: {e["parent"] for e in out["edges"] if e["child"] == x} for x in stacks}
+    parents = {x: set(p) for x, p in stack_parents.items()}
 
     def ancestors(h: str) -> set[str]:
         seen, todo = set(), [h]
@@ -264,21 +289,16 @@ def find_merges(f: _Family, reps: list[str], stacks: set[str], out: dict, audit:
                     todo.append(p)
         return seen
 
-    for _, e in ranked:
+    for e in exact:
         x = e.target
         if x in accepted or any(m == x or x in ancestors(m) for m in e.members):  # type: ignore[operator]
             continue
         accepted[x] = e  # type: ignore[index]
         parents[x] = set(e.members)  # type: ignore[arg-type,index]
-    if not audit:
-        return accepted
-    audited = {x: _audited(f, x, _task_sets(f, x, rel[x], set(accepted))) for x in plain if x not in accepted}
-    audited = {x: o for x, o in audited.items() if o}
-    ranked_a = sorted(((sum(m in audited for m in e.members), -e.quality, x), e)  # one set per model
-                      for x, opts in audited.items() for e in opts)
-    for _, e in ranked_a:
+    for e in audited:
         x = e.target
-        if x in accepted or any(m == x or x in ancestors(m) or m in accepted and m in audited for m in e.members):
+        if x in accepted or any(m == x or x in ancestors(m) or m in accepted and m in (audited_by or {})
+                                for m in e.members):
             continue
         accepted[x] = e  # type: ignore[index]
         parents[x] = set(e.members)  # type: ignore[arg-type,index]
