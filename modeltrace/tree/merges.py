@@ -208,7 +208,7 @@ def _task_sets(f: _Family, x: str, rel: list[str], explained: set[str]) -> list[
                 continue
             residual = 1 - float(g[0, 1:] @ coef) / g[0, 0]
             if residual <= AUDIT_RESIDUAL and min(coef) > 0:
-                out.append(((-eq[im], round(residual, 3)), hs[ia], hs[ib], hs[im]))
+                out.append(((round(residual, 3), -eq[im]), hs[ia], hs[ib], hs[im]))
     return sorted(out)[:AUDIT_SETS]
 
 
