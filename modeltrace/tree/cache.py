@@ -27,7 +27,7 @@ from modeltrace.tree.evidence import Pair
 __all__ = ["TreeCache"]
 
 #: Bump when the evidence or solver changes meaning: cached rows of another version are ignored and rebuilt.
-VERSION = "4"
+VERSION = "5"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tree_models (content_hash TEXT PRIMARY KEY, version TEXT NOT NULL, info TEXT NOT NULL,

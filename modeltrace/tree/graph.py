@@ -28,7 +28,7 @@ from modeltrace.tree.describe import assemble
 from modeltrace.tree.evidence import Pair, Record, pair_evidence, record
 from modeltrace.tree.family import solve_family
 
-__all__ = ["SKETCH_MIN", "Tree", "ancestry", "build_tree"]
+__all__ = ["SKETCH_MIN", "Tree", "ancestry", "build_tree", "tree_built", "update_tree"]
 
 #: Pairs whose summary vectors' cosine reaches this are compared (unrelated models score 0 +- 0.03; a stack or a
 #: merge with a far parent still scores ~0.45 against it).
@@ -267,12 +267,23 @@ def _resolve(declared: list[str], name_of: dict[str, str], spec_of: dict[str, st
     return out
 
 
+def tree_built(index: Index) -> bool:
+    """Whether `modeltrace tree` (or an update) has built the family tree's cache in this index file."""
+    with index._errors():
+        return index.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'tree_families'").fetchone() is not None
+
+
+def update_tree(index: Index) -> Tree | None:
+    """After `index add` / `scan --add`: bring a family tree already built for this index up to date (only the new
+    models' pairs are computed and only the families they join re-solved); None, doing nothing, when no tree was
+    ever built (the first `modeltrace tree` builds it)."""
+    return build_tree(index) if tree_built(index) else None
+
+
 def ancestry(index: Index, names: list[str]) -> dict[str, list[dict[str, str]]] | None:
     """Ancestors of `names` (indexed models, e.g. identify's parents), nearest first, from the family tree; None when
     the tree was never built for this index (`modeltrace tree` builds it; identify then keeps it up to date)."""
-    with index._errors():
-        built = index.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'tree_families'").fetchone()
-    if not built or not names:
+    if not names or not tree_built(index):
         return None
     tree = build_tree(index)
     return {n: [{"model": a, "summary": tree.nodes[a]["summary"]} for a in tree.ancestors(n)]
