@@ -25,7 +25,7 @@ from modeltrace.fingerprint.core import Fingerprint
 from modeltrace.index.store import Index
 from modeltrace.tree import cache as tree_cache
 from modeltrace.tree.describe import assemble
-from modeltrace.tree.evidence import Pair, Record, pair_evidence, record
+from modeltrace.tree.evidence import Pair, Record, pair_evidence, pair_evidence_many, record
 from modeltrace.tree.family import solve_family
 
 __all__ = ["SKETCH_MIN", "Tree", "ancestry", "build_tree", "tree_built", "update_tree"]
@@ -37,6 +37,8 @@ SKETCH_MIN = 0.2
 FP_CACHE = 64
 #: Tree records kept (about 8 bytes per sampled coordinate each).
 RECORD_CACHE = 2048
+#: New pairs computed per batch (in index order; both records of every pair of a batch stay in the record cache).
+PAIR_CHUNK = 512
 SCHEMA_VERSION = "1"
 #: Up to this many indexed models each merge's method and weight intervals come from the audit's detectors on the
 #: fingerprints (~0.1 s a merge); above, from the exact fit alone (linear or task arithmetic, no intervals).
@@ -197,7 +199,10 @@ def build_tree(index: Index) -> Tree:
                         need.add((a, b))
     pos = {h: i for i, h in enumerate(hashes)}
     need_order = sorted(need, key=lambda p: (min(pos[p[0]], pos[p[1]]), p))  # index order: the LRU stays warm
-    new_pairs = [fps.pair(a, b) for a, b in need_order]
+    new_pairs: list[Pair] = []
+    for start in range(0, len(need_order), PAIR_CHUNK):  # batched: array products over many pairs at once
+        chunk = need_order[start:start + PAIR_CHUNK]
+        new_pairs += pair_evidence_many([(fps.record(a), fps.record(b)) for a, b in chunk], fps)
     tc.put_pairs(new_pairs)
     tc.mark_scanned(hashes[i] for i in todo)
     for p in new_pairs:

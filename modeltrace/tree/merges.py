@@ -146,10 +146,11 @@ def _span_sets(f: _Family, x: str, rel: list[str], explained: set[str]) -> list[
 
 
 def _merge_options(f: _Family, x: str, rel: list[str], obtuse: list[tuple[float, str, str]],
-                   explained: set[str]) -> list[Explanation]:
+                   spans: list[list[str]], explained: set[str] = frozenset()) -> list[Explanation]:  # type: ignore[assignment]
     """Plausible exact recipes for x over (1) the relatives making an obtuse angle at it, those not in `explained`
     (models some recipe reproduces) first, so a merge's true parents are in its pool even among many sibling merges,
-    and (2) each set of relatives whose span holds x (_span_sets)."""
+    and (2) each set of relatives whose span holds x (`spans`, from _span_sets). A model with neither has no
+    exact recipe, whatever `explained` holds."""
     groups: list[list[str]] = []
     if obtuse:
         pool: list[str] = []  # the two most obtuse pairs (merges of merges), then unexplained models first
@@ -157,7 +158,7 @@ def _merge_options(f: _Family, x: str, rel: list[str], obtuse: list[tuple[float,
             pool += [h for h in (a, b) if h not in pool]
         near = [y for y in rel if y not in pool and y not in explained]  # a task-arithmetic base sits off the segment
         groups.append([x, *pool[:POOL - 2], *near[:2]] if len(pool) > POOL - 2 else [x, *(pool + near)[:POOL]])
-    groups += [[x, *s] for s in _span_sets(f, x, rel, explained)]
+    groups += [[x, *s] for s in spans]
     exps: list[Explanation] = []
     seen: set[frozenset] = set()
     for group in groups:
@@ -247,9 +248,11 @@ def find_merges(f: _Family, reps: list[str], stacks: set[str], out: dict, audit:
     plain = [x for x in reps if x not in stacks]
     rel = {x: sorted((y for y in reps if y != x and f.related(x, y)), key=lambda y: f.dist2(x, y)[0]) for x in plain}
     obtuse = {x: _between(f, x, rel[x]) for x in plain}
-    options = {x: _merge_options(f, x, rel[x], obtuse[x], set()) for x in plain}
+    spans = {x: _span_sets(f, x, rel[x], set()) for x in plain}
+    options = {x: _merge_options(f, x, rel[x], obtuse[x], spans[x]) for x in plain}
     first = {x for x, o in options.items() if o}  # again, offering models that no recipe explains first
-    options.update({x: _merge_options(f, x, rel[x], obtuse[x], first) for x in plain if first})
+    options.update({x: _merge_options(f, x, rel[x], obtuse[x], _span_sets(f, x, rel[x], first), first)
+                    for x in plain if first and (obtuse[x] or spans[x])})
     explained = {x for x, o in options.items() if o}
     stack_parents = {x: {e["parent"] for e in out["edges"] if e["child"] == x} for x in stacks}
     accepted = _accept(_rank_exact(options, explained), [], stack_parents)
