@@ -16,6 +16,7 @@ import json
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,6 +124,7 @@ class _Fps:
         self.lru: OrderedDict[str, Fingerprint] = OrderedDict()
         self.records: OrderedDict[str, Record] = OrderedDict()
         self.loaded = 0
+        self.on_record: Callable[[str, Fingerprint, Record], Any] | None = None
 
     def __call__(self, h: str) -> Fingerprint:
         fp = self.lru.get(h)
@@ -139,7 +141,10 @@ class _Fps:
     def record(self, h: str) -> Record:
         r = self.records.get(h)
         if r is None:
-            r = self.records[h] = record(self(h))
+            fp = self(h)
+            r = self.records[h] = record(fp)
+            if self.on_record is not None:
+                self.on_record(h, fp, r)
             if len(self.records) > RECORD_CACHE:
                 self.records.popitem(last=False)
         else:
@@ -181,9 +186,9 @@ def build_tree(index: Index) -> Tree:
     known = tc.model_infos()
     infos = {h: i for h, (i, _) in known.items() if h in entries}
     scanned = {h for h, (_, s) in known.items() if s}
-    fresh = {h: _info(fps(h), fps.record(h), entries[h].spec) for h in hashes if h not in infos}
-    tc.put_models(fresh)
-    infos.update(fresh)
+    fresh: dict[str, dict[str, Any]] = {}
+    # a model's summary is taken when its record is first made for a pair (each fingerprint decoded once)
+    fps.on_record = lambda h, fp, r: fresh.setdefault(h, _info(fp, r, entries[h].spec)) if h not in infos else None
     # candidate pairs: each model not yet scanned against every model indexed
     todo = [i for i, h in enumerate(hashes) if h not in scanned]
     cached = tc.pairs(set(hashes))
@@ -203,6 +208,11 @@ def build_tree(index: Index) -> Tree:
     for start in range(0, len(need_order), PAIR_CHUNK):  # batched: array products over many pairs at once
         chunk = need_order[start:start + PAIR_CHUNK]
         new_pairs += pair_evidence_many([(fps.record(a), fps.record(b)) for a, b in chunk], fps)
+    fps.on_record = None
+    fresh.update({h: _info(fps(h), fps.record(h), entries[h].spec)
+                  for h in hashes if h not in infos and h not in fresh})
+    tc.put_models(fresh)
+    infos.update(fresh)
     tc.put_pairs(new_pairs)
     tc.mark_scanned(hashes[i] for i in todo)
     for p in new_pairs:
