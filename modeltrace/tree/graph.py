@@ -235,7 +235,12 @@ def build_tree(index: Index) -> Tree:
     solved_now: dict[str, dict] = {}
     solutions: list[dict] = []
     reused = 0
-    for fam in fams:
+    fam_of = {h: i for i, fam in enumerate(fams) for h in fam}
+    pairs_of: dict[int, dict[tuple[str, str], Pair]] = {}
+    for k, p in cached.items():  # each family's pairs, in one pass over all pairs
+        if k[0] in fam_of and fam_of[k[0]] == fam_of.get(k[1]):
+            pairs_of.setdefault(fam_of[k[0]], {})[k] = p
+    for i, fam in enumerate(fams):
         if len(fam) == 1:
             continue
         members = [{"hash": h, "name": name_of[h], "added_at": entries[h].added_at, **infos[h]} for h in fam]
@@ -243,8 +248,7 @@ def build_tree(index: Index) -> Tree:
         digest = hashlib.sha256(json.dumps([tree_cache.VERSION, alpha, audit, key]).encode()).hexdigest()
         sol = tc.family(digest)
         if sol is None:
-            fam_pairs = {k: p for k, p in cached.items() if k[0] in fam and k[1] in fam}
-            sol = solve_family(members, fam_pairs, alpha, get_pair, fps, audit)
+            sol = solve_family(members, pairs_of.get(i, {}), alpha, get_pair, fps, audit)
             solved_now[digest] = sol
         else:
             reused += 1
