@@ -158,16 +158,20 @@ def _merge_options(f: _Family, x: str, rel: list[str], obtuse: list[tuple[float,
             pool += [h for h in (a, b) if h not in pool]
         near = [y for y in rel if y not in pool and y not in explained]  # a task-arithmetic base sits off the segment
         groups.append([x, *pool[:POOL - 2], *near[:2]] if len(pool) > POOL - 2 else [x, *(pool + near)[:POOL]])
-    groups += [[x, *s] for s in spans]
+    for sp in spans:  # a set inside a group already offered was fitted with it (explanations tries subsets)
+        if not any(set(sp) <= set(g) for g in groups):
+            groups.append([x, *sp])
     exps: list[Explanation] = []
     seen: set[frozenset] = set()
+    memo = f.__dict__.setdefault("_explanations", {})  # the second round often offers the same groups
     for group in groups:
-        for e in explanations(_stack_of(f, group), 0, list(range(1, len(group)))):
-            if e.kind != "exact":
-                continue
-            e.target = x  # type: ignore[assignment]
-            e.weights = {group[i]: w for i, w in e.weights.items()}  # type: ignore[assignment]
-            e.base = group[e.base] if e.base is not None else None  # type: ignore[assignment]
+        key = tuple(group)
+        if key not in memo:
+            memo[key] = [e for e in explanations(_stack_of(f, group), 0, list(range(1, len(group))))
+                         if e.kind == "exact"]
+        for e0 in memo[key]:
+            e = Explanation(x, e0.kind, {group[i]: w for i, w in e0.weights.items()},  # type: ignore[arg-type]
+                            group[e0.base] if e0.base is not None else None, e0.quality)  # type: ignore[arg-type]
             if frozenset(e.weights) not in seen:
                 seen.add(frozenset(e.weights))
                 exps.append(e)
