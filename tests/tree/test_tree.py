@@ -210,3 +210,36 @@ def test_index_add_and_scan_add_keep_a_built_tree_current(collection, fps, tmp_p
     assert t.parents("t_c1a1x")[0]["parent"] == "t_c1a1"
     scanned, = set(t.nodes) - {"t_base_c", "t_c1", "t_c1a", "t_c1a1", "t_c1a1x"}
     assert [e["parent"] for e in t.parents(scanned)] == ["t_c1"]
+
+
+def test_merges_off_the_segment_and_sparse_merges_name_their_parents(tree, collection):
+    def merge_parents(n):
+        return {e["parent"]: e.get("weight") for e in tree.parents(n) if e["relation"] == "merge"}
+
+    # unnormalised linear (0.7 + 0.5: beyond both parents) and task arithmetic with its base: found in the span search
+    got = merge_parents("m_linear_unnorm")
+    assert set(got) == {"ft_a1", "ft_a2"} and abs(got["ft_a1"] - 0.7) <= 0.01 and abs(got["ft_a2"] - 0.5) <= 0.01
+    got = merge_parents("m_task_arith")
+    assert set(got) == {"base_a", "ft_a1", "ft_a2"} and abs(got["base_a"] + 0.2) <= 0.01
+    # sparse merges whose parents have fine-tunes in the index name the parents, not their fine-tunes
+    for n in ("m_ties_d03", "m_della", "t_mc_ties", "t_md_dare"):
+        assert set(merge_parents(n)) == set(collection[n]["parents"]), (n, merge_parents(n))
+
+
+def test_batched_pair_evidence_equals_one_by_one(fps):
+    import itertools
+
+    import numpy as np
+
+    from modeltrace.tree.evidence import pair_evidence, pair_evidence_many, record
+
+    names = ["t_base_c", "t_c1", "t_c1a", "t_c2", "t_mc_lin", "s_stack_deep", "t_base_a_q8", "base_a"]
+    recs = [record(fps[n]) for n in names]
+    by_hash = {fps[n].content_hash: fps[n] for n in names}
+    pairs = list(itertools.combinations(recs, 2))
+    for p, q in zip(pair_evidence_many(pairs, by_hash.__getitem__), (pair_evidence(a, b, by_hash.__getitem__)
+                                                                        for a, b in pairs), strict=True):
+        assert (p.a, p.b, p.keys, p.copies_ab, p.copies_ba, p.equal) == (q.a, q.b, q.keys, q.copies_ab, q.copies_ba,
+                                                                          q.equal)
+        assert np.allclose(p.gab, q.gab, rtol=1e-12) and np.allclose(p.gaa, q.gaa, rtol=1e-12)
+        assert abs(p.log10_p - q.log10_p) <= 1e-9 * max(1.0, abs(q.log10_p))
