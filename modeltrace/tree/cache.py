@@ -24,7 +24,7 @@ import numpy as np
 from modeltrace.index.store import Index
 from modeltrace.tree.evidence import Pair
 
-__all__ = ["TreeCache"]
+__all__ = ["StoredPairs", "TreeCache"]
 
 #: Bump when the evidence or solver changes meaning: cached rows of another version are ignored and rebuilt.
 VERSION = "5"
@@ -64,15 +64,13 @@ class TreeCache:
             db.executemany("UPDATE tree_models SET scanned = 1 WHERE content_hash = ?", [(h,) for h in hashes])
 
     # ---- pairs ---------------------------------------------------------------------------------------------
-    def pairs(self, hashes: set[str]) -> dict[tuple[str, str], Pair]:
+    def pairs(self, hashes: set[str]) -> StoredPairs:
+        """The stored pairs among `hashes`, decoded only when a family being solved needs their evidence."""
         with self.index._errors():
             rows = self.db.execute("SELECT a, b, log10_p, meta, grams FROM tree_pairs WHERE version = ?",
                                    (VERSION,)).fetchall()
-        out = {}
-        for a, b, lp, meta, grams in rows:
-            if a in hashes and b in hashes:
-                out[(a, b)] = _decode(a, b, lp, meta, grams)
-        return out
+        return StoredPairs({(a, b): (lp, meta, grams) for a, b, lp, meta, grams in rows
+                            if a in hashes and b in hashes})
 
     def put_pairs(self, pairs: list[Pair]) -> None:
         if not pairs:
@@ -105,6 +103,31 @@ class TreeCache:
             db.execute("DELETE FROM tree_pairs WHERE version != ?", (VERSION,))
             db.execute("DELETE FROM tree_models WHERE version != ?", (VERSION,))
         return len(gone) + len(dead)
+
+
+class StoredPairs:
+    """Pairs by (a, b): p-values at hand (families need only those), the rest of the evidence decoded on access."""
+
+    def __init__(self, rows: dict[tuple[str, str], tuple[float, str, bytes]]) -> None:
+        self.lp = {k: float(r[0]) for k, r in rows.items()}
+        self.rows = rows
+        self.done: dict[tuple[str, str], Pair] = {}
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.lp
+
+    def __len__(self) -> int:
+        return len(self.lp)
+
+    def __getitem__(self, key: tuple[str, str]) -> Pair:
+        p = self.done.get(key)
+        if p is None:
+            p = self.done[key] = _decode(*key, *self.rows[key])
+        return p
+
+    def __setitem__(self, key: tuple[str, str], p: Pair) -> None:
+        self.done[key] = p
+        self.lp[key] = p.log10_p
 
 
 def _encode(p: Pair) -> tuple[str, bytes]:

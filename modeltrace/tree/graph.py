@@ -2,7 +2,7 @@
 
 Data flow: index entries and summary vectors -> candidate pairs (summary-vector cosine >= SKETCH_MIN, as identify's
 first ranking; each model is compared once with every model indexed before it and the result kept) -> pair evidence
-(tree/evidence.py, cached in the index by tree/cache.py) -> families (connected components of significant pairs:
+(tree/evidence.py, cached in the index by tree/cache.py) -> families (connected components of significant pairs,
 Bonferroni over all pairs an index of this size could hold) -> each family solved by tree/family.py (cached by its
 members, so one `index add` re-solves one family) -> `Tree`: nodes and edges by model name, with a networkx view for
 ancestors, descendants and subtrees, and plain-words summaries that name chains ("fine-tune of t_mc_lin = 0.60 × c2
@@ -219,7 +219,7 @@ def build_tree(index: Index) -> Tree:
         cached[(p.a, p.b)] = p
     t_pairs = time.perf_counter()
     alpha = _alpha_log10(len(hashes))
-    fams = _families(hashes, cached, alpha)
+    fams = _families(hashes, cached.lp, alpha)
     name_of = {h: entries[h].name for h in hashes}
     spec_of = {h: entries[h].spec for h in hashes}
     for info in infos.values():
@@ -236,10 +236,10 @@ def build_tree(index: Index) -> Tree:
     solutions: list[dict] = []
     reused = 0
     fam_of = {h: i for i, fam in enumerate(fams) for h in fam}
-    pairs_of: dict[int, dict[tuple[str, str], Pair]] = {}
-    for k, p in cached.items():  # each family's pairs, in one pass over all pairs
+    keys_of: dict[int, list[tuple[str, str]]] = {}
+    for k in cached.lp:  # each family's pairs, in one pass over all pairs
         if k[0] in fam_of and fam_of[k[0]] == fam_of.get(k[1]):
-            pairs_of.setdefault(fam_of[k[0]], {})[k] = p
+            keys_of.setdefault(fam_of[k[0]], []).append(k)
     for i, fam in enumerate(fams):
         if len(fam) == 1:
             continue
@@ -248,7 +248,7 @@ def build_tree(index: Index) -> Tree:
         digest = hashlib.sha256(json.dumps([tree_cache.VERSION, alpha, audit, key]).encode()).hexdigest()
         sol = tc.family(digest)
         if sol is None:
-            sol = solve_family(members, pairs_of.get(i, {}), alpha, get_pair, fps, audit)
+            sol = solve_family(members, {k: cached[k] for k in keys_of.get(i, [])}, alpha, get_pair, fps, audit)
             solved_now[digest] = sol
         else:
             reused += 1
@@ -264,14 +264,22 @@ def build_tree(index: Index) -> Tree:
     return tree
 
 
-def _families(hashes: list[str], pairs: dict[tuple[str, str], Pair], alpha: float) -> list[list[str]]:
-    """Connected components of significant pair evidence: no edge ever joins two families."""
-    import networkx as nx
+def _families(hashes: list[str], log10_p: dict[tuple[str, str], float], alpha: float) -> list[list[str]]:
+    """Connected components of significant pair evidence (scipy's sparse-graph components): no edge ever joins two
+    families."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    g = nx.Graph()
-    g.add_nodes_from(hashes)
-    g.add_edges_from(ab for ab, p in pairs.items() if p.log10_p < alpha)
-    return sorted((sorted(c) for c in nx.connected_components(g)), key=lambda c: (-len(c), c))
+    pos = {h: i for i, h in enumerate(hashes)}
+    edges = np.array([(pos[a], pos[b]) for (a, b), lp in log10_p.items() if lp < alpha and a in pos and b in pos],
+                     dtype=np.int64).reshape(-1, 2)
+    n = len(hashes)
+    g = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    _, label = connected_components(g, directed=False)
+    comps: dict[int, list[str]] = {}
+    for h, c in zip(hashes, label, strict=True):
+        comps.setdefault(int(c), []).append(h)
+    return sorted((sorted(c) for c in comps.values()), key=lambda c: (-len(c), c))
 
 
 def _resolve(declared: list[str], name_of: dict[str, str], spec_of: dict[str, str]) -> list[str]:
