@@ -134,7 +134,10 @@ def _span_sets(f: _Family, x: str, rel: list[str], explained: set[str]) -> list[
         Q, A = Q[ok], A[ok]
         g = gx[Q]
         scale = np.maximum(np.trace(A, axis1=1, axis2=2), 1e-300)[:, None, None]
-        W = np.linalg.solve(A + 1e-12 * scale * np.eye(k), g[..., None])[..., 0]
+        try:
+            W = np.linalg.solve(A + 1e-12 * scale * np.eye(k), g[..., None])[..., 0]
+        except np.linalg.LinAlgError:  # a degenerate set (all-zero tensors): least squares for every set instead
+            W = np.einsum("qij,qj->qi", np.linalg.pinv(A), g)
         res = (x2 - (W * g).sum(axis=1)) / d_near
         for q in np.flatnonzero(res <= SPAN_RESIDUAL):
             w = {int(i): float(v) for i, v in zip(Q[q], W[q], strict=True)}
