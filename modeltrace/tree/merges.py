@@ -1,18 +1,22 @@
 """Merges within a family (tree/family.py step 3): which models are exact recipes of others, and their recipe.
 
-Data flow: a family's cached pairs -> per model, relatives making an obtuse angle at it -> Gram stack assembled from
-the cached pairs (no fingerprint decoded) -> fingerprint/lineage.py's `explanations` -> accepted fewest parents first,
-then parents no recipe explains, never a cycle -> method, weights and intervals from the audit's detectors on the
-fingerprints (fingerprint.view.audit_fingerprints), or the fit's own weights in large indexes.
+Data flow: a family's cached pairs -> per model, candidate groups: relatives making an obtuse angle at it, and the
+pairs / triples of relatives whose linear span holds it (least squares on summed Gram entries: recipes off the
+segment, such as unnormalised linear or task arithmetic with its base) -> Gram stack assembled from the cached pairs
+(no fingerprint decoded) -> fingerprint/lineage.py's `explanations` (twice: the second time knowing which models a
+recipe explains) -> accepted fewest parents first, then fewest parents that are themselves merges, never a cycle ->
+method, weights and intervals from the audit's detectors on the fingerprints (fingerprint.view.audit_fingerprints),
+or the fit's own weights in large indexes.
 
 Recipes that are not exact (sparse merges: TIES, DARE, DELLA, breadcrumbs; model stock) are searched after, in
 indexes of up to 1,000 models: for a model no exact recipe explains, candidate sets of two relatives a, b and a base m
 among its nearest relatives no exact recipe explains (x, a, b all grew from m; a, b meet at m, relatives.middle; x - m
-mostly in the span of a - m, b - m: all from cached squared distances), the most nearly orthogonal task vectors first;
-the best few are audited on the fingerprints (audit_fingerprints). A set counts only when the relation is "merge"
-(a recipe to storage rounding, or the sparse signature for sparse methods), never "related", "finetune" (also a
-merge then trained: `chain`) or "upcycled"; sets whose parents are not audited merges first, then the closest fit.
-"""
+mostly in the span of a - m, b - m with positive coefficients: all from cached squared distances), ranked by the share
+of x - m outside that span (a parent replaced by its fine-tune leaves more), then by the share of coordinates x keeps
+equal to m; audited in that order on the fingerprints (audit_fingerprints) until one verdict's relation is "merge" (a
+recipe to storage rounding, or the sparse signature for sparse methods), never "related", "finetune" (also a merge
+then trained: `chain`) or "upcycled"; sets whose parents are not audited merges first. The exact recipes are then
+accepted again counting the audited merges as explained."""
 
 from __future__ import annotations
 
