@@ -162,6 +162,10 @@ def scan(specs: list[str], index: Index, add: bool = False, top: int = 3, worker
             except ModelTraceError as exc:
                 row["added"] = f"not added: {exc}"
         yield row
+    if add:
+        from modeltrace.tree.graph import update_tree
+
+        update_tree(index)  # a family tree built for this index stays current
 
 
 def _content_digest(spec: str, allow_pickle: bool) -> Any:

@@ -104,6 +104,14 @@ def add_cmd(
                           f"{_share(fp.bytes_read, fp.model.get('total_bytes'))}, {seconds:.1f} s)"
                           + (f"  {rows[-1]['content_digest']}" if "content_digest" in rows[-1] else ""),
                           markup=False, highlight=False)
+        if any(r.get("status") in ("added", "updated") for r in rows):
+            from modeltrace.tree.graph import update_tree
+
+            tree = update_tree(ix)  # a family tree built for this index stays current
+            if tree is not None and not json_out:
+                out.print(f"family tree updated ({tree.stats['pairs_computed']} pairs computed, "
+                          f"{tree.stats['families_solved']} families re-solved, {tree.stats['seconds']:.1f} s)",
+                          markup=False, highlight=False)
     finally:
         ix.close()
     if json_out:

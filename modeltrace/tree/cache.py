@@ -24,10 +24,10 @@ import numpy as np
 from modeltrace.index.store import Index
 from modeltrace.tree.evidence import Pair
 
-__all__ = ["TreeCache"]
+__all__ = ["StoredPairs", "TreeCache"]
 
 #: Bump when the evidence or solver changes meaning: cached rows of another version are ignored and rebuilt.
-VERSION = "4"
+VERSION = "5"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tree_models (content_hash TEXT PRIMARY KEY, version TEXT NOT NULL, info TEXT NOT NULL,
@@ -52,27 +52,25 @@ class TreeCache:
         with self.index._errors():
             rows = self.db.execute("SELECT content_hash, info, scanned FROM tree_models WHERE version = ?",
                                    (VERSION,)).fetchall()
-        return {r[0]: (json.loads(r[1]), bool(r[2])) for r in rows}
+        return {r[0]: (_info_in(r[1]), bool(r[2])) for r in rows}
 
     def put_models(self, infos: dict[str, dict]) -> None:
         with self.index._write() as db:
             db.executemany("INSERT OR REPLACE INTO tree_models (content_hash, version, info, scanned) "
-                           "VALUES (?, ?, ?, 0)", [(h, VERSION, json.dumps(i)) for h, i in infos.items()])
+                           "VALUES (?, ?, ?, 0)", [(h, VERSION, _info_out(i)) for h, i in infos.items()])
 
     def mark_scanned(self, hashes: Iterable[str]) -> None:
         with self.index._write() as db:
             db.executemany("UPDATE tree_models SET scanned = 1 WHERE content_hash = ?", [(h,) for h in hashes])
 
     # ---- pairs ---------------------------------------------------------------------------------------------
-    def pairs(self, hashes: set[str]) -> dict[tuple[str, str], Pair]:
+    def pairs(self, hashes: set[str]) -> StoredPairs:
+        """The stored pairs among `hashes`, decoded only when a family being solved needs their evidence."""
         with self.index._errors():
             rows = self.db.execute("SELECT a, b, log10_p, meta, grams FROM tree_pairs WHERE version = ?",
                                    (VERSION,)).fetchall()
-        out = {}
-        for a, b, lp, meta, grams in rows:
-            if a in hashes and b in hashes:
-                out[(a, b)] = _decode(a, b, lp, meta, grams)
-        return out
+        return StoredPairs({(a, b): (lp, meta, grams) for a, b, lp, meta, grams in rows
+                            if a in hashes and b in hashes})
 
     def put_pairs(self, pairs: list[Pair]) -> None:
         if not pairs:
@@ -105,6 +103,45 @@ class TreeCache:
             db.execute("DELETE FROM tree_pairs WHERE version != ?", (VERSION,))
             db.execute("DELETE FROM tree_models WHERE version != ?", (VERSION,))
         return len(gone) + len(dead)
+
+
+class StoredPairs:
+    """Pairs by (a, b): p-values at hand (families need only those), the rest of the evidence decoded on access."""
+
+    def __init__(self, rows: dict[tuple[str, str], tuple[float, str, bytes]]) -> None:
+        self.lp = {k: float(r[0]) for k, r in rows.items()}
+        self.rows = rows
+        self.done: dict[tuple[str, str], Pair] = {}
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.lp
+
+    def __len__(self) -> int:
+        return len(self.lp)
+
+    def __getitem__(self, key: tuple[str, str]) -> Pair:
+        p = self.done.get(key)
+        if p is None:
+            p = self.done[key] = _decode(*key, *self.rows[key])
+        return p
+
+    def __setitem__(self, key: tuple[str, str], p: Pair) -> None:
+        self.done[key] = p
+        self.lp[key] = p.log10_p
+
+
+def _info_out(info: dict) -> str:
+    """A model's info as stored: floors as a list in the order of its keys (the keys are not written twice, which
+    halves what an incremental tree parses for every indexed model)."""
+    floors = info.get("floors") or {}
+    return json.dumps({**info, "floors": [floors.get(k, 0.0) for k in info.get("keys", [])]}, separators=(",", ":"))
+
+
+def _info_in(text: str) -> dict:
+    info = json.loads(text)
+    if isinstance(info.get("floors"), list):
+        info["floors"] = dict(zip(info.get("keys", []), info["floors"], strict=False))
+    return info
 
 
 def _encode(p: Pair) -> tuple[str, bytes]:

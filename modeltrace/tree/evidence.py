@@ -22,7 +22,7 @@ from modeltrace.fingerprint.compare import COPY_CORR, MAX_GRAM_SLOTS, compare
 from modeltrace.fingerprint.core import Fingerprint
 from modeltrace.stats import log10_sf, stouffer
 
-__all__ = ["Pair", "Record", "pair_evidence", "record", "storage_rank"]
+__all__ = ["Pair", "Record", "pair_evidence", "pair_evidence_many", "record", "storage_rank"]
 
 #: GGUF block types are quantized storage: a copy in them is a quantized copy, never an ancestor of the original.
 QUANT_PREFIXES = ("Q", "IQ", "TQ")
@@ -183,18 +183,70 @@ def pair_evidence(ra: Record, rb: Record, load: Callable[[str], Fingerprint]) ->
         fa, fb, ua, ub = ra.flat[sa], rb.flat[sb], ra.unit[sa], rb.unit[sb]
         sizes = np.diff(np.append(ra.offsets, ra.flat.size))[ia]
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if ia else np.zeros(0, np.int64)
-    keys = [ra.keys[i] for i in ia]
     if ia:
         fa, fb = fa.astype(np.float64), fb.astype(np.float64)
         gaa = np.add.reduceat(fa * fa, starts)
         gab = np.add.reduceat(fa * fb, starts)
         gbb = np.add.reduceat(fb * fb, starts)
-        r = np.clip(np.add.reduceat(ua.astype(np.float64) * ub, starts), -1.0, 1.0)
+        r = np.add.reduceat(ua.astype(np.float64) * ub, starts)
+        # median over tensors, so whole copied layers (stacks, gradient SLERP ends) do not look like sparse merges
+        equal = float(np.median(np.add.reduceat((fa == fb).astype(np.float64), starts)
+                                / np.diff(np.append(starts, fa.size))))
+    else:
+        gaa = gab = gbb = r = np.zeros(0)
+        equal = 0.0
+    return _assemble(ra, rb, ia, gaa, gab, gbb, r, equal, load)
+
+
+#: Pairs whose sample arrays are multiplied in one batch (rows of float64 products held at once).
+BATCH = 64
+
+
+def pair_evidence_many(pairs: list[tuple[Record, Record]], load: Callable[[str], Fingerprint]) -> list[Pair]:
+    """`pair_evidence` for many pairs at once, in order: pairs of records with the same tensors (one architecture)
+    are computed BATCH at a time, their samples stacked into matrices so the per-tensor Gram entries, correlations
+    and equal shares of all of them come from a few array operations; other pairs one by one."""
+    out: list[Pair | None] = [None] * len(pairs)
+    groups: dict[tuple, list[int]] = {}
+    for i, (ra, rb) in enumerate(pairs):
+        if ra.keys == rb.keys and ra.keys and ra.flat.size == rb.flat.size:
+            groups.setdefault((tuple(ra.keys), ra.flat.size), []).append(i)
+        else:
+            out[i] = pair_evidence(ra, rb, load)
+    for idx in groups.values():
+        for start in range(0, len(idx), BATCH):
+            chunk = idx[start:start + BATCH]
+            ras = [min(pairs[i], key=lambda r: r.content_hash) for i in chunk]
+            rbs = [max(pairs[i], key=lambda r: r.content_hash) for i in chunk]
+            starts = ras[0].offsets
+            fa = np.stack([r.flat for r in ras]).astype(np.float64)
+            fb = np.stack([r.flat for r in rbs]).astype(np.float64)
+            gaa = np.add.reduceat(fa * fa, starts, axis=1)
+            gab = np.add.reduceat(fa * fb, starts, axis=1)
+            gbb = np.add.reduceat(fb * fb, starts, axis=1)
+            sizes = np.diff(np.append(starts, fa.shape[1]))
+            equal = np.median(np.add.reduceat((fa == fb).astype(np.float64), starts, axis=1) / sizes, axis=1)
+            del fa, fb
+            ua = np.stack([r.unit for r in ras]).astype(np.float64)
+            ub = np.stack([r.unit for r in rbs])
+            r = np.add.reduceat(ua * ub, starts, axis=1)
+            ia = list(range(len(ras[0].keys)))
+            for k, i in enumerate(chunk):
+                out[i] = _assemble(ras[k], rbs[k], ia, gaa[k], gab[k], gbb[k], r[k], float(equal[k]), load)
+    return out  # type: ignore[return-value]
+
+
+def _assemble(ra: Record, rb: Record, ia: list[int], gaa: np.ndarray, gab: np.ndarray, gbb: np.ndarray,
+              r: np.ndarray, equal: float, load: Callable[[str], Fingerprint]) -> Pair:
+    """The pair from its per-tensor sums: independence statistic (Fisher z per tensor, Stouffer; identify's
+    layer-matched `compare` when layers moved) and the layers copied whole."""
+    keys = [ra.keys[i] for i in ia]
+    r = np.clip(r, -1.0, 1.0)
+    if ia:
         dof = ra.dof[ia]
         zs = np.arctanh(np.clip(r, -0.999999999999, 0.999999999999)) * np.sqrt(np.maximum(dof - 3, 0))
         z_same = stouffer([float(v) for v in zs])  # fisher_z per tensor, as compare's same-layer statistic
     else:
-        gaa = gab = gbb = r = np.zeros(0)
         z_same = 0.0
     copies_ab, copies_ba = _same_place_copies(ra, ia, r, gab, gbb, gaa)
     z = z_same
@@ -208,9 +260,6 @@ def pair_evidence(ra: Record, rb: Record, load: Callable[[str], Fingerprint]) ->
         for i, j in back.layer_map.items():
             copies_ba.setdefault(i, j)
     lp = min(0.0, log10_sf(z) + math.log10(2)) if (ia or z) else 0.0
-    # median over tensors, so whole copied layers (stacks, gradient SLERP ends) do not look like sparse merges
-    equal = float(np.median(np.add.reduceat((fa == fb).astype(np.float64), starts)
-                            / np.diff(np.append(starts, fa.size)))) if ia else 0.0
     return Pair(ra.content_hash, rb.content_hash, float(lp), float(z), float(np.median(r)) if r.size else 0.0,
                 float(r.min()) if r.size else 0.0, keys, gaa, gab, gbb, copies_ab, copies_ba, equal)
 

@@ -63,6 +63,8 @@ class _Family:
         self.alpha = alpha_log10
         self.get_pair = get_pair
         self.load = load
+        self._dist: dict[tuple[str, str], tuple[float, float]] = {}
+        self._growth: dict[tuple[str, str], tuple[float, int, int]] = {}
 
     def pair(self, a: str, b: str, compute: bool = True) -> Pair | None:
         key = (a, b) if a < b else (b, a)
@@ -77,10 +79,14 @@ class _Family:
 
     def dist2(self, a: str, b: str, compute: bool = False) -> tuple[float, float]:
         """(squared distance, mean squared norm) over the pair's shared tensors; (nan, nan) if not cached."""
-        p = self.pair(a, b, compute)
-        if p is None or not p.keys:
-            return math.nan, math.nan
-        return float((p.gaa - 2 * p.gab + p.gbb).sum()), float((p.gaa + p.gbb).sum() / 2)
+        key = (a, b) if a < b else (b, a)
+        got = self._dist.get(key)
+        if got is None:
+            p = self.pair(a, b, compute)
+            if p is None or not p.keys:
+                return math.nan, math.nan
+            got = self._dist[key] = (float((p.gaa - 2 * p.gab + p.gbb).sum()), float((p.gaa + p.gbb).sum() / 2))
+        return got
 
     def rel_dist(self, a: str, b: str) -> float:
         d, n = self.dist2(a, b)
@@ -88,6 +94,12 @@ class _Family:
 
     def growth(self, u: str, v: str) -> tuple[float, int, int]:
         """(median r, tensors where v is larger, tensors compared): r = (|v|^2 - |u|^2) / |v - u|^2 per tensor."""
+        got = self._growth.get((u, v))
+        if got is None:
+            got = self._growth[u, v] = self._growth_of(u, v)
+        return got
+
+    def _growth_of(self, u: str, v: str) -> tuple[float, int, int]:
         p = self.pair(u, v, compute=False)
         if p is None or not p.keys:
             return 0.0, 0, 0

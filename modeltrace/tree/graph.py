@@ -2,7 +2,7 @@
 
 Data flow: index entries and summary vectors -> candidate pairs (summary-vector cosine >= SKETCH_MIN, as identify's
 first ranking; each model is compared once with every model indexed before it and the result kept) -> pair evidence
-(tree/evidence.py, cached in the index by tree/cache.py) -> families (connected components of significant pairs:
+(tree/evidence.py, cached in the index by tree/cache.py) -> families (connected components of significant pairs,
 Bonferroni over all pairs an index of this size could hold) -> each family solved by tree/family.py (cached by its
 members, so one `index add` re-solves one family) -> `Tree`: nodes and edges by model name, with a networkx view for
 ancestors, descendants and subtrees, and plain-words summaries that name chains ("fine-tune of t_mc_lin = 0.60 × c2
@@ -16,6 +16,7 @@ import json
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,10 +26,10 @@ from modeltrace.fingerprint.core import Fingerprint
 from modeltrace.index.store import Index
 from modeltrace.tree import cache as tree_cache
 from modeltrace.tree.describe import assemble
-from modeltrace.tree.evidence import Pair, Record, pair_evidence, record
+from modeltrace.tree.evidence import Pair, Record, pair_evidence, pair_evidence_many, record
 from modeltrace.tree.family import solve_family
 
-__all__ = ["SKETCH_MIN", "Tree", "ancestry", "build_tree"]
+__all__ = ["SKETCH_MIN", "Tree", "ancestry", "build_tree", "tree_built", "update_tree"]
 
 #: Pairs whose summary vectors' cosine reaches this are compared (unrelated models score 0 +- 0.03; a stack or a
 #: merge with a far parent still scores ~0.45 against it).
@@ -37,6 +38,8 @@ SKETCH_MIN = 0.2
 FP_CACHE = 64
 #: Tree records kept (about 8 bytes per sampled coordinate each).
 RECORD_CACHE = 2048
+#: New pairs computed per batch (in index order; both records of every pair of a batch stay in the record cache).
+PAIR_CHUNK = 512
 #: Up to this many indexed models each merge's method and weight intervals come from the audit's detectors on the
 #: fingerprints (~0.1 s a merge); above, from the exact fit alone (linear or task arithmetic, no intervals).
 AUDIT_RECIPES_UP_TO = 1000
@@ -120,6 +123,7 @@ class _Fps:
         self.lru: OrderedDict[str, Fingerprint] = OrderedDict()
         self.records: OrderedDict[str, Record] = OrderedDict()
         self.loaded = 0
+        self.on_record: Callable[[str, Fingerprint, Record], Any] | None = None
 
     def __call__(self, h: str) -> Fingerprint:
         fp = self.lru.get(h)
@@ -136,7 +140,10 @@ class _Fps:
     def record(self, h: str) -> Record:
         r = self.records.get(h)
         if r is None:
-            r = self.records[h] = record(self(h))
+            fp = self(h)
+            r = self.records[h] = record(fp)
+            if self.on_record is not None:
+                self.on_record(h, fp, r)
             if len(self.records) > RECORD_CACHE:
                 self.records.popitem(last=False)
         else:
@@ -178,9 +185,9 @@ def build_tree(index: Index) -> Tree:
     known = tc.model_infos()
     infos = {h: i for h, (i, _) in known.items() if h in entries}
     scanned = {h for h, (_, s) in known.items() if s}
-    fresh = {h: _info(fps(h), fps.record(h), entries[h].spec) for h in hashes if h not in infos}
-    tc.put_models(fresh)
-    infos.update(fresh)
+    fresh: dict[str, dict[str, Any]] = {}
+    # a model's summary is taken when its record is first made for a pair (each fingerprint decoded once)
+    fps.on_record = lambda h, fp, r: fresh.setdefault(h, _info(fp, r, entries[h].spec)) if h not in infos else None
     # candidate pairs: each model not yet scanned against every model indexed
     todo = [i for i, h in enumerate(hashes) if h not in scanned]
     cached = tc.pairs(set(hashes))
@@ -196,14 +203,22 @@ def build_tree(index: Index) -> Tree:
                         need.add((a, b))
     pos = {h: i for i, h in enumerate(hashes)}
     need_order = sorted(need, key=lambda p: (min(pos[p[0]], pos[p[1]]), p))  # index order: the LRU stays warm
-    new_pairs = [fps.pair(a, b) for a, b in need_order]
+    new_pairs: list[Pair] = []
+    for start in range(0, len(need_order), PAIR_CHUNK):  # batched: array products over many pairs at once
+        chunk = need_order[start:start + PAIR_CHUNK]
+        new_pairs += pair_evidence_many([(fps.record(a), fps.record(b)) for a, b in chunk], fps)
+    fps.on_record = None
+    fresh.update({h: _info(fps(h), fps.record(h), entries[h].spec)
+                  for h in hashes if h not in infos and h not in fresh})
+    tc.put_models(fresh)
+    infos.update(fresh)
     tc.put_pairs(new_pairs)
     tc.mark_scanned(hashes[i] for i in todo)
     for p in new_pairs:
         cached[(p.a, p.b)] = p
     t_pairs = time.perf_counter()
     alpha = _alpha_log10(len(hashes))
-    fams = _families(hashes, cached, alpha)
+    fams = _families(hashes, cached.lp, alpha)
     name_of = {h: entries[h].name for h in hashes}
     spec_of = {h: entries[h].spec for h in hashes}
     for info in infos.values():
@@ -219,7 +234,12 @@ def build_tree(index: Index) -> Tree:
     solved_now: dict[str, dict] = {}
     solutions: list[dict] = []
     reused = 0
-    for fam in fams:
+    fam_of = {h: i for i, fam in enumerate(fams) for h in fam}
+    keys_of: dict[int, list[tuple[str, str]]] = {}
+    for k in cached.lp:  # each family's pairs, in one pass over all pairs
+        if k[0] in fam_of and fam_of[k[0]] == fam_of.get(k[1]):
+            keys_of.setdefault(fam_of[k[0]], []).append(k)
+    for i, fam in enumerate(fams):
         if len(fam) == 1:
             continue
         members = [{"hash": h, "name": name_of[h], "added_at": entries[h].added_at, **infos[h]} for h in fam]
@@ -227,8 +247,7 @@ def build_tree(index: Index) -> Tree:
         digest = hashlib.sha256(json.dumps([tree_cache.VERSION, alpha, audit, key]).encode()).hexdigest()
         sol = tc.family(digest)
         if sol is None:
-            fam_pairs = {k: p for k, p in cached.items() if k[0] in fam and k[1] in fam}
-            sol = solve_family(members, fam_pairs, alpha, get_pair, fps, audit)
+            sol = solve_family(members, {k: cached[k] for k in keys_of.get(i, [])}, alpha, get_pair, fps, audit)
             solved_now[digest] = sol
         else:
             reused += 1
@@ -244,14 +263,22 @@ def build_tree(index: Index) -> Tree:
     return tree
 
 
-def _families(hashes: list[str], pairs: dict[tuple[str, str], Pair], alpha: float) -> list[list[str]]:
-    """Connected components of significant pair evidence: no edge ever joins two families."""
-    import networkx as nx
+def _families(hashes: list[str], log10_p: dict[tuple[str, str], float], alpha: float) -> list[list[str]]:
+    """Connected components of significant pair evidence (scipy's sparse-graph components): no edge ever joins two
+    families."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    g = nx.Graph()
-    g.add_nodes_from(hashes)
-    g.add_edges_from(ab for ab, p in pairs.items() if p.log10_p < alpha)
-    return sorted((sorted(c) for c in nx.connected_components(g)), key=lambda c: (-len(c), c))
+    pos = {h: i for i, h in enumerate(hashes)}
+    edges = np.array([(pos[a], pos[b]) for (a, b), lp in log10_p.items() if lp < alpha and a in pos and b in pos],
+                     dtype=np.int64).reshape(-1, 2)
+    n = len(hashes)
+    g = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    _, label = connected_components(g, directed=False)
+    comps: dict[int, list[str]] = {}
+    for h, c in zip(hashes, label, strict=True):
+        comps.setdefault(int(c), []).append(h)
+    return sorted((sorted(c) for c in comps.values()), key=lambda c: (-len(c), c))
 
 
 def _resolve(declared: list[str], name_of: dict[str, str], spec_of: dict[str, str]) -> list[str]:
@@ -266,12 +293,23 @@ def _resolve(declared: list[str], name_of: dict[str, str], spec_of: dict[str, st
     return out
 
 
+def tree_built(index: Index) -> bool:
+    """Whether `modeltrace tree` (or an update) has built the family tree's cache in this index file."""
+    with index._errors():
+        return index.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'tree_families'").fetchone() is not None
+
+
+def update_tree(index: Index) -> Tree | None:
+    """After `index add` / `scan --add`: bring a family tree already built for this index up to date (only the new
+    models' pairs are computed and only the families they join re-solved); None, doing nothing, when no tree was
+    ever built (the first `modeltrace tree` builds it)."""
+    return build_tree(index) if tree_built(index) else None
+
+
 def ancestry(index: Index, names: list[str]) -> dict[str, list[dict[str, str]]] | None:
     """Ancestors of `names` (indexed models, e.g. identify's parents), nearest first, from the family tree; None when
     the tree was never built for this index (`modeltrace tree` builds it; identify then keeps it up to date)."""
-    with index._errors():
-        built = index.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'tree_families'").fetchone()
-    if not built or not names:
+    if not names or not tree_built(index):
         return None
     tree = build_tree(index)
     return {n: [{"model": a, "summary": tree.nodes[a]["summary"]} for a in tree.ancestors(n)]

@@ -1,18 +1,22 @@
 """Merges within a family (tree/family.py step 3): which models are exact recipes of others, and their recipe.
 
-Data flow: a family's cached pairs -> per model, relatives making an obtuse angle at it -> Gram stack assembled from
-the cached pairs (no fingerprint decoded) -> fingerprint/lineage.py's `explanations` -> accepted fewest parents first,
-then parents no recipe explains, never a cycle -> method, weights and intervals from the audit's detectors on the
-fingerprints (fingerprint_audit.audit_fingerprints), or the fit's own weights in large indexes.
+Data flow: a family's cached pairs -> per model, candidate groups: relatives making an obtuse angle at it, and the
+pairs / triples of relatives whose linear span holds it (least squares on summed Gram entries: recipes off the
+segment, such as unnormalised linear or task arithmetic with its base) -> Gram stack assembled from the cached pairs
+(no fingerprint decoded) -> fingerprint/lineage.py's `explanations` (twice: the second time knowing which models a
+recipe explains) -> accepted fewest parents first, then fewest parents that are themselves merges, never a cycle ->
+method, weights and intervals from the audit's detectors on the fingerprints (fingerprint_audit.audit_fingerprints),
+or the fit's own weights in large indexes.
 
 Recipes that are not exact (sparse merges: TIES, DARE, DELLA, breadcrumbs; model stock) are searched after, in
 indexes of up to 1,000 models: for a model no exact recipe explains, candidate sets of two relatives a, b and a base m
 among its nearest relatives no exact recipe explains (x, a, b all grew from m; a, b meet at m, relatives.middle; x - m
-mostly in the span of a - m, b - m: all from cached squared distances), the most nearly orthogonal task vectors first;
-the best few are audited on the fingerprints (audit_fingerprints). A set counts only when the relation is "merge"
-(a recipe to storage rounding, or the sparse signature for sparse methods), never "related", "finetune" (also a
-merge then trained: `chain`) or "upcycled"; sets whose parents are not audited merges first, then the closest fit.
-"""
+mostly in the span of a - m, b - m with positive coefficients: all from cached squared distances), ranked by the share
+of x - m outside that span (a parent replaced by its fine-tune leaves more), then by the share of coordinates x keeps
+equal to m; audited in that order on the fingerprints (audit_fingerprints) until one verdict's relation is "merge" (a
+recipe to storage rounding, or the sparse signature for sparse methods), never "related", "finetune" (also a merge
+then trained: `chain`) or "upcycled"; sets whose parents are not audited merges first. The exact recipes are then
+accepted again counting the audited merges as explained."""
 
 from __future__ import annotations
 
@@ -44,6 +48,13 @@ AUDIT_SETS = 4
 AUDIT_RESIDUAL = 0.6
 #: A parent of an audited merge carries at least this weight (a relative at weight ~0.03 is a fit's leftover).
 AUDIT_MIN_WEIGHT = 0.05
+#: Span search: relatives searched in triples (nearest first; pairs: all), the largest residual of x outside a set's
+#: span relative to x's squared distance to its nearest relative (an exact recipe leaves only storage rounding; a
+#: fine-tune of any model in the span leaves its own training delta, about that squared distance: ratio ~1), and the
+#: sets of each size offered to the exact fit.
+SPAN_RELATIVES = 48
+SPAN_RESIDUAL = 0.1
+SPAN_SETS = 4
 
 
 # ---- 3. merges --------------------------------------------------------------------------------------------------
@@ -93,36 +104,103 @@ def _stack_of(f: _Family, group: list[str]) -> GramStack:
                      np.zeros((n, n, 0), dtype=bool), np.zeros((n, 0), dtype=bool))
 
 
+def _span_sets(f: _Family, x: str, rel: list[str], explained: set[str]) -> list[list[str]]:
+    """Pairs and triples of x's relatives whose linear span holds x with recipe-like weights (least squares on the
+    Gram entries summed over shared tensors, all from cached pairs): an exact recipe with any weights (unnormalised
+    linear, task arithmetic with its base) lies in its members' span wherever it lies, between them or not. Sets with
+    fewer members first, then those with fewer members in `explained`, then the smallest residual."""
+    from modeltrace.fingerprint.lineage import _plausible
+
+    p_x = {y: f.pair(x, y, compute=False) for y in rel}
+    rel = [y for y in rel if p_x[y] is not None and p_x[y].keys]
+    if len(rel) < 2:
+        return []
+    gx = np.array([float(p_x[y].gab.sum()) for y in rel])
+    x2 = float(np.median([(p_x[y].gaa if p_x[y].a == x else p_x[y].gbb).sum() for y in rel]))
+    ny = np.array([float((p_x[y].gbb if p_x[y].a == x else p_x[y].gaa).sum()) for y in rel])
+    d_near = min(f.dist2(x, y)[0] for y in rel)
+    if not d_near > 0:
+        return []
+    n = len(rel)
+    G = np.full((n, n), np.nan)
+    G[np.diag_indices(n)] = ny
+    for i, j in itertools.combinations(range(n), 2):
+        p = f.pair(rel[i], rel[j], compute=False)
+        if p is not None and p.keys:
+            G[i, j] = G[j, i] = float(p.gab.sum())
+    fits = []
+    for k in (2, 3):
+        Q = np.array(list(itertools.combinations(range(min(n, SPAN_RELATIVES if k == 3 else n)), k)), dtype=int)
+        if not len(Q):
+            continue
+        A = G[Q[:, :, None], Q[:, None, :]]
+        ok = ~np.isnan(A).any(axis=(1, 2))
+        Q, A = Q[ok], A[ok]
+        g = gx[Q]
+        scale = np.maximum(np.trace(A, axis1=1, axis2=2), 1e-300)[:, None, None]
+        try:
+            W = np.linalg.solve(A + 1e-12 * scale * np.eye(k), g[..., None])[..., 0]
+        except np.linalg.LinAlgError:  # a degenerate set (all-zero tensors): least squares for every set instead
+            W = np.einsum("qij,qj->qi", np.linalg.pinv(A), g)
+        res = (x2 - (W * g).sum(axis=1)) / d_near
+        for q in np.flatnonzero(res <= SPAN_RESIDUAL):
+            w = {int(i): float(v) for i, v in zip(Q[q], W[q], strict=True)}
+            if _plausible(w) and min(abs(v) for v in w.values()) >= 0.05:
+                members = [rel[int(i)] for i in Q[q]]
+                fits.append((k, sum(m in explained for m in members), float(res[q]), members))
+    fits.sort(key=lambda t: t[:3])
+    return [m for k in (2, 3) for m in [m for kk, *_, m in fits if kk == k][:SPAN_SETS]]
+
+
 def _merge_options(f: _Family, x: str, rel: list[str], obtuse: list[tuple[float, str, str]],
-                   explained: set[str]) -> list[Explanation]:
-    """Plausible recipes for x over the relatives making an obtuse angle at it, those not in `explained` (models
-    some recipe reproduces) first, so a merge's true parents are in its pool even among many sibling merges."""
-    exps: list[Explanation] = []
-    group: list[str] = [x]
+                   spans: list[list[str]], explained: set[str] = frozenset()) -> list[Explanation]:  # type: ignore[assignment]
+    """Plausible exact recipes for x over (1) the relatives making an obtuse angle at it, those not in `explained`
+    (models some recipe reproduces) first, so a merge's true parents are in its pool even among many sibling merges,
+    and (2) each set of relatives whose span holds x (`spans`, from _span_sets). A model with neither has no
+    exact recipe, whatever `explained` holds."""
+    groups: list[list[str]] = []
     if obtuse:
         pool: list[str] = []  # the two most obtuse pairs (merges of merges), then unexplained models first
         for _, a, b in obtuse[:2] + sorted(obtuse, key=lambda o: ((o[1] in explained) + (o[2] in explained), o[0])):
             pool += [h for h in (a, b) if h not in pool]
         near = [y for y in rel if y not in pool and y not in explained]  # a task-arithmetic base sits off the segment
-        group = [x, *pool[:POOL - 2], *near[:2]] if len(pool) > POOL - 2 else [x, *(pool + near)[:POOL]]
-        exps = [e for e in explanations(_stack_of(f, group), 0, list(range(1, len(group)))) if e.kind == "exact"]
-    for e in exps:
-        e.target = x  # type: ignore[assignment]
-        e.weights = {group[i]: w for i, w in e.weights.items()}  # type: ignore[assignment]
-        e.base = group[e.base] if e.base is not None else None  # type: ignore[assignment]
+        groups.append([x, *pool[:POOL - 2], *near[:2]] if len(pool) > POOL - 2 else [x, *(pool + near)[:POOL]])
+    for sp in spans:  # a set inside a group already offered was fitted with it (explanations tries subsets)
+        if not any(set(sp) <= set(g) for g in groups):
+            groups.append([x, *sp])
+    exps: list[Explanation] = []
+    seen: set[frozenset] = set()
+    memo = f.__dict__.setdefault("_explanations", {})  # the second round often offers the same groups
+    for group in groups:
+        key = tuple(group)
+        if key not in memo:
+            memo[key] = [e for e in explanations(_stack_of(f, group), 0, list(range(1, len(group))))
+                         if e.kind == "exact"]
+        for e0 in memo[key]:
+            e = Explanation(x, e0.kind, {group[i]: w for i, w in e0.weights.items()},  # type: ignore[arg-type]
+                            group[e0.base] if e0.base is not None else None, e0.quality)  # type: ignore[arg-type]
+            if frozenset(e.weights) not in seen:
+                seen.add(frozenset(e.weights))
+                exps.append(e)
     return exps
 
 
-def _task_sets(f: _Family, x: str, rel: list[str], explained: set[str]) -> list[tuple[float, str, str, str]]:
-    """(cosine, a, b, m): two relatives of x that no exact recipe explains and a base m that x, a and b all grew
-    from (training adds norm: r >= DIRECTED_R), x - m mostly in the span of a - m, b - m; the most independent task
-    vectors a - m, b - m first (fine-tunes of one base meet at ~90 degrees, merges of them lie between)."""
+def _task_sets(f: _Family, x: str, rel: list[str], explained: set[str]) -> list[tuple[tuple, str, str, str]]:
+    """(rank, a, b, m): two relatives of x that no recipe explains and a base m that x, a and b all grew from
+    (training adds norm: r >= DIRECTED_R), a and b meeting at m, x - m mostly in the span of a - m, b - m; best first.
+
+    Bases first by the share of coordinates x keeps exactly equal to them (a sparse merge keeps the base's value
+    wherever its members' changes were dropped; a dense merge or a fine-tune keeps none but storage ties), then sets
+    by the share of |x - m|^2 outside span(a - m, b - m): x carries its true parents' task vectors and nothing of a
+    fine-tune of a parent, whose own training delta leaves residual (a parent replaced by its fine-tune, or a
+    sibling, fits worse)."""
     from modeltrace.tree.family import DIRECTED_R
 
     pool = [y for y in rel if y not in explained][:AUDIT_POOL]
     hs = [x, *pool]
     DD = np.array([[f.dist2(u, v)[0] if u != v else 0.0 for v in hs] for u in hs])
     bases = [k for k in range(1, len(hs)) if f.growth(hs[k], x)[0] >= DIRECTED_R]
+    eq = {k: round(getattr(f.pair(x, hs[k], compute=False), "equal", 0.0), 3) for k in bases}
     grew = {(m, k): f.growth(hs[m], hs[k])[0] >= DIRECTED_R for m in bases for k in range(1, len(hs)) if m != k}
     out = []
     for ia, ib in itertools.combinations(range(1, len(hs)), 2):
@@ -140,17 +218,18 @@ def _task_sets(f: _Family, x: str, rel: list[str], explained: set[str]) -> list[
                 coef = np.linalg.solve(g[1:, 1:], g[1:, 0])
             except np.linalg.LinAlgError:
                 continue
-            if 1 - float(g[0, 1:] @ coef) / g[0, 0] <= AUDIT_RESIDUAL:
-                out.append((g[1, 2] / math.sqrt(g[1, 1] * g[2, 2]), hs[ia], hs[ib], hs[im]))
+            residual = 1 - float(g[0, 1:] @ coef) / g[0, 0]
+            if residual <= AUDIT_RESIDUAL and min(coef) > 0:
+                out.append(((round(residual, 3), -eq[im]), hs[ia], hs[ib], hs[im]))
     return sorted(out)[:AUDIT_SETS]
 
 
-def _audited(f: _Family, x: str, sets: list[tuple[float, str, str, str]]) -> list[Explanation]:
-    """Explanations the audit's verdict on the fingerprints calls a merge, one per candidate set."""
+def _audited(f: _Family, x: str, sets: list[tuple[tuple, str, str, str]]) -> list[Explanation]:
+    """The first set (in `sets`' order) the audit's verdict on the fingerprints calls a merge, as an explanation
+    whose quality is minus its rank (empty when the audit calls none a merge)."""
     from modeltrace.fingerprint_audit import audit_fingerprints
 
-    found = []
-    for _, a, b, m in sets:
+    for rank, (_, a, b, m) in enumerate(sets):
         cands = [a, b, m]
         names = {h: f.m[h]["name"] for h in cands}
         fps = {names[h]: f.load(h) for h in cands}
@@ -164,14 +243,13 @@ def _audited(f: _Family, x: str, sets: list[tuple[float, str, str, str]]) -> lis
         by_name = {n: h for h, n in names.items()}
         ws = {by_name[p["model"]]: float(p.get("weight") or 0.0) for p in v.get("parents", [])
               if p.get("model") in by_name and by_name[p["model"]] != m}
-        if len(ws) < 2 or min(abs(w) for w in ws.values()) < AUDIT_MIN_WEIGHT:
+        if len(ws) < 2 or min(ws.values()) < AUDIT_MIN_WEIGHT:  # sparse merges add positive task vectors
             continue
-        r2 = [lay["r2_min"] for lay in v.get("layers") or [] if "r2_min" in lay]
-        e = Explanation(0, "audit", ws or {a: 0.5, b: 0.5}, m, float(np.mean(r2)) if r2 else 0.0)
+        e = Explanation(0, "audit", ws, m, -float(rank))
         e.target = x  # type: ignore[assignment]
         e.verdict = v  # type: ignore[attr-defined]
-        found.append(e)
-    return found
+        return [e]
+    return []
 
 
 def find_merges(f: _Family, reps: list[str], stacks: set[str], out: dict, audit: bool = False
@@ -181,14 +259,40 @@ def find_merges(f: _Family, reps: list[str], stacks: set[str], out: dict, audit:
     plain = [x for x in reps if x not in stacks]
     rel = {x: sorted((y for y in reps if y != x and f.related(x, y)), key=lambda y: f.dist2(x, y)[0]) for x in plain}
     obtuse = {x: _between(f, x, rel[x]) for x in plain}
-    options = {x: _merge_options(f, x, rel[x], obtuse[x], set()) for x in plain}
+    spans = {x: _span_sets(f, x, rel[x], set()) for x in plain}
+    options = {x: _merge_options(f, x, rel[x], obtuse[x], spans[x]) for x in plain}
     first = {x for x, o in options.items() if o}  # again, offering models that no recipe explains first
-    options.update({x: _merge_options(f, x, rel[x], obtuse[x], first) for x in first})
+    options.update({x: _merge_options(f, x, rel[x], obtuse[x], _span_sets(f, x, rel[x], first), first)
+                    for x in plain if first and (obtuse[x] or spans[x])})
     explained = {x for x, o in options.items() if o}
-    ranked = sorted(((e.kind != "exact", len(e.members), sum(m in explained for m in e.members), rank, x), e)
-                    for x, opts in options.items() for rank, e in enumerate(opts))
+    stack_parents = {x: {e["parent"] for e in out["edges"] if e["child"] == x} for x in stacks}
+    accepted = _accept(_rank_exact(options, explained), [], stack_parents)
+    if not audit:
+        return accepted
+    audited = {x: _audited(f, x, _task_sets(f, x, rel[x], set(accepted))) for x in plain if x not in accepted}
+    audited = {x: o for x, o in audited.items() if o}
+    ranked_a = [e for _, e in sorted(((sum(m in audited for m in e.members), -e.quality, x), e)  # one set a model
+                                     for x, opts in audited.items() for e in opts)]
+    first_pass = _accept(_rank_exact(options, explained), ranked_a, stack_parents, audited)
+    # again, counting the merges the audit found as explained: an exact recipe over four models in one plane (a
+    # base, two fine-tunes, their model-stock merge) then names the models that are not merges
+    again = _accept(_rank_exact(options, explained | {x for x, e in first_pass.items() if e.kind == "audit"}),
+                    ranked_a, stack_parents, audited)
+    return again
+
+
+def _rank_exact(options: dict[str, list[Explanation]], explained: set[str]) -> list[Explanation]:
+    """Exact recipes, fewest members first, then those with fewest members some recipe explains."""
+    return [e for _, e in sorted(((len(e.members), sum(m in explained for m in e.members), rank, x), e)
+                                 for x, opts in options.items() for rank, e in enumerate(opts))]
+
+
+def _accept(exact: list[Explanation], audited: list[Explanation], stack_parents: dict[str, set[str]],
+            audited_by: dict[str, list[Explanation]] | None = None) -> dict[str, Explanation]:
+    """Recipes accepted in order (exact ones, then audited ones whose members are no audited merge), never making a
+    model its own ancestor."""
     accepted: dict[str, Explanation] = {}
-    parents: dict[str, set[str]] = {x: {e["parent"] for e in out["edges"] if e["child"] == x} for x in stacks}
+    parents = {x: set(p) for x, p in stack_parents.items()}
 
     def ancestors(h: str) -> set[str]:
         seen, todo = set(), [h]
@@ -199,21 +303,16 @@ def find_merges(f: _Family, reps: list[str], stacks: set[str], out: dict, audit:
                     todo.append(p)
         return seen
 
-    for _, e in ranked:
+    for e in exact:
         x = e.target
         if x in accepted or any(m == x or x in ancestors(m) for m in e.members):  # type: ignore[operator]
             continue
         accepted[x] = e  # type: ignore[index]
         parents[x] = set(e.members)  # type: ignore[arg-type,index]
-    if not audit:
-        return accepted
-    audited = {x: _audited(f, x, _task_sets(f, x, rel[x], set(accepted))) for x in plain if x not in accepted}
-    audited = {x: o for x, o in audited.items() if o}
-    ranked_a = sorted(((sum(m in audited for m in e.members), -e.quality, x), e)  # the closest fit of a model first
-                      for x, opts in audited.items() for e in opts)
-    for _, e in ranked_a:
+    for e in audited:
         x = e.target
-        if x in accepted or any(m == x or x in ancestors(m) or m in accepted and m in audited for m in e.members):
+        if x in accepted or any(m == x or x in ancestors(m) or m in accepted and m in (audited_by or {})
+                                for m in e.members):
             continue
         accepted[x] = e  # type: ignore[index]
         parents[x] = set(e.members)  # type: ignore[arg-type,index]

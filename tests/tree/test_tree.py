@@ -57,13 +57,13 @@ def test_collection_has_the_cases(collection):
 
 def test_accuracy_floors(tree, collection):
     s = score(tree, collection)
-    # measured: precision 0.93, recall 0.84 (README: the issue asks 0.97 / 0.95; some sparse merges are not placed)
-    assert s.precision >= 0.90 and s.recall >= 0.80, (s.precision, s.recall, s.wrong[:10])
+    # measured: precision 0.994, recall 0.981 (the issue's targets 0.97 / 0.95; breadcrumbs is not placed)
+    assert s.precision >= 0.97 and s.recall >= 0.95, (s.precision, s.recall, s.wrong[:10])
     assert s.cross_family == []  # no edge between independent families
     assert s.by_kind["recast"][0] == s.by_kind["recast"][1] and s.by_kind["quantized"][0] == s.by_kind["quantized"][1]
     assert s.by_kind["stack"][0] == s.by_kind["stack"][1]
     assert s.max_weight_error <= 0.01, s.weight_errors
-    assert s.merges_parents_right >= 16
+    assert s.merges_parents_right >= 27
     assert s.by_kind["finetune"][0] >= s.by_kind["finetune"][1] - 1
     wrong_merges = {c for p, c, r in s.wrong if r == "merge"}  # a model that is no merge is never made one
     assert all(collection[c]["kind"] == "merge" for c in wrong_merges), wrong_merges
@@ -190,3 +190,56 @@ def test_identify_reports_ancestors_of_ancestors(tree, index_path, fps):
     parent = res["parents"][0]["model"]
     assert parent in ("t_c1a1", "t_c1a1_f16")  # the model itself is in the index, so its copy is a candidate too
     assert [a["model"] for a in res["ancestry"][parent]][-3:] == ["t_c1a", "t_c1", "t_base_c"]
+
+
+def test_index_add_and_scan_add_keep_a_built_tree_current(collection, fps, tmp_path):
+    path = tmp_path / "ix.sqlite"
+    with Index(path, create=True) as ix:
+        for n in ("t_base_c", "t_c1", "t_c1a"):
+            ix.add(fps[n], n)
+    r = cli("index", "add", collection["t_c1a1"]["path"], "--name", "t_c1a1", "--index", path, "--workers", "1")
+    assert r.exit_code == 0 and "family tree" not in r.stdout, r.output  # no tree built yet: nothing to update
+    assert cli("tree", "--index", path).exit_code == 0
+    r = cli("index", "add", collection["t_c1a1x"]["path"], "--name", "t_c1a1x", "--index", path, "--workers", "1")
+    assert r.exit_code == 0 and "family tree updated (4 pairs computed, 1 families re-solved" in r.stdout, r.output
+    r = cli("scan", collection["t_c1b"]["path"], "--add", "--index", path, "--workers", "1")
+    assert r.exit_code == 0, r.output
+    with Index(path) as ix:
+        t = build_tree(ix)  # everything was already computed by the adds
+    assert t.stats["pairs_computed"] == 0 and t.stats["families_solved"] == 0 and t.stats["models"] == 6
+    assert t.parents("t_c1a1x")[0]["parent"] == "t_c1a1"
+    scanned, = set(t.nodes) - {"t_base_c", "t_c1", "t_c1a", "t_c1a1", "t_c1a1x"}
+    assert [e["parent"] for e in t.parents(scanned)] == ["t_c1"]
+
+
+def test_merges_off_the_segment_and_sparse_merges_name_their_parents(tree, collection):
+    def merge_parents(n):
+        return {e["parent"]: e.get("weight") for e in tree.parents(n) if e["relation"] == "merge"}
+
+    # unnormalised linear (0.7 + 0.5: beyond both parents) and task arithmetic with its base: found in the span search
+    got = merge_parents("m_linear_unnorm")
+    assert set(got) == {"ft_a1", "ft_a2"} and abs(got["ft_a1"] - 0.7) <= 0.01 and abs(got["ft_a2"] - 0.5) <= 0.01
+    got = merge_parents("m_task_arith")
+    assert set(got) == {"base_a", "ft_a1", "ft_a2"} and abs(got["base_a"] + 0.2) <= 0.01
+    # sparse merges whose parents have fine-tunes in the index name the parents, not their fine-tunes
+    for n in ("m_ties_d03", "m_della", "t_mc_ties", "t_md_dare"):
+        assert set(merge_parents(n)) == set(collection[n]["parents"]), (n, merge_parents(n))
+
+
+def test_batched_pair_evidence_equals_one_by_one(fps):
+    import itertools
+
+    import numpy as np
+
+    from modeltrace.tree.evidence import pair_evidence, pair_evidence_many, record
+
+    names = ["t_base_c", "t_c1", "t_c1a", "t_c2", "t_mc_lin", "s_stack_deep", "t_base_a_q8", "base_a"]
+    recs = [record(fps[n]) for n in names]
+    by_hash = {fps[n].content_hash: fps[n] for n in names}
+    pairs = list(itertools.combinations(recs, 2))
+    for p, q in zip(pair_evidence_many(pairs, by_hash.__getitem__), (pair_evidence(a, b, by_hash.__getitem__)
+                                                                        for a, b in pairs), strict=True):
+        assert (p.a, p.b, p.keys, p.copies_ab, p.copies_ba, p.equal) == (q.a, q.b, q.keys, q.copies_ab, q.copies_ba,
+                                                                          q.equal)
+        assert np.allclose(p.gab, q.gab, rtol=1e-12) and np.allclose(p.gaa, q.gaa, rtol=1e-12)
+        assert abs(p.log10_p - q.log10_p) <= 1e-9 * max(1.0, abs(q.log10_p))
