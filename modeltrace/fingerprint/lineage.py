@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -40,16 +41,21 @@ MAX_DIFF_CORR = 0.9
 MIN_EXACT_SHARE = 0.9
 
 
+#: How an explanation names models: by position in a Gram stack here (int); the family tree relabels them by content
+#: hash (str).
+M = TypeVar("M")
+
+
 @dataclass
-class Explanation:
-    target: int
+class Explanation(Generic[M]):
+    target: M
     kind: str  # copy | exact | sparse
-    weights: dict[int, float]  # member -> weight (sparse: task-vector weights, base excluded)
-    base: int | None
+    weights: dict[M, float]  # member -> weight (sparse: task-vector weights, base excluded)
+    base: M | None
     quality: float  # share of slots explained exactly (copy, exact) or share of base-valued coordinates (sparse)
 
     @property
-    def members(self) -> list[int]:
+    def members(self) -> list[M]:
         return list(self.weights) + ([self.base] if self.base is not None and self.base not in self.weights else [])
 
 
@@ -110,13 +116,13 @@ def _spread(gs: GramStack, x: int, others: tuple[int, ...]) -> float:
 
 
 def explanations(gs: GramStack, target: int, pool: list[int], base_excluded: int | None = None
-                 ) -> list[Explanation]:
+                 ) -> list[Explanation[int]]:
     """Plausible merges (or a copy) of models in `pool` that reproduce `target`, simplest first.
 
     `base_excluded` may not serve as a sparse merge's base (the suspect, when asking whether a candidate is a merge of
     the suspect: a copy of the suspect's layers is not a sparse merge over it)."""
     pool = [p for p in pool if p != target]
-    found: list[tuple[tuple, Explanation]] = []
+    found: list[tuple[tuple, Explanation[int]]] = []
     for k in (1, 2, 3):
         for Q in itertools.combinations(pool, k):
             f = fit(gs, target, Q)
@@ -153,19 +159,19 @@ def explanations(gs: GramStack, target: int, pool: list[int], base_excluded: int
     return [e for _, e in sorted(found, key=lambda x: x[0])]
 
 
-def merges_among(gs: GramStack, nodes: list[int], suspect: int = 0) -> dict[int, Explanation]:
+def merges_among(gs: GramStack, nodes: list[int], suspect: int = 0) -> dict[int, Explanation[int]]:
     """Which of `nodes` are merges of the others (the suspect included as a possible member, never as a target).
 
     Accepted greedily, simplest explanations first, so that the set stays consistent: a model already used as a
     member of an accepted merge is an ancestor and is not itself explained away, and an accepted merge is not used
     as a member or base of another."""
     everyone = [suspect, *nodes]
-    options: list[tuple[tuple, Explanation]] = []
+    options: list[tuple[tuple, Explanation[int]]] = []
     for x in nodes:
         for rank, e in enumerate(explanations(gs, x, everyone, base_excluded=suspect)):
             if e.kind != "copy":
                 options.append(((e.kind != "exact", len(e.members), rank), e))
-    accepted: dict[int, Explanation] = {}
+    accepted: dict[int, Explanation[int]] = {}
     ancestors: set[int] = set()
     for _, e in sorted(options, key=lambda x: x[0]):
         if e.target in accepted or e.target in ancestors or any(m in accepted for m in e.members):
@@ -175,7 +181,7 @@ def merges_among(gs: GramStack, nodes: list[int], suspect: int = 0) -> dict[int,
     return accepted
 
 
-def explain(gs: GramStack, target: int, pool: list[int]) -> Explanation | None:
+def explain(gs: GramStack, target: int, pool: list[int]) -> Explanation[int] | None:
     """The simplest plausible recipe over `pool` for `target` (the suspect), or None (a fine-tune or unexplained)."""
     found = explanations(gs, target, pool)
     return found[0] if found else None

@@ -122,7 +122,8 @@ class StoredPairs:
     def __getitem__(self, key: tuple[str, str]) -> Pair:
         p = self.done.get(key)
         if p is None:
-            p = self.done[key] = _decode(*key, *self.rows[key])
+            lp, meta, grams = self.rows[key]
+            p = self.done[key] = _decode(key[0], key[1], lp, meta, grams)
         return p
 
     def __setitem__(self, key: tuple[str, str], p: Pair) -> None:

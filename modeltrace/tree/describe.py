@@ -3,19 +3,91 @@
 Data flow: family solutions (tree/family.py) + index entries -> edges renamed, p-values stated, and per node: its
 role (independent, root, fine-tune, merge, stack, copy), the family it belongs to, its depth, its recipe or layer map
 and one summary line that names the chain it came through ("fine-tune of t_mc_lin (0.60 × t_c2 + 0.40 × t_c3,
-linear)").
+linear)") -> `Tree` (defined here): nodes and edges by model name, with parents, ancestors, descendants, subtrees and
+a networkx view.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from modeltrace.stats import format_p
 
-__all__ = ["assemble", "summary"]
+__all__ = ["Tree", "assemble", "summary"]
 
 ROLE_OF = {"finetune": "finetune", "merge": "merge", "stack": "stack", "copy": "copy", "recast": "copy",
            "quantized": "copy"}
+
+
+@dataclass(frozen=True)
+class Tree:
+    """The lineage graph: `nodes[name]` (attributes) and `edges` (parent -> child, relation, evidence)."""
+
+    index: str
+    nodes: dict[str, dict[str, Any]]
+    edges: list[dict[str, Any]]
+    stats: dict[str, Any] = field(default_factory=dict)
+    _in: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False, compare=False)
+    _out: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for e in self.edges:
+            self._in.setdefault(e["child"], []).append(e)
+            self._out.setdefault(e["parent"], []).append(e)
+
+    def graph(self):
+        import networkx as nx
+
+        g = nx.MultiDiGraph()
+        for n, a in self.nodes.items():
+            g.add_node(n, **a)
+        for e in self.edges:
+            g.add_edge(e["parent"], e["child"], **e)
+        return g
+
+    def parents(self, name: str) -> list[dict[str, Any]]:
+        return list(self._in.get(name, []))
+
+    def children(self, name: str) -> list[dict[str, Any]]:
+        return list(self._out.get(name, []))
+
+    def ancestors(self, name: str) -> list[str]:
+        """Every ancestor, nearest first."""
+        seen: list[str] = []
+        todo = [name]
+        while todo:
+            nxt = []
+            for x in todo:
+                for e in self.parents(x):
+                    if e["parent"] not in seen and e["parent"] != name:
+                        seen.append(e["parent"])
+                        nxt.append(e["parent"])
+            todo = nxt
+        return seen
+
+    def descendants(self, name: str) -> list[str]:
+        seen: list[str] = []
+        todo = [name]
+        while todo:
+            nxt = []
+            for x in todo:
+                for e in self._out.get(x, []):
+                    if e["child"] not in seen and e["child"] != name:
+                        seen.append(e["child"])
+                        nxt.append(e["child"])
+            todo = nxt
+        return seen
+
+    def subtree(self, name: str) -> Tree:
+        """`name` with its ancestors and descendants (and the merge co-parents that name its descendants' recipes)."""
+        keep = {name, *self.ancestors(name), *self.descendants(name)}
+        for e in self.edges:
+            if e["child"] in keep and e["relation"] == "merge":
+                keep.add(e["parent"])
+        return Tree(self.index, {n: a for n, a in self.nodes.items() if n in keep},
+                    [e for e in self.edges if e["parent"] in keep and e["child"] in keep],
+                    {**self.stats, "focus": name})
 
 
 def recipe_text(rec: dict[str, Any], name_of: dict[str, str]) -> str:
@@ -36,9 +108,7 @@ def recipe_text(rec: dict[str, Any], name_of: dict[str, str]) -> str:
 
 
 def assemble(index_path: str, hashes: list[str], entries: dict, infos: dict[str, dict], families: list[list[str]],
-             solutions: list[dict], name_of: dict[str, str]):
-    from modeltrace.tree.graph import Tree
-
+             solutions: list[dict], name_of: dict[str, str]) -> Tree:
     fam_of = {h: i for i, fam in enumerate(families) for h in fam}
     nodes: dict[str, dict[str, Any]] = {}
     for h in hashes:
@@ -76,7 +146,7 @@ def assemble(index_path: str, hashes: list[str], entries: dict, infos: dict[str,
     return tree
 
 
-def _depth(tree, name: str) -> int:
+def _depth(tree: Tree, name: str) -> int:
     d, todo, seen = 0, [name], {name}
     while True:
         ps = [e["parent"] for x in todo for e in tree.parents(x) if e["parent"] not in seen]
@@ -86,7 +156,7 @@ def _depth(tree, name: str) -> int:
         todo, d = ps, d + 1
 
 
-def summary(tree, name: str, nested: bool = True) -> str:
+def summary(tree: Tree, name: str, nested: bool = True) -> str:
     """One line: what the model is made from, naming the chain through merges and stacks."""
     a = tree.nodes[name]
     ps = tree.parents(name)

@@ -30,6 +30,10 @@ QUANT_PREFIXES = ("Q", "IQ", "TQ")
 QUANT_COPY_CORR = 0.99
 #: A layer copied whole has a scale within this of 1 (<a,b> / <b,b>).
 COPY_SCALE_TOL = 0.02
+#: v grew from u (training adds norm) when the median over tensors of r = (|v|^2 - |u|^2) / |v - u|^2, from a pair's
+#: Gram entries, reaches this: a child is its parent plus a training delta independent of it (r = +1), the reverse
+#: pair gives r = -1 and two siblings something in between (tree/family.py's directions, tree/merges.py's bases).
+DIRECTED_R = 0.5
 
 
 def is_quantized(dtype: str) -> bool:
@@ -113,6 +117,8 @@ def record(fp: Fingerprint) -> Record:
         x /= np.where(n > 0, n, 1.0)[:, None, None]
         for k, i in enumerate(idx):
             units[i] = x[k].ravel()
+    filled = [u for u in units if u is not None]
+    assert len(filled) == len(units)  # every sample belongs to one shape's batch
     dts: dict[str, int] = {}
     for s in items:
         dts[s.dtype] = dts.get(s.dtype, 0) + s.values.size
@@ -123,7 +129,7 @@ def record(fp: Fingerprint) -> Record:
     dtype = max(dts, key=lambda d: dts[d]) if dts else "?"
     layers = [s.slot.layer for s in items]
     return Record(fp.content_hash, [_key(s) for s in items], layers, offsets, flat,
-                  np.concatenate(units).astype(np.float32) if items else np.zeros(0, np.float32),  # type: ignore[arg-type]
+                  np.concatenate(filled).astype(np.float32) if items else np.zeros(0, np.float32),
                   np.array([(r - 1) * (c - 1) if r > 1 and c > 1 else r * c - 1
                             for r, c in (s.values.shape for s in items)], dtype=np.float64),
                   np.array([rounding_variance(s.values, s.dtype) for s in items]), dtype,
@@ -162,7 +168,7 @@ class Pair:
 
 
 def _segments(rec: Record, idx: list[int]) -> np.ndarray:
-    sizes = np.diff(np.append(rec.offsets, rec.flat.size))
+    sizes: np.ndarray = np.diff(np.append(rec.offsets, rec.flat.size))
     return np.concatenate([np.arange(rec.offsets[i], rec.offsets[i] + sizes[i]) for i in idx]) if idx \
         else np.zeros(0, np.int64)
 
@@ -181,7 +187,7 @@ def pair_evidence(ra: Record, rb: Record, load: Callable[[str], Fingerprint]) ->
         ib = [pos[ra.keys[i]] for i in ia]
         sa, sb = _segments(ra, ia), _segments(rb, ib)
         fa, fb, ua, ub = ra.flat[sa], rb.flat[sb], ra.unit[sa], rb.unit[sb]
-        sizes = np.diff(np.append(ra.offsets, ra.flat.size))[ia]
+        sizes: np.ndarray = np.diff(np.append(ra.offsets, ra.flat.size))[ia]
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if ia else np.zeros(0, np.int64)
     if ia:
         fa, fb = fa.astype(np.float64), fb.astype(np.float64)
@@ -224,7 +230,7 @@ def pair_evidence_many(pairs: list[tuple[Record, Record]], load: Callable[[str],
             gaa = np.add.reduceat(fa * fa, starts, axis=1)
             gab = np.add.reduceat(fa * fb, starts, axis=1)
             gbb = np.add.reduceat(fb * fb, starts, axis=1)
-            sizes = np.diff(np.append(starts, fa.shape[1]))
+            sizes: np.ndarray = np.diff(np.append(starts, fa.shape[1]))
             equal = np.median(np.add.reduceat((fa == fb).astype(np.float64), starts, axis=1) / sizes, axis=1)
             del fa, fb
             ua = np.stack([r.unit for r in ras]).astype(np.float64)
@@ -233,7 +239,9 @@ def pair_evidence_many(pairs: list[tuple[Record, Record]], load: Callable[[str],
             ia = list(range(len(ras[0].keys)))
             for k, i in enumerate(chunk):
                 out[i] = _assemble(ras[k], rbs[k], ia, gaa[k], gab[k], gbb[k], r[k], float(equal[k]), load)
-    return out  # type: ignore[return-value]
+    done = [p for p in out if p is not None]
+    assert len(done) == len(out)  # each pair is computed alone or in its group's batch
+    return done
 
 
 def _assemble(ra: Record, rb: Record, ia: list[int], gaa: np.ndarray, gab: np.ndarray, gbb: np.ndarray,

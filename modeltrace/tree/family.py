@@ -27,14 +27,17 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
 from modeltrace.fingerprint.core import Fingerprint
-from modeltrace.tree.evidence import COPY_SCALE_TOL, Pair
+from modeltrace.tree.evidence import COPY_SCALE_TOL, DIRECTED_R, Pair
 from modeltrace.tree.merges import find_merges
 from modeltrace.tree.merges import recipe as merge_recipe
+
+if TYPE_CHECKING:
+    from modeltrace.fingerprint.lineage import Explanation
 
 __all__ = ["solve_family"]
 
@@ -44,9 +47,9 @@ DIRECTION_WEIGHT = 3.0
 ROOT_COST = 0.5
 #: A declared base_model multiplies the cost of the edge it names by this (a prior, never proof).
 PRIOR_FACTOR = 0.7
-#: Direction from the weights when the sign test over tensors gives p below this and r at least DIRECTED_R.
+#: Direction from the weights when the sign test over tensors gives p below this and r at least DIRECTED_R
+#: (tree/evidence.py).
 DIRECTION_P = 1e-3
-DIRECTED_R = 0.5
 #: Copies differ by at most this many times the two models' expected squared storage rounding, tensor by tensor.
 COPY_FLOORS = 4.0
 
@@ -65,8 +68,17 @@ class _Family:
         self.load = load
         self._dist: dict[tuple[str, str], tuple[float, float]] = {}
         self._growth: dict[tuple[str, str], tuple[float, int, int]] = {}
+        #: exact recipes fitted per group of models (tree/merges.py: the second round often offers the same groups)
+        self.explanations: dict[tuple[str, ...], list[Explanation[int]]] = {}
+
+    @overload
+    def pair(self, a: str, b: str, compute: Literal[True] = True) -> Pair: ...
+
+    @overload
+    def pair(self, a: str, b: str, compute: bool) -> Pair | None: ...
 
     def pair(self, a: str, b: str, compute: bool = True) -> Pair | None:
+        """The pair's evidence: computed (and kept) when not cached, unless `compute` is off (then None)."""
         key = (a, b) if a < b else (b, a)
         p = self.pairs.get(key)
         if p is None and compute:
@@ -157,8 +169,8 @@ def _copies(f: _Family, out: dict) -> dict[str, str]:
                 continue
             child, src = f.m[h], f.m[orig]
             rel = "quantized" if child["grid"] == "quant" else "copy" if child["dtype"] == src["dtype"] else "recast"
-            p = f.pair(orig, h, compute=False)
-            out["edges"].append(_edge(orig, h, rel, p.log10_p if p else None, "copy",
+            cp = f.pair(orig, h, compute=False)
+            out["edges"].append(_edge(orig, h, rel, cp.log10_p if cp else None, "copy",
                                       f"{src['dtype']} -> {child['dtype']}; the original holds the richer values"))
     return rep
 
@@ -184,16 +196,18 @@ def _stacks(f: _Family, reps: list[str], out: dict) -> set[str]:
         if any(len(c) == n and all(i == j for i, j in c.items()) for c in covers.values()):
             continue  # a copy of one model's layers
         found[x] = list(covers.items())
-    for x, covers in found.items():
-        left, chosen = set(range(int(f.m[x]["n_layers"]))), []
+    for x, sources in found.items():
+        left = set(range(int(f.m[x]["n_layers"])))
+        chosen: list[tuple[str, dict[int, int]]] = []
         while left:  # sources that are not stacks themselves first, most layers first
-            y, c = max(covers, key=lambda yc: (yc[0] not in found, len(set(yc[1]) & left), yc[0]))
+            y, c = max(sources, key=lambda yc: (yc[0] not in found, len(set(yc[1]) & left), yc[0]))
             chosen.append((y, {i: j for i, j in c.items() if i in left}))
             left -= set(c)
         if len(chosen) == 1 and all(i == j for i, j in chosen[0][1].items()):
             continue
-        lmap = sorted(({"layer": i, "parent": y, "parent_layer": j} for y, c in chosen for i, j in c.items()),
-                      key=lambda e: e["layer"])
+        lmap: list[dict[str, Any]] = sorted(
+            ({"layer": i, "parent": y, "parent_layer": j} for y, c in chosen for i, j in c.items()),
+            key=lambda e: e["layer"])
         out["stacks"][x] = {"layer_map": lmap}
         for y, c in chosen:
             p = f.pair(x, y, compute=False)
@@ -264,7 +278,9 @@ def _finetunes(f: _Family, reps: list[str], fixed: dict[str, set[str]], out: dic
     basis: dict[str, str] = {x: ("merge" if x in out["merges"] else "stack") for x in fixed}
     for u, v in _ordered(chosen, basis):
         r, up, n = f.growth(u, v)
-        lp = f.pair(u, v, compute=False).log10_p  # type: ignore[union-attr]
+        p = f.pair(u, v, compute=False)
+        assert p is not None  # an edge joins related models only, whose pair is cached
+        lp = p.log10_p
         sign_p = _sign_log10_p(up, n)
         if sign_p <= math.log10(DIRECTION_P) and r >= DIRECTED_R:
             how = "weights"
@@ -325,7 +341,7 @@ def solve_family(members: list[dict], pairs: dict[tuple[str, str], Pair], alpha_
     for x, e in merges.items():
         recipe = merge_recipe(f, x, e, audit_recipes)
         out["merges"][x] = recipe
-        fixed[x] = set(e.members)  # type: ignore[arg-type]
+        fixed[x] = set(e.members)
         for m in e.members:
             p = f.pair(m, x)
             w = recipe["weights"].get(m, {})

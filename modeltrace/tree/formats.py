@@ -1,8 +1,8 @@
 """The tree written out: JSON (stable schema, docs/tree.md), Graphviz DOT, CycloneDX 1.6 with each model's pedigree,
 and the interactive HTML page (tree/html.py).
 
-Data flow: `Tree` (tree/graph.py) -> one text document. Nodes and edges are sorted by name, so the same index gives
-the same document (apart from `stats`, which holds timings).
+Data flow: `Tree` (tree/describe.py, built by tree/graph.py) -> one text document. Nodes and edges are sorted by
+name, so the same index gives the same document (apart from `stats`, which holds timings).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import warnings
 from typing import Any
 
 from modeltrace.schema import SCHEMA_VERSION
-from modeltrace.tree.graph import Tree
+from modeltrace.tree.describe import Tree
 
 __all__ = ["FORMATS", "render", "to_cyclonedx", "to_dot", "to_json", "tree_document"]
 

@@ -4,9 +4,9 @@ Data flow: index entries and summary vectors -> candidate pairs (summary-vector 
 first ranking; each model is compared once with every model indexed before it and the result kept) -> pair evidence
 (tree/evidence.py, cached in the index by tree/cache.py) -> families (connected components of significant pairs,
 Bonferroni over all pairs an index of this size could hold) -> each family solved by tree/family.py (cached by its
-members, so one `index add` re-solves one family) -> `Tree`: nodes and edges by model name, with a networkx view for
-ancestors, descendants and subtrees, and plain-words summaries that name chains ("fine-tune of t_mc_lin = 0.60 × c2
-+ 0.40 × c3").
+members, so one `index add` re-solves one family) -> `Tree` (tree/describe.py): nodes and edges by model name, with a
+networkx view for ancestors, descendants and subtrees, and plain-words summaries that name chains ("fine-tune of
+t_mc_lin = 0.60 × c2 + 0.40 × c3").
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,7 +24,7 @@ import numpy as np
 from modeltrace.fingerprint.core import Fingerprint
 from modeltrace.index.store import Index
 from modeltrace.tree import cache as tree_cache
-from modeltrace.tree.describe import assemble
+from modeltrace.tree.describe import Tree, assemble
 from modeltrace.tree.evidence import Pair, Record, pair_evidence, pair_evidence_many, record
 from modeltrace.tree.family import solve_family
 
@@ -43,76 +42,6 @@ PAIR_CHUNK = 512
 #: Up to this many indexed models each merge's method and weight intervals come from the audit's detectors on the
 #: fingerprints (~0.1 s a merge); above, from the exact fit alone (linear or task arithmetic, no intervals).
 AUDIT_RECIPES_UP_TO = 1000
-
-
-@dataclass(frozen=True)
-class Tree:
-    """The lineage graph: `nodes[name]` (attributes) and `edges` (parent -> child, relation, evidence)."""
-
-    index: str
-    nodes: dict[str, dict[str, Any]]
-    edges: list[dict[str, Any]]
-    stats: dict[str, Any] = field(default_factory=dict)
-    _in: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False, compare=False)
-    _out: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        for e in self.edges:
-            self._in.setdefault(e["child"], []).append(e)
-            self._out.setdefault(e["parent"], []).append(e)
-
-    def graph(self):
-        import networkx as nx
-
-        g = nx.MultiDiGraph()
-        for n, a in self.nodes.items():
-            g.add_node(n, **a)
-        for e in self.edges:
-            g.add_edge(e["parent"], e["child"], **e)
-        return g
-
-    def parents(self, name: str) -> list[dict[str, Any]]:
-        return list(self._in.get(name, []))
-
-    def children(self, name: str) -> list[dict[str, Any]]:
-        return list(self._out.get(name, []))
-
-    def ancestors(self, name: str) -> list[str]:
-        """Every ancestor, nearest first."""
-        seen: list[str] = []
-        todo = [name]
-        while todo:
-            nxt = []
-            for x in todo:
-                for e in self.parents(x):
-                    if e["parent"] not in seen and e["parent"] != name:
-                        seen.append(e["parent"])
-                        nxt.append(e["parent"])
-            todo = nxt
-        return seen
-
-    def descendants(self, name: str) -> list[str]:
-        seen: list[str] = []
-        todo = [name]
-        while todo:
-            nxt = []
-            for x in todo:
-                for e in self._out.get(x, []):
-                    if e["child"] not in seen and e["child"] != name:
-                        seen.append(e["child"])
-                        nxt.append(e["child"])
-            todo = nxt
-        return seen
-
-    def subtree(self, name: str) -> Tree:
-        """`name` with its ancestors and descendants (and the merge co-parents that name its descendants' recipes)."""
-        keep = {name, *self.ancestors(name), *self.descendants(name)}
-        for e in self.edges:
-            if e["child"] in keep and e["relation"] == "merge":
-                keep.add(e["parent"])
-        return Tree(self.index, {n: a for n, a in self.nodes.items() if n in keep},
-                    [e for e in self.edges if e["parent"] in keep and e["child"] in keep],
-                    {**self.stats, "focus": name})
 
 
 class _Fps:
@@ -236,9 +165,9 @@ def build_tree(index: Index) -> Tree:
     reused = 0
     fam_of = {h: i for i, fam in enumerate(fams) for h in fam}
     keys_of: dict[int, list[tuple[str, str]]] = {}
-    for k in cached.lp:  # each family's pairs, in one pass over all pairs
-        if k[0] in fam_of and fam_of[k[0]] == fam_of.get(k[1]):
-            keys_of.setdefault(fam_of[k[0]], []).append(k)
+    for ab in cached.lp:  # each family's pairs, in one pass over all pairs
+        if ab[0] in fam_of and fam_of[ab[0]] == fam_of.get(ab[1]):
+            keys_of.setdefault(fam_of[ab[0]], []).append(ab)
     for i, fam in enumerate(fams):
         if len(fam) == 1:
             continue
@@ -247,7 +176,7 @@ def build_tree(index: Index) -> Tree:
         digest = hashlib.sha256(json.dumps([tree_cache.VERSION, alpha, audit, key]).encode()).hexdigest()
         sol = tc.family(digest)
         if sol is None:
-            sol = solve_family(members, {k: cached[k] for k in keys_of.get(i, [])}, alpha, get_pair, fps, audit)
+            sol = solve_family(members, {ab: cached[ab] for ab in keys_of.get(i, [])}, alpha, get_pair, fps, audit)
             solved_now[digest] = sol
         else:
             reused += 1

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,6 +31,7 @@ import numpy as np
 from modeltrace.fingerprint.compare import GramStack
 from modeltrace.fingerprint.lineage import Explanation, explanations
 from modeltrace.relatives import middle
+from modeltrace.tree.evidence import DIRECTED_R, Pair
 
 if TYPE_CHECKING:
     from modeltrace.tree.family import _Family
@@ -57,6 +60,13 @@ SPAN_RESIDUAL = 0.1
 SPAN_SETS = 4
 
 
+@dataclass
+class _Audited(Explanation[str]):
+    """A recipe that is not exact, named by the audit's verdict on the fingerprints (kind "audit")."""
+
+    verdict: dict[str, Any] = field(default_factory=dict)
+
+
 # ---- 3. merges --------------------------------------------------------------------------------------------------
 def _between(f: _Family, x: str, rel: list[str]) -> list[tuple[float, str, str]]:
     """Pairs of x's relatives making an obtuse angle at x (ratio <= BETWEEN), best first."""
@@ -80,7 +90,7 @@ def _stack_of(f: _Family, group: list[str]) -> GramStack:
     pos = {k: i for i, k in enumerate(keys)}
     n, s = len(group), len(keys)
     G = np.zeros((s, n, n))
-    present = np.zeros((s, n), dtype=bool)
+    present: np.ndarray = np.zeros((s, n), dtype=bool)
     present[:, 0] = True
     for i, j in itertools.combinations(range(n), 2):
         p = f.pair(group[i], group[j])
@@ -95,11 +105,12 @@ def _stack_of(f: _Family, group: list[str]) -> GramStack:
                 present[r, j] = True
     for i, j in itertools.combinations(range(1, n), 2):  # a member pair missing a key voids it for both
         p = f.pair(group[i], group[j])
-        have = np.zeros(s, dtype=bool)
+        have: np.ndarray = np.zeros(s, dtype=bool)
         have[[pos[k] for k in p.keys if k in pos]] = True
         present[:, i] &= have
         present[:, j] &= have
     floor = np.array([[f.m[h]["floors"].get(k, 0.0) for h in group] for k in keys])
+    # keys: no Slot objects (None each); the exact fits read only the Gram entries, presence and floors
     return GramStack([f.m[h]["name"] for h in group], [None] * s, [{} for _ in group], G, present, floor,  # type: ignore[list-item]
                      np.zeros((n, n, 0), dtype=bool), np.zeros((n, 0), dtype=bool))
 
@@ -111,8 +122,12 @@ def _span_sets(f: _Family, x: str, rel: list[str], explained: set[str]) -> list[
     fewer members first, then those with fewer members in `explained`, then the smallest residual."""
     from modeltrace.fingerprint.lineage import _plausible
 
-    p_x = {y: f.pair(x, y, compute=False) for y in rel}
-    rel = [y for y in rel if p_x[y] is not None and p_x[y].keys]
+    p_x: dict[str, Pair] = {}
+    for y in rel:
+        p = f.pair(x, y, compute=False)
+        if p is not None and p.keys:
+            p_x[y] = p
+    rel = [y for y in rel if y in p_x]
     if len(rel) < 2:
         return []
     gx = np.array([float(p_x[y].gab.sum()) for y in rel])
@@ -153,7 +168,7 @@ def _span_sets(f: _Family, x: str, rel: list[str], explained: set[str]) -> list[
 
 
 def _merge_options(f: _Family, x: str, rel: list[str], obtuse: list[tuple[float, str, str]],
-                   spans: list[list[str]], explained: set[str] = frozenset()) -> list[Explanation]:  # type: ignore[assignment]
+                   spans: list[list[str]], explained: AbstractSet[str] = frozenset()) -> list[Explanation[str]]:
     """Plausible exact recipes for x over (1) the relatives making an obtuse angle at it, those not in `explained`
     (models some recipe reproduces) first, so a merge's true parents are in its pool even among many sibling merges,
     and (2) each set of relatives whose span holds x (`spans`, from _span_sets). A model with neither has no
@@ -168,17 +183,17 @@ def _merge_options(f: _Family, x: str, rel: list[str], obtuse: list[tuple[float,
     for sp in spans:  # a set inside a group already offered was fitted with it (explanations tries subsets)
         if not any(set(sp) <= set(g) for g in groups):
             groups.append([x, *sp])
-    exps: list[Explanation] = []
-    seen: set[frozenset] = set()
-    memo = f.__dict__.setdefault("_explanations", {})  # the second round often offers the same groups
+    exps: list[Explanation[str]] = []
+    seen: set[frozenset[str]] = set()
+    memo = f.explanations  # the second round often offers the same groups
     for group in groups:
         key = tuple(group)
         if key not in memo:
             memo[key] = [e for e in explanations(_stack_of(f, group), 0, list(range(1, len(group))))
                          if e.kind == "exact"]
         for e0 in memo[key]:
-            e = Explanation(x, e0.kind, {group[i]: w for i, w in e0.weights.items()},  # type: ignore[arg-type]
-                            group[e0.base] if e0.base is not None else None, e0.quality)  # type: ignore[arg-type]
+            e = Explanation(x, e0.kind, {group[i]: w for i, w in e0.weights.items()},
+                            group[e0.base] if e0.base is not None else None, e0.quality)
             if frozenset(e.weights) not in seen:
                 seen.add(frozenset(e.weights))
                 exps.append(e)
@@ -194,8 +209,6 @@ def _task_sets(f: _Family, x: str, rel: list[str], explained: set[str]) -> list[
     by the share of |x - m|^2 outside span(a - m, b - m): x carries its true parents' task vectors and nothing of a
     fine-tune of a parent, whose own training delta leaves residual (a parent replaced by its fine-tune, or a
     sibling, fits worse)."""
-    from modeltrace.tree.family import DIRECTED_R
-
     pool = [y for y in rel if y not in explained][:AUDIT_POOL]
     hs = [x, *pool]
     DD = np.array([[f.dist2(u, v)[0] if u != v else 0.0 for v in hs] for u in hs])
@@ -224,7 +237,7 @@ def _task_sets(f: _Family, x: str, rel: list[str], explained: set[str]) -> list[
     return sorted(out)[:AUDIT_SETS]
 
 
-def _audited(f: _Family, x: str, sets: list[tuple[tuple, str, str, str]]) -> list[Explanation]:
+def _audited(f: _Family, x: str, sets: list[tuple[tuple, str, str, str]]) -> list[Explanation[str]]:
     """The first set (in `sets`' order) the audit's verdict on the fingerprints calls a merge, as an explanation
     whose quality is minus its rank (empty when the audit calls none a merge)."""
     from modeltrace.fingerprint_audit import audit_fingerprints
@@ -245,15 +258,12 @@ def _audited(f: _Family, x: str, sets: list[tuple[tuple, str, str, str]]) -> lis
               if p.get("model") in by_name and by_name[p["model"]] != m}
         if len(ws) < 2 or min(ws.values()) < AUDIT_MIN_WEIGHT:  # sparse merges add positive task vectors
             continue
-        e = Explanation(0, "audit", ws, m, -float(rank))
-        e.target = x  # type: ignore[assignment]
-        e.verdict = v  # type: ignore[attr-defined]
-        return [e]
+        return [_Audited(x, "audit", ws, m, -float(rank), v)]
     return []
 
 
 def find_merges(f: _Family, reps: list[str], stacks: set[str], out: dict, audit: bool = False
-                ) -> dict[str, Explanation]:
+                ) -> dict[str, Explanation[str]]:
     """Accepted recipes by model (`out` holds the stack edges found before, which count as ancestry); with `audit`,
     also the audited search for recipes that are not exact."""
     plain = [x for x in reps if x not in stacks]
@@ -281,21 +291,22 @@ def find_merges(f: _Family, reps: list[str], stacks: set[str], out: dict, audit:
     return again
 
 
-def _rank_exact(options: dict[str, list[Explanation]], explained: set[str]) -> list[Explanation]:
+def _rank_exact(options: dict[str, list[Explanation[str]]], explained: set[str]) -> list[Explanation[str]]:
     """Exact recipes, fewest members first, then those with fewest members some recipe explains."""
     return [e for _, e in sorted(((len(e.members), sum(m in explained for m in e.members), rank, x), e)
                                  for x, opts in options.items() for rank, e in enumerate(opts))]
 
 
-def _accept(exact: list[Explanation], audited: list[Explanation], stack_parents: dict[str, set[str]],
-            audited_by: dict[str, list[Explanation]] | None = None) -> dict[str, Explanation]:
+def _accept(exact: list[Explanation[str]], audited: list[Explanation[str]], stack_parents: dict[str, set[str]],
+            audited_by: dict[str, list[Explanation[str]]] | None = None) -> dict[str, Explanation[str]]:
     """Recipes accepted in order (exact ones, then audited ones whose members are no audited merge), never making a
     model its own ancestor."""
-    accepted: dict[str, Explanation] = {}
+    accepted: dict[str, Explanation[str]] = {}
     parents = {x: set(p) for x, p in stack_parents.items()}
 
     def ancestors(h: str) -> set[str]:
-        seen, todo = set(), [h]
+        seen: set[str] = set()
+        todo = [h]
         while todo:
             for p in parents.get(todo.pop(), ()):
                 if p not in seen:
@@ -305,27 +316,27 @@ def _accept(exact: list[Explanation], audited: list[Explanation], stack_parents:
 
     for e in exact:
         x = e.target
-        if x in accepted or any(m == x or x in ancestors(m) for m in e.members):  # type: ignore[operator]
+        if x in accepted or any(m == x or x in ancestors(m) for m in e.members):
             continue
-        accepted[x] = e  # type: ignore[index]
-        parents[x] = set(e.members)  # type: ignore[arg-type,index]
+        accepted[x] = e
+        parents[x] = set(e.members)
     for e in audited:
         x = e.target
         if x in accepted or any(m == x or x in ancestors(m) or m in accepted and m in (audited_by or {})
                                 for m in e.members):
             continue
-        accepted[x] = e  # type: ignore[index]
-        parents[x] = set(e.members)  # type: ignore[arg-type,index]
+        accepted[x] = e
+        parents[x] = set(e.members)
     return accepted
 
 
-def recipe(f: _Family, x: str, e: Explanation, audit: bool) -> dict[str, Any]:
+def recipe(f: _Family, x: str, e: Explanation[str], audit: bool) -> dict[str, Any]:
     """Method, weights and intervals from the audit's detectors on the fingerprints (as identify reports them); with
     `audit` off, the exact fit's own weights (median over tensors) and linear / task arithmetic by their signs."""
     from modeltrace.fingerprint_audit import audit_fingerprints
 
-    if e.kind == "audit":
-        return _from_verdict(f, e, e.verdict)  # type: ignore[attr-defined]
+    if isinstance(e, _Audited):  # kind "audit"
+        return _from_verdict(f, e, e.verdict)
     if not audit:
         neg = [m for m, w in e.weights.items() if w < 0]
         return {"method": "task_arithmetic" if neg else "linear", "kind": e.kind, "base": neg[0] if neg else None,
@@ -359,7 +370,7 @@ def recipe(f: _Family, x: str, e: Explanation, audit: bool) -> dict[str, Any]:
                            if isinstance(d, dict)}, "layers": v.get("layers")}
 
 
-def _from_verdict(f: _Family, e: Explanation, v: dict[str, Any]) -> dict[str, Any]:
+def _from_verdict(f: _Family, e: Explanation[str], v: dict[str, Any]) -> dict[str, Any]:
     by_name = {f.m[h]["name"]: h for h in e.members}
     return {"method": v.get("method") or "sparse", "kind": e.kind, "base": e.base, "audit_relation": v.get("relation"),
             "weights": {by_name[p["model"]]: {"weight": p.get("weight"), "interval": p.get("interval")}
