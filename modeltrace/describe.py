@@ -39,19 +39,43 @@ def describe(source: Source, hashes: bool = False) -> dict[str, Any]:
     family = detect_family(list(tensors), model_type)
     parts, unknown = canonical_parts(tensors, family, cfg)
 
+    # One pass over the canonical parts and one over the stored tensors (a 400B MoE has 93k of each).
+    buffers: set[str] = set()
+    layer_ids: set[int] = set()
+    expert_ids: set[int] = set()
+    routed_params = 0
+    has_shared = False
+    for s, p in parts.items():
+        if s.role == "buffer":
+            buffers.add(p.name)
+        if s.layer >= 0:
+            layer_ids.add(s.layer)
+        if s.expert >= 0:
+            expert_ids.add(s.expert)
+        if is_expert_role(s.role):
+            routed_params += p.numel
+        has_shared = has_shared or s.role.startswith("shared_")
     # Parameters: each stored tensor once (tied weights are stored once); buffers excluded.
-    buffers = {p.name for s, p in parts.items() if s.role == "buffer"}
-    total = sum(t.numel for n, t in tensors.items() if n not in buffers)
-    layer_ids = {s.layer for s in parts if s.layer >= 0}
-    expert_ids = {s.expert for s in parts if s.expert >= 0}
+    total = total_bytes = 0
+    weight_files: set[str] = set()
+    dtypes: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "parameters": 0, "bytes": 0})
+    for n, t in tensors.items():
+        numel = t.numel
+        if n not in buffers:
+            total += numel
+        d = dtypes[t.dtype]
+        d["tensors"] += 1
+        d["parameters"] += numel
+        d["bytes"] += t.nbytes
+        total_bytes += t.nbytes
+        weight_files.add(t.file)
     routed = _first(cfg, "num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
     if routed is None and expert_ids:
         routed = max(expert_ids) + 1
     active_k = _first(cfg, "num_experts_per_tok", "moe_top_k", "num_selected_experts")
     shared_n = _first(cfg, "n_shared_experts", "num_shared_experts")
-    if shared_n is None and any(s.role.startswith("shared_") for s in parts):
+    if shared_n is None and has_shared:
         shared_n = 1
-    routed_params = sum(p.numel for s, p in parts.items() if is_expert_role(s.role))
     active = total
     if routed and active_k and routed_params:
         active = total - routed_params + routed_params * int(active_k) // int(routed)
@@ -60,15 +84,8 @@ def describe(source: Source, hashes: bool = False) -> dict[str, Any]:
     hidden = _first(cfg, "hidden_size", "n_embd", "d_model") or (embed.cols if embed else None)
     vocab = _first(cfg, "vocab_size") or (embed.rows if embed else None)
 
-    dtypes: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "parameters": 0, "bytes": 0})
-    for t in tensors.values():
-        d = dtypes[t.dtype]
-        d["tensors"] += 1
-        d["parameters"] += t.numel
-        d["bytes"] += t.nbytes
-    weight_files = sorted({t.file for t in tensors.values()})
     sizes = {f.name: f.size for f in source.files()}
-    files = [{"name": f, "size": sizes.get(f)} for f in weight_files]
+    files = [{"name": f, "size": sizes.get(f)} for f in sorted(weight_files)]
     if hashes:
         for entry in files:
             entry["sha256"] = source.file_sha256(entry["name"])
@@ -98,7 +115,7 @@ def describe(source: Source, hashes: bool = False) -> dict[str, Any]:
         "unrecognized_count": len(unknown),
         "unrecognized_tensors": sorted(unknown),
         "files": files,
-        "total_bytes": sum(t.nbytes for t in tensors.values()),
+        "total_bytes": total_bytes,
         "tokenizer": tokenizer_summary(source),
         "card": card,
         "config_present": raw_cfg is not None,

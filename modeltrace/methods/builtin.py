@@ -52,11 +52,13 @@ class TaskArithmetic(MergeMethod):
     paper = "Ilharco et al., Editing models with task arithmetic, ICLR 2023, arXiv:2212.04089"
     needs_base = True
     fit_order = 41.0
+    #: every lambda tied to the parents' angle (Model Stock) rather than free
+    tied: ClassVar[bool] = False
 
     def fit(self, ctx: FitContext) -> SlotFit | None:
         from modeltrace.detectors.fits import fit_task_vectors
 
-        return fit_task_vectors(ctx, model_stock=False)
+        return fit_task_vectors(ctx, model_stock=self.tied)
 
     def summarise(self, verdict: dict[str, Any], suspect: str) -> str:
         return f"{suspect} ≈ {verdict['base']} + task vectors: {self.terms(verdict)} ({self.name})"
@@ -74,11 +76,7 @@ class ModelStock(TaskArithmetic):
     paper = "Jang et al., Model Stock, ECCV 2024, arXiv:2403.19522"
     parameters = ()
     fit_order = 40.0  # task arithmetic with every lambda tied to the parents' angle: the more specific first
-
-    def fit(self, ctx: FitContext) -> SlotFit | None:
-        from modeltrace.detectors.fits import fit_task_vectors
-
-        return fit_task_vectors(ctx, model_stock=True)
+    tied = True
 
 
 class Slerp(MergeMethod):

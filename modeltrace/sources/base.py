@@ -162,6 +162,18 @@ class Source(ABC):
         fetch them now, nearby rows coalesced into few large requests, many in flight, and serve the later reads
         from memory (bounded); local sources ignore the hint. Unknown names and empty ranges are ignored."""
 
+    def planned(self, reads: Iterable[tuple[str, int, int]]) -> Iterator[tuple[TensorInfo, int, int]]:
+        """The announced reads a `prefetch` acts on: (tensor, start, stop) with `stop` clamped to the tensor's rows;
+        unknown names and empty ranges left out."""
+        tensors = self.tensors()
+        for name, start, stop in reads:
+            info = tensors.get(name)
+            if info is None:
+                continue
+            stop = min(stop, info.rows)
+            if 0 <= start < stop:
+                yield info, start, stop
+
     def read_many(self, reads: list[tuple[str, int, int]]) -> list[np.ndarray]:
         """Several row ranges at once (tensor name, start, stop), in order: one batch of requests for remote
         sources instead of one request per range, one after another."""

@@ -220,16 +220,8 @@ class RemoteGGUFSource(GGUFSource):
         return np.frombuffer(data, dtype=self._tensor(info).data.dtype).reshape(hi - lo, -1)
 
     def prefetch(self, reads: Iterable[tuple[str, int, int]]) -> None:
-        tensors = self.tensors()
-        spans = []
-        for name, start, stop in reads:
-            info = tensors.get(name)
-            if info is None:
-                continue
-            stop = min(stop, info.rows)
-            if 0 <= start < stop:
-                spans += [(info.file, off, n) for off, n in self._spans(info, start, stop)]
-        self.store.prefetch(spans)
+        self.store.prefetch([(info.file, off, n) for info, start, stop in self.planned(reads)
+                             for off, n in self._spans(info, start, stop)])
 
     # ---- files ---------------------------------------------------------------------------------------------
     def files(self) -> list[FileInfo]:

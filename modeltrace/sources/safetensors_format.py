@@ -24,6 +24,7 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_RANK = 64
 MAX_DIM = 2**63 - 1
 _DIMS: dict[int, int] = {}  # dimension values seen, one int object shared by every shape (at most 65,536 kept)
+_SHAPES: dict[tuple, tuple[tuple[int, ...], int]] = {}  # (dtype, shape) validated -> (canonical shape, bytes)
 #: Bytes of header fetched with the 8-byte length prefix in one request (remote stores) when nothing tells its size;
 #: a larger header costs a second request for the rest.
 HEADER_AHEAD = 64 * 1024
@@ -89,11 +90,24 @@ def _tensor_info(where: str, file: str, tname: str, entry: object, data_start: i
     dtype = entry.get("dtype")
     shape = entry.get("shape")
     offs = entry.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
-        raise InputError(f"{where}: tensor {tname!r} has unsupported dtype {_short(dtype)}")
-    if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(
-            isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape):
-        raise InputError(f"{where}: tensor {tname!r} has an invalid shape {_short(shape)}")
+    # A shape already validated for this dtype (a 93k-tensor MoE has a few dozen distinct ones): its canonical tuple
+    # and byte size come from the memo; anything else, hostile input included, takes the full checks below.
+    known = None
+    if type(dtype) is str and type(shape) is list and len(shape) <= MAX_RANK and all(type(d) is int for d in shape):
+        known = _SHAPES.get((dtype, tuple(shape)))  # exact ints only: 1.0 and True hash like 1 but are not shapes
+    if known is None:
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+            raise InputError(f"{where}: tensor {tname!r} has unsupported dtype {_short(dtype)}")
+        if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(
+                isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape):
+            raise InputError(f"{where}: tensor {tname!r} has an invalid shape {_short(shape)}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        # one int per dimension value for all tensors (a 93k-tensor checkpoint otherwise holds 93k copies of each)
+        known = (tuple(_DIMS.get(d) or _dim(d) for d in shape), numel * SAFETENSORS_DTYPES[dtype].itemsize)
+        if len(_SHAPES) < 65536:
+            _SHAPES[(sys.intern(dtype), known[0])] = known
     if (not isinstance(offs, list) or len(offs) != 2
             or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
         raise InputError(f"{where}: tensor {tname!r} has invalid data_offsets {_short(offs)}")
@@ -101,17 +115,11 @@ def _tensor_info(where: str, file: str, tname: str, entry: object, data_start: i
     if not 0 <= begin <= end <= data_len:
         raise InputError(f"{where}: tensor {tname!r} points outside the file (offsets {begin}-{end}, "
                          f"data section {data_len} bytes); truncated or hostile")
-    numel = 1
-    for d in shape:
-        numel *= d
-    expect = numel * SAFETENSORS_DTYPES[dtype].itemsize
+    dims, expect = known
     if end - begin != expect:
         raise InputError(f"{where}: tensor {tname!r} claims shape {shape} {dtype} ({expect} bytes) but spans "
                          f"{end - begin} bytes")
-    # one dtype string and one int per dimension value for all tensors (a 93k-tensor checkpoint otherwise holds 93k
-    # copies of each)
-    return TensorInfo(tname, sys.intern(dtype), tuple(_DIMS.get(d) or _dim(d) for d in shape), expect, file,
-                      data_start + begin)
+    return TensorInfo(tname, sys.intern(dtype), dims, expect, file, data_start + begin)
 
 
 def _dim(d: int) -> int:

@@ -97,16 +97,8 @@ class SafetensorsSource(Source):
     def prefetch(self, reads: Iterable[tuple[str, int, int]]) -> None:
         if self.store.parallel <= 1:
             return
-        tensors = self.tensors()
-        spans = []
-        for name, start, stop in reads:
-            info = tensors.get(name)
-            if info is None:
-                continue
-            stop = min(stop, info.rows)
-            if 0 <= start < stop:
-                spans.append((info.file, *fmt.row_span(info, start, stop)))
-        self.store.prefetch(spans)
+        self.store.prefetch([(info.file, *fmt.row_span(info, start, stop))
+                             for info, start, stop in self.planned(reads)])
 
     def _read_rows(self, info: TensorInfo, start: int, stop: int) -> np.ndarray:
         return fmt.read_rows(self.store, info, start, stop)
