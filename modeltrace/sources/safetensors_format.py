@@ -116,6 +116,7 @@ def _tensor_info(where: str, file: str, tname: str, entry: object, data_start: i
         raise InputError(f"{where}: tensor {tname!r} points outside the file (offsets {begin}-{end}, "
                          f"data section {data_len} bytes); truncated or hostile")
     dims, expect = known
+    assert isinstance(dtype, str)  # a memo hit or the checks above: a known dtype name
     if end - begin != expect:
         raise InputError(f"{where}: tensor {tname!r} claims shape {shape} {dtype} ({expect} bytes) but spans "
                          f"{end - begin} bytes")
