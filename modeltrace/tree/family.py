@@ -221,8 +221,6 @@ def _declares(f: _Family, child: str, parent: str) -> bool:
 
 
 def _finetunes(f: _Family, reps: list[str], fixed: dict[str, set[str]], out: dict) -> None:
-    import networkx as nx
-
     anc: dict[str, set[str]] = {}
 
     def ancestors(h: str) -> set[str]:
@@ -237,30 +235,17 @@ def _finetunes(f: _Family, reps: list[str], fixed: dict[str, set[str]], out: dic
         return anc[h]
 
     root = "\0root"
-    forbidden: set[tuple[str, str]] = set()
-    for _ in range(len(reps) + 1):
-        g = nx.DiGraph()
-        g.add_node(root)
-        for x in reps:
-            g.add_edge(root, x, weight=0.0 if x in fixed else ROOT_COST)
-        for u, v in itertools.permutations(reps, 2):
-            if v in fixed or (u, v) in forbidden or not f.related(u, v) or v in ancestors(u):
-                continue
-            r, _, _ = f.growth(u, v)
-            cost = f.rel_dist(u, v) * (1 + DIRECTION_WEIGHT * (1 - max(-1.0, min(1.0, r))) / 2)
-            g.add_edge(u, v, weight=cost * (PRIOR_FACTOR if _declares(f, v, u) else 1.0))
-        arb = nx.minimum_spanning_arborescence(g, attr="weight", preserve_attrs=True)
-        chosen = [(u, v) for u, v in arb.edges() if u != root]
-        full = nx.DiGraph([(p, c) for c, ps in fixed.items() for p in ps] + chosen)
-        try:
-            cycle = nx.find_cycle(full)
-        except nx.NetworkXNoCycle:
-            break
-        mine = [e for e in cycle if (e[0], e[1]) in set(chosen)]
-        if not mine:
-            raise RuntimeError(f"cycle among merges and stacks: {cycle}")
-        worst = max(mine, key=lambda e: g.edges[e[0], e[1]]["weight"])
-        forbidden.add((worst[0], worst[1]))
+    weights: dict[tuple[str, str], float] = {(root, x): 0.0 if x in fixed else ROOT_COST for x in reps}
+    for u, v in itertools.permutations(reps, 2):
+        if v in fixed or not f.related(u, v) or v in ancestors(u):
+            continue
+        r, _, _ = f.growth(u, v)
+        cost = f.rel_dist(u, v) * (1 + DIRECTION_WEIGHT * (1 - max(-1.0, min(1.0, r))) / 2)
+        weights[u, v] = cost * (PRIOR_FACTOR if _declares(f, v, u) else 1.0)
+    fixed_edges = [(p, c) for c, ps in fixed.items() for p in ps]
+    chosen = _direct_search(reps, fixed_edges, weights, root)
+    if chosen is None:
+        chosen = _edmonds_search(reps, fixed_edges, weights, root)
     basis: dict[str, str] = {x: ("merge" if x in out["merges"] else "stack") for x in fixed}
     for u, v in _ordered(chosen, basis):
         r, up, n = f.growth(u, v)
@@ -283,6 +268,99 @@ def _finetunes(f: _Family, reps: list[str], fixed: dict[str, set[str]], out: dic
             notes.append("parent or sibling: the weights do not tell (their shared base may be missing)")
         out["edges"].append(_edge(u, v, "finetune", lp, how, "; ".join(notes), r=round(r, 3),
                                   parent_or_sibling=sibling))
+
+
+def _edmonds_search(reps: list[str], fixed_edges: list[tuple[str, str]], weights: dict[tuple[str, str], float],
+                    root: str) -> list[tuple[str, str]]:
+    """The fine-tune edges: a minimum spanning arborescence (Edmonds, networkx) over `weights`; where its edges close
+    a cycle through the merges' and stacks' edges, the costliest of its edges on the cycle is forbidden and the
+    arborescence found again."""
+    import networkx as nx
+
+    forbidden: set[tuple[str, str]] = set()
+    for _ in range(len(reps) + 1):
+        g = nx.DiGraph()
+        g.add_node(root)
+        for (u, v), w in weights.items():
+            if (u, v) not in forbidden:
+                g.add_edge(u, v, weight=w)
+        arb = nx.minimum_spanning_arborescence(g, attr="weight", preserve_attrs=True)
+        chosen = [(u, v) for u, v in arb.edges() if u != root]
+        full = nx.DiGraph(fixed_edges + chosen)
+        try:
+            cycle = nx.find_cycle(full)
+        except nx.NetworkXNoCycle:
+            break
+        mine = [e for e in cycle if (e[0], e[1]) in set(chosen)]
+        if not mine:
+            raise RuntimeError(f"cycle among merges and stacks: {cycle}")
+        worst = max(mine, key=lambda e: g.edges[e[0], e[1]]["weight"])
+        forbidden.add((worst[0], worst[1]))
+    return chosen
+
+
+def _direct_search(reps: list[str], fixed_edges: list[tuple[str, str]], weights: dict[tuple[str, str], float],
+                   root: str) -> list[tuple[str, str]] | None:
+    """`_edmonds_search`'s answer without networkx where it is certain (most families: a few models): when every
+    model's cheapest incoming edge is unique and those edges make no cycle, they are the one minimum arborescence;
+    when they close exactly one cycle through the fixed edges, the costliest of them on it (unique) is forbidden, as
+    there. None (ask Edmonds) on any tie, a cycle among the cheapest edges or several cycles."""
+    incoming: dict[str, list[tuple[float, str]]] = {x: [] for x in reps}
+    for (u, v), w in weights.items():
+        incoming[v].append((w, u))
+    forbidden: set[tuple[str, str]] = set()
+    for _ in range(len(reps) + 1):
+        parent: dict[str, str] = {}
+        for v in reps:
+            ws = [(w, u) for w, u in incoming[v] if (u, v) not in forbidden]
+            best = min(w for w, _ in ws)
+            at = [u for w, u in ws if w == best]
+            if len(at) != 1:
+                return None
+            parent[v] = at[0]
+        for v in reps:  # the cheapest edges must reach the root from every model
+            x, steps = v, 0
+            while x != root:
+                x, steps = parent[x], steps + 1
+                if steps > len(reps):
+                    return None
+        chosen = [(parent[v], v) for v in reps if parent[v] != root]
+        cycle = _only_cycle(fixed_edges + chosen)
+        if cycle is None:
+            return chosen
+        mine = [e for e in cycle if e in set(chosen)]
+        if not mine:
+            return None
+        costs = sorted((weights[e] for e in mine), reverse=True)
+        if len(costs) > 1 and costs[0] == costs[1]:
+            return None
+        forbidden.add(max(mine, key=lambda e: weights[e]))
+    return None
+
+
+def _only_cycle(edges: list[tuple[str, str]]) -> list[tuple[str, str]] | None:
+    """The edges of the graph's one cycle; None when it has none; [] (ask networkx) when it has several."""
+    out: dict[str, list[str]] = {}
+    for u, v in edges:
+        out.setdefault(u, []).append(v)
+    reach: dict[str, set[str]] = {}
+    for s in out:
+        seen, todo = set(), [s]
+        while todo:
+            for y in out.get(todo.pop(), ()):
+                if y not in seen:
+                    seen.add(y)
+                    todo.append(y)
+        reach[s] = seen
+    on_cycle = {s for s in out if s in reach[s]}
+    if not on_cycle:
+        return None
+    first = next(iter(on_cycle))
+    comp = {x for x in on_cycle if x in reach[first] and first in reach[x]}
+    inside = [(u, v) for u, v in edges if u in comp and v in comp]
+    if comp != on_cycle or len(inside) != len(comp) or len(set(inside)) != len(inside):
+        return []  # several cycles: which one networkx finds first depends on edge order
+    return inside
 
 
 def _ordered(edges: list[tuple[str, str]], fixed_basis: dict[str, str]) -> list[tuple[str, str]]:
