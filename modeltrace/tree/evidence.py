@@ -20,7 +20,7 @@ import numpy as np
 from modeltrace.detectors.accumulate import rounding_variance
 from modeltrace.fingerprint.compare import COPY_CORR, MAX_GRAM_SLOTS, compare
 from modeltrace.fingerprint.core import Fingerprint
-from modeltrace.stats import log10_sf, stouffer
+from modeltrace.stats import stouffer
 
 __all__ = ["Pair", "Record", "pair_evidence", "pair_evidence_many", "record", "storage_rank"]
 
@@ -68,6 +68,7 @@ class Record:
     dtype: str  # dominant storage dtype
     grid: str  # the grid the values lie on: bf16 | f16 | f32 | quant
     n_layers: int
+    self_grams: np.ndarray | None = None  # per key <x,x> in float64 (pair_evidence_many's; made on first use)
 
 
 def _key(fp_slot) -> str:
@@ -219,21 +220,45 @@ def pair_evidence_many(pairs: list[tuple[Record, Record]], load: Callable[[str],
             ras = [min(pairs[i], key=lambda r: r.content_hash) for i in chunk]
             rbs = [max(pairs[i], key=lambda r: r.content_hash) for i in chunk]
             starts = ras[0].offsets
-            fa = np.stack([r.flat for r in ras]).astype(np.float64)
-            fb = np.stack([r.flat for r in rbs]).astype(np.float64)
-            gaa = np.add.reduceat(fa * fa, starts, axis=1)
-            gab = np.add.reduceat(fa * fb, starts, axis=1)
-            gbb = np.add.reduceat(fb * fb, starts, axis=1)
+            fa, fb = _rows([r.flat for r in ras]), _rows([r.flat for r in rbs])
+            gaa, gbb = _self_grams(ras, fa, starts), _self_grams(rbs, fb, starts)  # each record's once
+            fa *= fb
+            gab = np.add.reduceat(fa, starts, axis=1)
             sizes = np.diff(np.append(starts, fa.shape[1]))
-            equal = np.median(np.add.reduceat((fa == fb).astype(np.float64), starts, axis=1) / sizes, axis=1)
-            del fa, fb
-            ua = np.stack([r.unit for r in ras]).astype(np.float64)
-            ub = np.stack([r.unit for r in rbs])
-            r = np.add.reduceat(ua * ub, starts, axis=1)
+            same = np.stack([ra.flat for ra in ras]) == np.stack([rb.flat for rb in rbs])
+            equal = np.median(np.add.reduceat(same.astype(np.float64), starts, axis=1) / sizes, axis=1)
+            del fa, fb, same
+            ua = _rows([r.unit for r in ras])
+            ua *= np.stack([r.unit for r in rbs])
+            r = np.add.reduceat(ua, starts, axis=1)
             ia = list(range(len(ras[0].keys)))
             for k, i in enumerate(chunk):
                 out[i] = _assemble(ras[k], rbs[k], ia, gaa[k], gab[k], gbb[k], r[k], float(equal[k]), load)
     return out  # type: ignore[return-value]
+
+
+def _rows(arrays: list[np.ndarray]) -> np.ndarray:
+    """float32 rows as one float64 matrix (one conversion pass, no float32 copy)."""
+    out = np.empty((len(arrays), arrays[0].size))
+    for i, a in enumerate(arrays):
+        out[i] = a
+    return out
+
+
+def _self_grams(recs: list[Record], f: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Per record and key <x,x> (rows of `f`), each record's computed once and kept on it: a record is in several
+    pairs of its family."""
+    for k, rec in enumerate(recs):
+        if rec.self_grams is None:
+            rec.self_grams = np.add.reduceat(f[k:k + 1] * f[k:k + 1], starts, axis=1)[0]
+    return np.stack([rec.self_grams for rec in recs])  # type: ignore[misc]
+
+
+def _log10_sf(z: float) -> float:
+    """stats.log10_sf (scipy's norm.logsf is log_ndtr(-z)) without the distribution wrapper's per-call cost."""
+    from scipy.special import log_ndtr
+
+    return float(log_ndtr(-z) / math.log(10))
 
 
 def _assemble(ra: Record, rb: Record, ia: list[int], gaa: np.ndarray, gab: np.ndarray, gbb: np.ndarray,
@@ -259,7 +284,7 @@ def _assemble(ra: Record, rb: Record, ia: list[int], gaa: np.ndarray, gab: np.nd
         back = compare(fb_, fa_)
         for i, j in back.layer_map.items():
             copies_ba.setdefault(i, j)
-    lp = min(0.0, log10_sf(z) + math.log10(2)) if (ia or z) else 0.0
+    lp = min(0.0, _log10_sf(z) + math.log10(2)) if (ia or z) else 0.0
     return Pair(ra.content_hash, rb.content_hash, float(lp), float(z), float(np.median(r)) if r.size else 0.0,
                 float(r.min()) if r.size else 0.0, keys, gaa, gab, gbb, copies_ab, copies_ba, equal)
 
