@@ -150,6 +150,23 @@ class _Fps:
             self.records.move_to_end(h)
         return r
 
+    def prefetch(self, hashes: list[str]) -> None:
+        """Records of `hashes` not yet made, their fingerprints read in one query (not one per model)."""
+        todo = [h for h in dict.fromkeys(hashes) if h not in self.records]
+        for start in range(0, len(todo), FP_CACHE):
+            part = todo[start:start + FP_CACHE]
+            got = self.index.load([self.ids[h] for h in part])
+            by_hash = {fp.content_hash: fp for _, fp in got}
+            for h in part:
+                fp = by_hash.get(h)
+                if fp is None:
+                    continue  # damaged or removed: record() reads it (and reports it) as before
+                self.loaded += 1
+                self.lru[h] = fp
+                if len(self.lru) > FP_CACHE:
+                    self.lru.popitem(last=False)
+                self.record(h)
+
     def pair(self, a: str, b: str) -> Pair:
         return pair_evidence(self.record(a), self.record(b), self)
 
@@ -206,6 +223,7 @@ def build_tree(index: Index) -> Tree:
     new_pairs: list[Pair] = []
     for start in range(0, len(need_order), PAIR_CHUNK):  # batched: array products over many pairs at once
         chunk = need_order[start:start + PAIR_CHUNK]
+        fps.prefetch([h for p in chunk for h in p])
         new_pairs += pair_evidence_many([(fps.record(a), fps.record(b)) for a, b in chunk], fps)
     fps.on_record = None
     fresh.update({h: _info(fps(h), fps.record(h), entries[h].spec)
