@@ -120,7 +120,8 @@ def record(fp: Fingerprint) -> Record:
     sizes = np.array([s.values.size for s in items], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if len(sizes) else np.zeros(0, np.int64)
     flat = np.concatenate([s.values.ravel() for s in items]).astype(np.float32) if items else np.zeros(0, np.float32)
-    flat = np.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
+    if not np.isfinite(flat).all():
+        flat = np.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
     dtype = max(dts, key=lambda d: dts[d]) if dts else "?"
     layers = [s.slot.layer for s in items]
     return Record(fp.content_hash, [_key(s) for s in items], layers, offsets, flat,
@@ -226,7 +227,9 @@ def pair_evidence_many(pairs: list[tuple[Record, Record]], load: Callable[[str],
             gab = np.add.reduceat(fa, starts, axis=1)
             sizes = np.diff(np.append(starts, fa.shape[1]))
             same = np.stack([ra.flat for ra in ras]) == np.stack([rb.flat for rb in rbs])
-            equal = np.median(np.add.reduceat(same.astype(np.float64), starts, axis=1) / sizes, axis=1)
+            # whole counts: exact in any order
+            equal = np.median(np.add.reduceat(same, starts, axis=1, dtype=np.int64).astype(np.float64) / sizes,
+                              axis=1)
             del fa, fb, same
             ua = _rows([r.unit for r in ras])
             ua *= np.stack([r.unit for r in rbs])

@@ -24,6 +24,7 @@ Data flow: members (tree/cache.py model infos) + their pairs (tree/evidence.py) 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable
@@ -303,8 +304,9 @@ def _direct_search(reps: list[str], fixed_edges: list[tuple[str, str]], weights:
                    root: str) -> list[tuple[str, str]] | None:
     """`_edmonds_search`'s answer without networkx where it is certain (most families: a few models): when every
     model's cheapest incoming edge is unique and those edges make no cycle, they are the one minimum arborescence;
-    when they close exactly one cycle through the fixed edges, the costliest of them on it (unique) is forbidden, as
-    there. None (ask Edmonds) on any tie, a cycle among the cheapest edges or several cycles."""
+    where they close cycles through the fixed edges and every cycle's costliest edge of theirs is the same one
+    (unique), that edge is forbidden, whichever cycle networkx would have found. None (ask Edmonds) on any tie, a
+    cycle among the cheapest edges, or cycles that disagree."""
     incoming: dict[str, list[tuple[float, str]]] = {x: [] for x in reps}
     for (u, v), w in weights.items():
         incoming[v].append((w, u))
@@ -325,42 +327,46 @@ def _direct_search(reps: list[str], fixed_edges: list[tuple[str, str]], weights:
                 if steps > len(reps):
                     return None
         chosen = [(parent[v], v) for v in reps if parent[v] != root]
-        cycle = _only_cycle(fixed_edges + chosen)
-        if cycle is None:
+        cycles = _cycles(fixed_edges + chosen)
+        if cycles is None:
+            return None
+        if not cycles:
             return chosen
-        mine = [e for e in cycle if e in set(chosen)]
-        if not mine:
+        worst = set()
+        for cycle in cycles:
+            mine = sorted((weights[e], e) for e in cycle if e in set(chosen))
+            if not mine or (len(mine) > 1 and mine[-1][0] == mine[-2][0]):
+                return None
+            worst.add(mine[-1][1])
+        if len(worst) != 1:
             return None
-        costs = sorted((weights[e] for e in mine), reverse=True)
-        if len(costs) > 1 and costs[0] == costs[1]:
-            return None
-        forbidden.add(max(mine, key=lambda e: weights[e]))
+        forbidden.add(worst.pop())
     return None
 
 
-def _only_cycle(edges: list[tuple[str, str]]) -> list[tuple[str, str]] | None:
-    """The edges of the graph's one cycle; None when it has none; [] (ask networkx) when it has several."""
+def _cycles(edges: list[tuple[str, str]], limit: int = 64) -> list[list[tuple[str, str]]] | None:
+    """Every simple cycle of a small graph (as edge lists); None past `limit` cycles or search steps."""
     out: dict[str, list[str]] = {}
-    for u, v in edges:
+    for u, v in dict.fromkeys(edges):
         out.setdefault(u, []).append(v)
-    reach: dict[str, set[str]] = {}
-    for s in out:
-        seen, todo = set(), [s]
-        while todo:
-            for y in out.get(todo.pop(), ()):
-                if y not in seen:
-                    seen.add(y)
-                    todo.append(y)
-        reach[s] = seen
-    on_cycle = {s for s in out if s in reach[s]}
-    if not on_cycle:
-        return None
-    first = next(iter(on_cycle))
-    comp = {x for x in on_cycle if x in reach[first] and first in reach[x]}
-    inside = [(u, v) for u, v in edges if u in comp and v in comp]
-    if comp != on_cycle or len(inside) != len(comp) or len(set(inside)) != len(inside):
-        return []  # several cycles: which one networkx finds first depends on edge order
-    return inside
+    order = {h: i for i, h in enumerate(sorted(out))}
+    found: list[list[tuple[str, str]]] = []
+    steps = 0
+    for s in out:  # cycles through s and nodes after it only: each cycle once
+        stack = [(s, [s])]
+        while stack:
+            x, path = stack.pop()
+            steps += 1
+            if steps > 64 * limit:
+                return None
+            for y in out.get(x, ()):
+                if y == s:
+                    found.append(list(zip(path, path[1:] + [s], strict=True)))
+                    if len(found) > limit:
+                        return None
+                elif y in order and order[y] > order[s] and y not in path:
+                    stack.append((y, path + [y]))
+    return found
 
 
 def _ordered(edges: list[tuple[str, str]], fixed_basis: dict[str, str]) -> list[tuple[str, str]]:
@@ -372,6 +378,7 @@ def _ordered(edges: list[tuple[str, str]], fixed_basis: dict[str, str]) -> list[
     return sorted(edges, key=lambda e: order[e[0]])
 
 
+@functools.lru_cache(maxsize=4096)  # a few tensor counts recur in every family
 def _sign_log10_p(up: int, n: int) -> float:
     """log10 of the one-sided binomial p of `up` or more of `n` tensors growing, under a fair coin."""
     if n == 0:

@@ -212,12 +212,12 @@ def build_tree(index: Index) -> Tree:
     for start in range(0, len(todo), 1024):
         rows = todo[start:start + 1024]
         sim = mat[rows] @ mat.T
-        for k, i in enumerate(rows):
-            for j in np.flatnonzero(sim[k] >= SKETCH_MIN):
-                if j != i:
-                    a, b = sorted((hashes[i], hashes[int(j)]))
-                    if (a, b) not in cached:
-                        need.add((a, b))
+        for k, j in zip(*np.nonzero(sim >= SKETCH_MIN), strict=True):
+            i = rows[k]
+            if j != i:
+                a, b = (hashes[i], hashes[j]) if hashes[i] < hashes[j] else (hashes[j], hashes[i])
+                if (a, b) not in cached:
+                    need.add((a, b))
     pos = {h: i for i, h in enumerate(hashes)}
     need_order = sorted(need, key=lambda p: (min(pos[p[0]], pos[p[1]]), p))  # index order: the LRU stays warm
     new_pairs: list[Pair] = []
