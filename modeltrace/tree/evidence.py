@@ -220,23 +220,24 @@ def pair_evidence_many(pairs: list[tuple[Record, Record]], load: Callable[[str],
         else:
             out[i] = pair_evidence(ra, rb, load)
     for idx in groups.values():
+        n = pairs[idx[0]][0].flat.size
+        buf_a, buf_b = np.empty((BATCH, n)), np.empty((BATCH, n))  # reused: no fresh pages for every batch
         for start in range(0, len(idx), BATCH):
             chunk = idx[start:start + BATCH]
             ras = [min(pairs[i], key=lambda r: r.content_hash) for i in chunk]
             rbs = [max(pairs[i], key=lambda r: r.content_hash) for i in chunk]
             starts = ras[0].offsets
-            fa, fb = _rows([r.flat for r in ras]), _rows([r.flat for r in rbs])
+            fa, fb = _rows([r.flat for r in ras], buf_a), _rows([r.flat for r in rbs], buf_b)
             gaa, gbb = _self_grams(ras, fa, starts), _self_grams(rbs, fb, starts)  # each record's once
+            same = fa == fb
             fa *= fb
             gab = np.add.reduceat(fa, starts, axis=1)
             sizes = np.diff(np.append(starts, fa.shape[1]))
-            same = np.stack([ra.flat for ra in ras]) == np.stack([rb.flat for rb in rbs])
             # whole counts: exact in any order
             equal = np.median(np.add.reduceat(same, starts, axis=1, dtype=np.int64).astype(np.float64) / sizes,
                               axis=1)
-            del fa, fb, same
-            ua = _rows([r.unit for r in ras])
-            ua *= np.stack([r.unit for r in rbs])
+            ua, ub = _rows([r.unit for r in ras], buf_a), _rows([r.unit for r in rbs], buf_b)
+            ua *= ub
             r = np.add.reduceat(ua, starts, axis=1)
             ia = list(range(len(ras[0].keys)))
             for k, i in enumerate(chunk):
@@ -244,9 +245,9 @@ def pair_evidence_many(pairs: list[tuple[Record, Record]], load: Callable[[str],
     return out  # type: ignore[return-value]
 
 
-def _rows(arrays: list[np.ndarray]) -> np.ndarray:
-    """float32 rows as one float64 matrix (one conversion pass, no float32 copy)."""
-    out = np.empty((len(arrays), arrays[0].size))
+def _rows(arrays: list[np.ndarray], buf: np.ndarray) -> np.ndarray:
+    """float32 rows as one float64 matrix, written into (the first rows of) `buf`."""
+    out = buf[:len(arrays)]
     for i, a in enumerate(arrays):
         out[i] = a
     return out

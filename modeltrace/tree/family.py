@@ -277,6 +277,7 @@ def _edmonds_search(reps: list[str], fixed_edges: list[tuple[str, str]], weights
     a cycle through the merges' and stacks' edges, the costliest of its edges on the cycle is forbidden and the
     arborescence found again."""
     import networkx as nx
+    from networkx.algorithms.tree.branchings import minimal_branching
 
     forbidden: set[tuple[str, str]] = set()
     for _ in range(len(reps) + 1):
@@ -285,7 +286,11 @@ def _edmonds_search(reps: list[str], fixed_edges: list[tuple[str, str]], weights
         for (u, v), w in weights.items():
             if (u, v) not in forbidden:
                 g.add_edge(u, v, weight=w)
-        arb = nx.minimum_spanning_arborescence(g, attr="weight", preserve_attrs=True)
+        # minimum_spanning_arborescence is this branching plus a check that costs as much again: here every model
+        # has an edge from the root, so the branching spans; the check kept is its edge count
+        arb = minimal_branching(g, attr="weight", preserve_attrs=True)
+        if arb.number_of_edges() != len(reps):
+            raise nx.NetworkXException("No minimum spanning arborescence in G.")
         chosen = [(u, v) for u, v in arb.edges() if u != root]
         full = nx.DiGraph(fixed_edges + chosen)
         try:
