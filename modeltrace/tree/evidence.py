@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from modeltrace.detectors.accumulate import rounding_variance
+from modeltrace.detectors.accumulate import _GGUF_QUANT, _MANTISSA, _ULP2, rounding_variance
 from modeltrace.fingerprint.compare import COPY_CORR, MAX_GRAM_SLOTS, compare
 from modeltrace.fingerprint.core import Fingerprint
 from modeltrace.stats import stouffer
@@ -79,12 +79,11 @@ def _key(fp_slot) -> str:
 
 def _grid(values: np.ndarray) -> str:
     """The coarsest float grid that holds (almost) every value: "bf16", "f16" or "f32"."""
-    import ml_dtypes
-
     v = values[np.isfinite(values)].astype(np.float32)
     if not v.size:
         return "f32"
-    if np.mean(v.astype(ml_dtypes.bfloat16).astype(np.float32) == v) >= 0.999:
+    # a finite float32 survives bfloat16 and back exactly when its low 16 bits are zero (same exponent range)
+    if np.mean((v.view(np.uint32) & 0xFFFF) == 0) >= 0.999:
         return "bf16"
     if np.mean(v.astype(np.float16).astype(np.float32) == v) >= 0.999:
         return "f16"
@@ -123,6 +122,7 @@ def record(fp: Fingerprint) -> Record:
         dts[s.dtype] = dts.get(s.dtype, 0) + s.values.size
     flat = np.concatenate([s.values.ravel() for s in items]).astype(np.float32, copy=False) if items \
         else np.zeros(0, np.float32)
+    flat_raw = flat
     if not np.isfinite(flat).all():
         flat = np.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
     dtype = max(dts, key=lambda d: dts[d]) if dts else "?"
@@ -131,9 +131,24 @@ def record(fp: Fingerprint) -> Record:
                   unit,
                   np.array([(r - 1) * (c - 1) if r > 1 and c > 1 else r * c - 1
                             for r, c in (s.values.shape for s in items)], dtype=np.float64),
-                  np.array([rounding_variance(s.values, s.dtype) for s in items]), dtype,
+                  _floors(items, flat_raw, offsets), dtype,
                   "quant" if is_quantized(dtype) else _grid(flat[:65536]),
                   int(fp.model.get("layers") or (max(layers) + 1 if layers else 0)))
+
+
+def _floors(items: list, flat: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """`rounding_variance` of each sample, the same numbers: for float dtypes the exponent fields of all samples
+    come from one pass over `flat` (their float32 values, concatenated), each sample's histogram dotted with its
+    dtype's ulp table as there; other dtypes as there."""
+    e = (flat.view(np.uint32) >> 23) & 0xFF
+    out = np.zeros(len(items))
+    for i, s in enumerate(items):
+        mant = _MANTISSA.get(s.dtype)
+        if s.dtype in _GGUF_QUANT or mant is None:
+            out[i] = rounding_variance(s.values, s.dtype)
+        else:
+            out[i] = float(np.bincount(e[offsets[i]:offsets[i] + s.values.size], minlength=256) @ _ULP2[mant])
+    return out
 
 
 @dataclass
