@@ -307,31 +307,18 @@ def _edmonds_search(reps: list[str], fixed_edges: list[tuple[str, str]], weights
 
 def _direct_search(reps: list[str], fixed_edges: list[tuple[str, str]], weights: dict[tuple[str, str], float],
                    root: str) -> list[tuple[str, str]] | None:
-    """`_edmonds_search`'s answer without networkx where it is certain (most families: a few models): when every
-    model's cheapest incoming edge is unique and those edges make no cycle, they are the one minimum arborescence;
-    where they close cycles through the fixed edges and every cycle's costliest edge of theirs is the same one
-    (unique), that edge is forbidden, whichever cycle networkx would have found. None (ask Edmonds) on any tie, a
-    cycle among the cheapest edges, or cycles that disagree."""
-    incoming: dict[str, list[tuple[float, str]]] = {x: [] for x in reps}
-    for (u, v), w in weights.items():
-        incoming[v].append((w, u))
+    """`_edmonds_search`'s answer without networkx where it is certain (families of a few models): where the minimum
+    arborescence is the only one (`_unique_arborescence`), networkx finds the same edges; where they close cycles
+    through the fixed edges and every cycle's costliest edge of theirs is the same one (by more than TIE), that edge
+    is forbidden, whichever cycle networkx would have found. None (ask networkx) on any tie or cycles that
+    disagree."""
     forbidden: set[tuple[str, str]] = set()
     for _ in range(len(reps) + 1):
-        parent: dict[str, str] = {}
-        for v in reps:
-            ws = [(w, u) for w, u in incoming[v] if (u, v) not in forbidden]
-            best = min(w for w, _ in ws)
-            at = [u for w, u in ws if w == best]
-            if len(at) != 1:
-                return None
-            parent[v] = at[0]
-        for v in reps:  # the cheapest edges must reach the root from every model
-            x, steps = v, 0
-            while x != root:
-                x, steps = parent[x], steps + 1
-                if steps > len(reps):
-                    return None
-        chosen = [(parent[v], v) for v in reps if parent[v] != root]
+        allowed = {e: w for e, w in weights.items() if e not in forbidden}
+        chosen_set = _unique_arborescence(reps, allowed, root)
+        if chosen_set is None:
+            return None
+        chosen = [e for e in allowed if e in chosen_set and e[0] != root]
         cycles = _cycles(fixed_edges + chosen)
         if cycles is None:
             return None
@@ -340,13 +327,96 @@ def _direct_search(reps: list[str], fixed_edges: list[tuple[str, str]], weights:
         worst = set()
         for cycle in cycles:
             mine = sorted((weights[e], e) for e in cycle if e in set(chosen))
-            if not mine or (len(mine) > 1 and mine[-1][0] == mine[-2][0]):
+            if not mine or (len(mine) > 1 and mine[-1][0] - mine[-2][0] <= TIE * (abs(mine[-1][0]) + 1)):
                 return None
             worst.add(mine[-1][1])
         if len(worst) != 1:
             return None
         forbidden.add(worst.pop())
     return None
+
+
+#: Another arborescence within this share of the best one's cost counts as a tie (Edmonds might pick it).
+TIE = 1e-9
+
+
+def _unique_arborescence(reps: list[str], weights: dict[tuple[str, str], float], root: str
+                         ) -> set[tuple[str, str]] | None:
+    """The minimum spanning arborescence when it is the only one (None when another one costs as little, within
+    TIE): the cheapest incoming edges when they make none; else Chu-Liu/Edmonds, certified unique by finding the
+    best arborescence without each of its edges in turn."""
+    best_in: dict[str, list[tuple[float, str]]] = {x: [] for x in reps}
+    for (u, v), w in weights.items():
+        best_in[v].append((w, u))
+    parent: dict[str, str] = {}
+    unique = True
+    for v in reps:
+        if not best_in[v]:
+            return None
+        w0 = min(w for w, _ in best_in[v])
+        at = [u for w, u in best_in[v] if w == w0]
+        unique &= len(at) == 1
+        parent[v] = at[0]
+    if unique and _reaches_root(parent, root):
+        return {(parent[v], v) for v in reps}
+    got = _chu_liu(set(reps), weights, root)
+    if got is None:
+        return None
+    cost = sum(weights[e] for e in got)
+    for e in got:
+        other = _chu_liu(set(reps), {k: w for k, w in weights.items() if k != e}, root)
+        if other is not None and sum(weights[k] for k in other) <= cost + TIE * (abs(cost) + 1):
+            return None
+    return got
+
+
+def _reaches_root(parent: dict[str, str], root: str) -> bool:
+    for v in parent:
+        x, steps = v, 0
+        while x != root:
+            x, steps = parent[x], steps + 1
+            if steps > len(parent):
+                return False
+    return True
+
+
+def _chu_liu(nodes: set, weights: dict, root: Any) -> set | None:
+    """A minimum spanning arborescence of `nodes` from `root` (Chu-Liu/Edmonds, by contraction); None if none."""
+    best: dict[Any, tuple[float, Any]] = {}
+    for (u, v), w in weights.items():
+        if v != root and u != v and (v not in best or w < best[v][0]):
+            best[v] = (w, u)
+    if any(v not in best for v in nodes):
+        return None
+    parent = {v: best[v][1] for v in nodes}
+    cycle: list = []
+    for v in nodes:
+        path, x = [], v
+        while x in parent and x not in path:
+            path.append(x)
+            x = parent[x]
+        if x in path:
+            cycle = path[path.index(x):]
+            break
+    if not cycle:
+        return {(parent[v], v) for v in nodes}
+    cyc = set(cycle)
+    c = ("\0cycle", len(nodes), tuple(sorted(map(str, cyc))))
+    sub: dict = {}
+    origin: dict = {}
+    for (u, v), w in weights.items():
+        if u in cyc and v in cyc:
+            continue
+        key = (c if u in cyc else u, c if v in cyc else v)
+        w2 = w - best[v][0] if v in cyc else w
+        if key not in sub or w2 < sub[key]:
+            sub[key], origin[key] = w2, (u, v)
+    got = _chu_liu((nodes - cyc) | {c}, sub, root)
+    if got is None:
+        return None
+    out = {origin[e] for e in got}
+    entering = next(origin[e][1] for e in got if e[1] == c)
+    return out | {(parent[v], v) for v in cyc if v != entering}
 
 
 def _cycles(edges: list[tuple[str, str]], limit: int = 64) -> list[list[tuple[str, str]]] | None:
