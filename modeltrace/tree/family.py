@@ -13,7 +13,7 @@ Data flow: members (tree/cache.py model infos) + their pairs (tree/evidence.py) 
    merge's method and weights (with intervals) then come from the audit's own detectors run on the fingerprints
    (audit_fingerprints); then, for models no exact recipe explains, candidate parent sets (two relatives and a
    base they grew from) audited on the fingerprints, a merge accepted only on the verdict's relation "merge";
-4. fine-tunes: a minimum spanning arborescence (Edmonds, networkx) over the rest, merges and stacks entering only as
+4. fine-tunes: a minimum spanning arborescence (tree/arborescence.py) over the rest, merges and stacks entering only as
    parents. Edge cost u -> v is the relative distance times a direction penalty: a child is its parent plus one
    training delta that does not depend on the parent's weights, so tensor by tensor |v|^2 - |u|^2 = |v - u|^2
    (r = +1); the reverse pair gives r = -1 and two siblings something in between. A declared `base_model` on v
@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from modeltrace.fingerprint.core import Fingerprint
+from modeltrace.tree.arborescence import direct_search, edmonds_search
 from modeltrace.tree.evidence import COPY_SCALE_TOL, Pair
 from modeltrace.tree.merges import find_merges
 from modeltrace.tree.merges import recipe as merge_recipe
@@ -244,9 +245,9 @@ def _finetunes(f: _Family, reps: list[str], fixed: dict[str, set[str]], out: dic
         cost = f.rel_dist(u, v) * (1 + DIRECTION_WEIGHT * (1 - max(-1.0, min(1.0, r))) / 2)
         weights[u, v] = cost * (PRIOR_FACTOR if _declares(f, v, u) else 1.0)
     fixed_edges = [(p, c) for c, ps in fixed.items() for p in ps]
-    chosen = _direct_search(reps, fixed_edges, weights, root)
+    chosen = direct_search(reps, fixed_edges, weights, root)
     if chosen is None:
-        chosen = _edmonds_search(reps, fixed_edges, weights, root)
+        chosen = edmonds_search(reps, fixed_edges, weights, root)
     basis: dict[str, str] = {x: ("merge" if x in out["merges"] else "stack") for x in fixed}
     for u, v in _ordered(chosen, basis):
         r, up, n = f.growth(u, v)
@@ -269,179 +270,6 @@ def _finetunes(f: _Family, reps: list[str], fixed: dict[str, set[str]], out: dic
             notes.append("parent or sibling: the weights do not tell (their shared base may be missing)")
         out["edges"].append(_edge(u, v, "finetune", lp, how, "; ".join(notes), r=round(r, 3),
                                   parent_or_sibling=sibling))
-
-
-def _edmonds_search(reps: list[str], fixed_edges: list[tuple[str, str]], weights: dict[tuple[str, str], float],
-                    root: str) -> list[tuple[str, str]]:
-    """The fine-tune edges: a minimum spanning arborescence (Edmonds, networkx) over `weights`; where its edges close
-    a cycle through the merges' and stacks' edges, the costliest of its edges on the cycle is forbidden and the
-    arborescence found again."""
-    import networkx as nx
-    from networkx.algorithms.tree.branchings import minimal_branching
-
-    forbidden: set[tuple[str, str]] = set()
-    for _ in range(len(reps) + 1):
-        g = nx.DiGraph()
-        g.add_node(root)
-        for (u, v), w in weights.items():
-            if (u, v) not in forbidden:
-                g.add_edge(u, v, weight=w)
-        # minimum_spanning_arborescence is this branching plus a check that costs as much again: here every model
-        # has an edge from the root, so the branching spans; the check kept is its edge count
-        arb = minimal_branching(g, attr="weight", preserve_attrs=True)
-        if arb.number_of_edges() != len(reps):
-            raise nx.NetworkXException("No minimum spanning arborescence in G.")
-        chosen = [(u, v) for u, v in arb.edges() if u != root]
-        full = nx.DiGraph(fixed_edges + chosen)
-        try:
-            cycle = nx.find_cycle(full)
-        except nx.NetworkXNoCycle:
-            break
-        mine = [e for e in cycle if (e[0], e[1]) in set(chosen)]
-        if not mine:
-            raise RuntimeError(f"cycle among merges and stacks: {cycle}")
-        worst = max(mine, key=lambda e: g.edges[e[0], e[1]]["weight"])
-        forbidden.add((worst[0], worst[1]))
-    return chosen
-
-
-def _direct_search(reps: list[str], fixed_edges: list[tuple[str, str]], weights: dict[tuple[str, str], float],
-                   root: str) -> list[tuple[str, str]] | None:
-    """`_edmonds_search`'s answer without networkx where it is certain (families of a few models): where the minimum
-    arborescence is the only one (`_unique_arborescence`), networkx finds the same edges; where they close cycles
-    through the fixed edges and every cycle's costliest edge of theirs is the same one (by more than TIE), that edge
-    is forbidden, whichever cycle networkx would have found. None (ask networkx) on any tie or cycles that
-    disagree."""
-    forbidden: set[tuple[str, str]] = set()
-    for _ in range(len(reps) + 1):
-        allowed = {e: w for e, w in weights.items() if e not in forbidden}
-        chosen_set = _unique_arborescence(reps, allowed, root)
-        if chosen_set is None:
-            return None
-        chosen = [e for e in allowed if e in chosen_set and e[0] != root]
-        cycles = _cycles(fixed_edges + chosen)
-        if cycles is None:
-            return None
-        if not cycles:
-            return chosen
-        worst = set()
-        for cycle in cycles:
-            mine = sorted((weights[e], e) for e in cycle if e in set(chosen))
-            if not mine or (len(mine) > 1 and mine[-1][0] - mine[-2][0] <= TIE * (abs(mine[-1][0]) + 1)):
-                return None
-            worst.add(mine[-1][1])
-        if len(worst) != 1:
-            return None
-        forbidden.add(worst.pop())
-    return None
-
-
-#: Another arborescence within this share of the best one's cost counts as a tie (Edmonds might pick it).
-TIE = 1e-9
-
-
-def _unique_arborescence(reps: list[str], weights: dict[tuple[str, str], float], root: str
-                         ) -> set[tuple[str, str]] | None:
-    """The minimum spanning arborescence when it is the only one (None when another one costs as little, within
-    TIE): the cheapest incoming edges when they make none; else Chu-Liu/Edmonds, certified unique by finding the
-    best arborescence without each of its edges in turn."""
-    best_in: dict[str, list[tuple[float, str]]] = {x: [] for x in reps}
-    for (u, v), w in weights.items():
-        best_in[v].append((w, u))
-    parent: dict[str, str] = {}
-    unique = True
-    for v in reps:
-        if not best_in[v]:
-            return None
-        w0 = min(w for w, _ in best_in[v])
-        at = [u for w, u in best_in[v] if w == w0]
-        unique &= len(at) == 1
-        parent[v] = at[0]
-    if unique and _reaches_root(parent, root):
-        return {(parent[v], v) for v in reps}
-    got = _chu_liu(set(reps), weights, root)
-    if got is None:
-        return None
-    cost = sum(weights[e] for e in got)
-    for e in got:
-        other = _chu_liu(set(reps), {k: w for k, w in weights.items() if k != e}, root)
-        if other is not None and sum(weights[k] for k in other) <= cost + TIE * (abs(cost) + 1):
-            return None
-    return got
-
-
-def _reaches_root(parent: dict[str, str], root: str) -> bool:
-    for v in parent:
-        x, steps = v, 0
-        while x != root:
-            x, steps = parent[x], steps + 1
-            if steps > len(parent):
-                return False
-    return True
-
-
-def _chu_liu(nodes: set, weights: dict, root: Any) -> set | None:
-    """A minimum spanning arborescence of `nodes` from `root` (Chu-Liu/Edmonds, by contraction); None if none."""
-    best: dict[Any, tuple[float, Any]] = {}
-    for (u, v), w in weights.items():
-        if v != root and u != v and (v not in best or w < best[v][0]):
-            best[v] = (w, u)
-    if any(v not in best for v in nodes):
-        return None
-    parent = {v: best[v][1] for v in nodes}
-    cycle: list = []
-    for v in nodes:
-        path, x = [], v
-        while x in parent and x not in path:
-            path.append(x)
-            x = parent[x]
-        if x in path:
-            cycle = path[path.index(x):]
-            break
-    if not cycle:
-        return {(parent[v], v) for v in nodes}
-    cyc = set(cycle)
-    c = ("\0cycle", len(nodes), tuple(sorted(map(str, cyc))))
-    sub: dict = {}
-    origin: dict = {}
-    for (u, v), w in weights.items():
-        if u in cyc and v in cyc:
-            continue
-        key = (c if u in cyc else u, c if v in cyc else v)
-        w2 = w - best[v][0] if v in cyc else w
-        if key not in sub or w2 < sub[key]:
-            sub[key], origin[key] = w2, (u, v)
-    got = _chu_liu((nodes - cyc) | {c}, sub, root)
-    if got is None:
-        return None
-    out = {origin[e] for e in got}
-    entering = next(origin[e][1] for e in got if e[1] == c)
-    return out | {(parent[v], v) for v in cyc if v != entering}
-
-
-def _cycles(edges: list[tuple[str, str]], limit: int = 64) -> list[list[tuple[str, str]]] | None:
-    """Every simple cycle of a small graph (as edge lists); None past `limit` cycles or search steps."""
-    out: dict[str, list[str]] = {}
-    for u, v in dict.fromkeys(edges):
-        out.setdefault(u, []).append(v)
-    order = {h: i for i, h in enumerate(sorted(out))}
-    found: list[list[tuple[str, str]]] = []
-    steps = 0
-    for s in out:  # cycles through s and nodes after it only: each cycle once
-        stack = [(s, [s])]
-        while stack:
-            x, path = stack.pop()
-            steps += 1
-            if steps > 64 * limit:
-                return None
-            for y in out.get(x, ()):
-                if y == s:
-                    found.append(list(zip(path, path[1:] + [s], strict=True)))
-                    if len(found) > limit:
-                        return None
-                elif y in order and order[y] > order[s] and y not in path:
-                    stack.append((y, path + [y]))
-    return found
 
 
 def _ordered(edges: list[tuple[str, str]], fixed_basis: dict[str, str]) -> list[tuple[str, str]]:

@@ -1,4 +1,4 @@
-"""The fine-tune step's direct arborescence (tree/family.py) gives networkx's answer wherever it answers."""
+"""The fine-tune step's direct arborescence (tree/arborescence.py) gives networkx's answer wherever it answers."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import itertools
 
 import numpy as np
 
-from modeltrace.tree.family import _direct_search, _edmonds_search
+from modeltrace.tree.arborescence import direct_search, edmonds_search
 
 ROOT = "\0root"
 
@@ -27,14 +27,14 @@ def test_direct_search_matches_networkx() -> None:
     answered = 0
     for k in range(300):
         reps, fixed, weights = _case(rng, 2 + k % 6)
-        got = _direct_search(reps, fixed, weights, ROOT)
+        got = direct_search(reps, fixed, weights, ROOT)
         if got is not None:
             answered += 1
-            assert set(got) == set(_edmonds_search(reps, fixed, weights, ROOT))
+            assert set(got) == set(edmonds_search(reps, fixed, weights, ROOT))
     assert answered >= 200  # ties are rare with random costs: nearly every family is answered directly
 
 
 def test_tie_goes_to_networkx() -> None:
     reps = ["a", "b"]
     weights = {(ROOT, "a"): 0.5, (ROOT, "b"): 0.5, ("a", "b"): 0.2, ("b", "a"): 0.2}
-    assert _direct_search(reps, [], weights, ROOT) is None
+    assert direct_search(reps, [], weights, ROOT) is None
