@@ -98,7 +98,7 @@ def record(fp: Fingerprint) -> Record:
         items = [items[i] for i in np.linspace(0, len(items) - 1, MAX_GRAM_SLOTS).astype(int)]
     sizes = np.array([s.values.size for s in items], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if len(sizes) else np.zeros(0, np.int64)
-    unit = np.empty(int(sizes.sum()), dtype=np.float32)
+    unit: np.ndarray = np.empty(int(sizes.sum()), dtype=np.float32)
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, s in enumerate(items):
         by_shape.setdefault(s.values.shape, []).append(i)
