@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from modeltrace.detectors.accumulate import rounding_variance
+from modeltrace.detectors.accumulate import _GGUF_QUANT, _MANTISSA, _ULP2, rounding_variance
 from modeltrace.fingerprint.compare import COPY_CORR, MAX_GRAM_SLOTS, compare
 from modeltrace.fingerprint.core import Fingerprint
-from modeltrace.stats import log10_sf, stouffer
+from modeltrace.stats import stouffer
 
 __all__ = ["Pair", "Record", "pair_evidence", "pair_evidence_many", "record", "storage_rank"]
 
@@ -72,6 +72,7 @@ class Record:
     dtype: str  # dominant storage dtype
     grid: str  # the grid the values lie on: bf16 | f16 | f32 | quant
     n_layers: int
+    self_grams: np.ndarray | None = None  # per key <x,x> in float64 (pair_evidence_many's; made on first use)
 
 
 def _key(fp_slot) -> str:
@@ -82,12 +83,11 @@ def _key(fp_slot) -> str:
 
 def _grid(values: np.ndarray) -> str:
     """The coarsest float grid that holds (almost) every value: "bf16", "f16" or "f32"."""
-    import ml_dtypes
-
     v = values[np.isfinite(values)].astype(np.float32)
     if not v.size:
         return "f32"
-    if np.mean(v.astype(ml_dtypes.bfloat16).astype(np.float32) == v) >= 0.999:
+    # a finite float32 survives bfloat16 and back exactly when its low 16 bits are zero (same exponent range)
+    if np.mean((v.view(np.uint32) & 0xFFFF) == 0) >= 0.999:
         return "bf16"
     if np.mean(v.astype(np.float16).astype(np.float32) == v) >= 0.999:
         return "f16"
@@ -100,12 +100,16 @@ def record(fp: Fingerprint) -> Record:
     items = [s for s in fp.slots.values() if not s.structured and s.values.size > 1]
     if len(items) > MAX_GRAM_SLOTS:
         items = [items[i] for i in np.linspace(0, len(items) - 1, MAX_GRAM_SLOTS).astype(int)]
-    units: list[np.ndarray | None] = [None] * len(items)
+    sizes = np.array([s.values.size for s in items], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if len(sizes) else np.zeros(0, np.int64)
+    unit: np.ndarray = np.empty(int(sizes.sum()), dtype=np.float32)
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, s in enumerate(items):
         by_shape.setdefault(s.values.shape, []).append(i)
     for shape, idx in by_shape.items():
-        x = np.stack([items[i].values for i in idx]).astype(np.float64)
+        x = np.empty((len(idx), *shape))
+        for k, i in enumerate(idx):
+            x[k] = items[i].values
         if not np.isfinite(x).all():
             x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
         if shape[0] > 1 and shape[1] > 1:
@@ -116,25 +120,39 @@ def record(fp: Fingerprint) -> Record:
         n = np.sqrt(np.einsum("sij,sij->s", x, x))
         x /= np.where(n > 0, n, 1.0)[:, None, None]
         for k, i in enumerate(idx):
-            units[i] = x[k].ravel()
-    filled = [u for u in units if u is not None]
-    assert len(filled) == len(units)  # every sample belongs to one shape's batch
+            unit[offsets[i]:offsets[i] + sizes[i]] = x[k].ravel()
     dts: dict[str, int] = {}
     for s in items:
         dts[s.dtype] = dts.get(s.dtype, 0) + s.values.size
-    sizes = np.array([s.values.size for s in items], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if len(sizes) else np.zeros(0, np.int64)
-    flat = np.concatenate([s.values.ravel() for s in items]).astype(np.float32) if items else np.zeros(0, np.float32)
-    flat = np.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
+    flat = np.concatenate([s.values.ravel() for s in items]).astype(np.float32, copy=False) if items \
+        else np.zeros(0, np.float32)
+    flat_raw = flat
+    if not np.isfinite(flat).all():
+        flat = np.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
     dtype = max(dts, key=lambda d: dts[d]) if dts else "?"
     layers = [s.slot.layer for s in items]
     return Record(fp.content_hash, [_key(s) for s in items], layers, offsets, flat,
-                  np.concatenate(filled).astype(np.float32) if items else np.zeros(0, np.float32),
+                  unit,
                   np.array([(r - 1) * (c - 1) if r > 1 and c > 1 else r * c - 1
                             for r, c in (s.values.shape for s in items)], dtype=np.float64),
-                  np.array([rounding_variance(s.values, s.dtype) for s in items]), dtype,
+                  _floors(items, flat_raw, offsets), dtype,
                   "quant" if is_quantized(dtype) else _grid(flat[:65536]),
                   int(fp.model.get("layers") or (max(layers) + 1 if layers else 0)))
+
+
+def _floors(items: list, flat: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """`rounding_variance` of each sample, the same numbers: for float dtypes the exponent fields of all samples
+    come from one pass over `flat` (their float32 values, concatenated), each sample's histogram dotted with its
+    dtype's ulp table as there; other dtypes as there."""
+    e = (flat.view(np.uint32) >> 23) & 0xFF
+    out = np.zeros(len(items))
+    for i, s in enumerate(items):
+        mant = _MANTISSA.get(s.dtype)
+        if s.dtype in _GGUF_QUANT or mant is None:
+            out[i] = rounding_variance(s.values, s.dtype)
+        else:
+            out[i] = float(np.bincount(e[offsets[i]:offsets[i] + s.values.size], minlength=256) @ _ULP2[mant])
+    return out
 
 
 @dataclass
@@ -204,8 +222,9 @@ def pair_evidence(ra: Record, rb: Record, load: Callable[[str], Fingerprint]) ->
     return _assemble(ra, rb, ia, gaa, gab, gbb, r, equal, load)
 
 
-#: Pairs whose sample arrays are multiplied in one batch (rows of float64 products held at once).
-BATCH = 64
+#: Pairs whose sample arrays are multiplied in one batch (rows of float64 products held at once: a few MB, so
+#: they stay in cache; 64 was a third slower).
+BATCH = 8
 
 
 def pair_evidence_many(pairs: list[tuple[Record, Record]], load: Callable[[str], Fingerprint]) -> list[Pair]:
@@ -220,28 +239,55 @@ def pair_evidence_many(pairs: list[tuple[Record, Record]], load: Callable[[str],
         else:
             out[i] = pair_evidence(ra, rb, load)
     for idx in groups.values():
+        n = pairs[idx[0]][0].flat.size
+        buf_a, buf_b = np.empty((BATCH, n)), np.empty((BATCH, n))  # reused: no fresh pages for every batch
         for start in range(0, len(idx), BATCH):
             chunk = idx[start:start + BATCH]
             ras = [min(pairs[i], key=lambda r: r.content_hash) for i in chunk]
             rbs = [max(pairs[i], key=lambda r: r.content_hash) for i in chunk]
             starts = ras[0].offsets
-            fa = np.stack([r.flat for r in ras]).astype(np.float64)
-            fb = np.stack([r.flat for r in rbs]).astype(np.float64)
-            gaa = np.add.reduceat(fa * fa, starts, axis=1)
-            gab = np.add.reduceat(fa * fb, starts, axis=1)
-            gbb = np.add.reduceat(fb * fb, starts, axis=1)
+            fa, fb = _rows([r.flat for r in ras], buf_a), _rows([r.flat for r in rbs], buf_b)
+            gaa, gbb = _self_grams(ras, fa, starts), _self_grams(rbs, fb, starts)  # each record's once
+            same = fa == fb
+            fa *= fb
+            gab = np.add.reduceat(fa, starts, axis=1)
             sizes: np.ndarray = np.diff(np.append(starts, fa.shape[1]))
-            equal = np.median(np.add.reduceat((fa == fb).astype(np.float64), starts, axis=1) / sizes, axis=1)
-            del fa, fb
-            ua = np.stack([r.unit for r in ras]).astype(np.float64)
-            ub = np.stack([r.unit for r in rbs])
-            r = np.add.reduceat(ua * ub, starts, axis=1)
+            # whole counts: exact in any order
+            equal = np.median(np.add.reduceat(same, starts, axis=1, dtype=np.int64).astype(np.float64) / sizes,
+                              axis=1)
+            ua, ub = _rows([r.unit for r in ras], buf_a), _rows([r.unit for r in rbs], buf_b)
+            ua *= ub
+            r = np.add.reduceat(ua, starts, axis=1)
             ia = list(range(len(ras[0].keys)))
             for k, i in enumerate(chunk):
                 out[i] = _assemble(ras[k], rbs[k], ia, gaa[k], gab[k], gbb[k], r[k], float(equal[k]), load)
     done = [p for p in out if p is not None]
     assert len(done) == len(out)  # each pair is computed alone or in its group's batch
     return done
+
+
+def _rows(arrays: list[np.ndarray], buf: np.ndarray) -> np.ndarray:
+    """float32 rows as one float64 matrix, written into (the first rows of) `buf`."""
+    out = buf[:len(arrays)]
+    for i, a in enumerate(arrays):
+        out[i] = a
+    return out
+
+
+def _self_grams(recs: list[Record], f: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Per record and key <x,x> (rows of `f`), each record's computed once and kept on it: a record is in several
+    pairs of its family."""
+    for k, rec in enumerate(recs):
+        if rec.self_grams is None:
+            rec.self_grams = np.add.reduceat(f[k:k + 1] * f[k:k + 1], starts, axis=1)[0]
+    return np.stack([rec.self_grams for rec in recs])  # type: ignore[misc]
+
+
+def _log10_sf(z: float) -> float:
+    """stats.log10_sf (scipy's norm.logsf is log_ndtr(-z)) without the distribution wrapper's per-call cost."""
+    from scipy.special import log_ndtr
+
+    return float(log_ndtr(-z) / math.log(10))
 
 
 def _assemble(ra: Record, rb: Record, ia: list[int], gaa: np.ndarray, gab: np.ndarray, gbb: np.ndarray,
@@ -267,7 +313,7 @@ def _assemble(ra: Record, rb: Record, ia: list[int], gaa: np.ndarray, gab: np.nd
         back = compare(fb_, fa_)
         for i, j in back.layer_map.items():
             copies_ba.setdefault(i, j)
-    lp = min(0.0, log10_sf(z) + math.log10(2)) if (ia or z) else 0.0
+    lp = min(0.0, _log10_sf(z) + math.log10(2)) if (ia or z) else 0.0
     return Pair(ra.content_hash, rb.content_hash, float(lp), float(z), float(np.median(r)) if r.size else 0.0,
                 float(r.min()) if r.size else 0.0, keys, gaa, gab, gbb, copies_ab, copies_ba, equal)
 

@@ -13,7 +13,7 @@ Data flow: members (tree/cache.py model infos) + their pairs (tree/evidence.py) 
    merge's method and weights (with intervals) then come from the audit's own detectors run on the fingerprints
    (audit_fingerprints); then, for models no exact recipe explains, candidate parent sets (two relatives and a
    base they grew from) audited on the fingerprints, a merge accepted only on the verdict's relation "merge";
-4. fine-tunes: a minimum spanning arborescence (Edmonds, networkx) over the rest, merges and stacks entering only as
+4. fine-tunes: a minimum spanning arborescence (tree/arborescence.py) over the rest, merges and stacks entering only as
    parents. Edge cost u -> v is the relative distance times a direction penalty: a child is its parent plus one
    training delta that does not depend on the parent's weights, so tensor by tensor |v|^2 - |u|^2 = |v - u|^2
    (r = +1); the reverse pair gives r = -1 and two siblings something in between. A declared `base_model` on v
@@ -24,6 +24,7 @@ Data flow: members (tree/cache.py model infos) + their pairs (tree/evidence.py) 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 import numpy as np
 
 from modeltrace.fingerprint.core import Fingerprint
+from modeltrace.tree.arborescence import direct_search, edmonds_search
 from modeltrace.tree.evidence import COPY_SCALE_TOL, DIRECTED_R, Pair
 from modeltrace.tree.merges import find_merges
 from modeltrace.tree.merges import recipe as merge_recipe
@@ -235,8 +237,6 @@ def _declares(f: _Family, child: str, parent: str) -> bool:
 
 
 def _finetunes(f: _Family, reps: list[str], fixed: dict[str, set[str]], out: dict) -> None:
-    import networkx as nx
-
     anc: dict[str, set[str]] = {}
 
     def ancestors(h: str) -> set[str]:
@@ -251,30 +251,17 @@ def _finetunes(f: _Family, reps: list[str], fixed: dict[str, set[str]], out: dic
         return anc[h]
 
     root = "\0root"
-    forbidden: set[tuple[str, str]] = set()
-    for _ in range(len(reps) + 1):
-        g = nx.DiGraph()
-        g.add_node(root)
-        for x in reps:
-            g.add_edge(root, x, weight=0.0 if x in fixed else ROOT_COST)
-        for u, v in itertools.permutations(reps, 2):
-            if v in fixed or (u, v) in forbidden or not f.related(u, v) or v in ancestors(u):
-                continue
-            r, _, _ = f.growth(u, v)
-            cost = f.rel_dist(u, v) * (1 + DIRECTION_WEIGHT * (1 - max(-1.0, min(1.0, r))) / 2)
-            g.add_edge(u, v, weight=cost * (PRIOR_FACTOR if _declares(f, v, u) else 1.0))
-        arb = nx.minimum_spanning_arborescence(g, attr="weight", preserve_attrs=True)
-        chosen = [(u, v) for u, v in arb.edges() if u != root]
-        full = nx.DiGraph([(p, c) for c, ps in fixed.items() for p in ps] + chosen)
-        try:
-            cycle = nx.find_cycle(full)
-        except nx.NetworkXNoCycle:
-            break
-        mine = [e for e in cycle if (e[0], e[1]) in set(chosen)]
-        if not mine:
-            raise RuntimeError(f"cycle among merges and stacks: {cycle}")
-        worst = max(mine, key=lambda e: g.edges[e[0], e[1]]["weight"])
-        forbidden.add((worst[0], worst[1]))
+    weights: dict[tuple[str, str], float] = {(root, x): 0.0 if x in fixed else ROOT_COST for x in reps}
+    for u, v in itertools.permutations(reps, 2):
+        if v in fixed or not f.related(u, v) or v in ancestors(u):
+            continue
+        r, _, _ = f.growth(u, v)
+        cost = f.rel_dist(u, v) * (1 + DIRECTION_WEIGHT * (1 - max(-1.0, min(1.0, r))) / 2)
+        weights[u, v] = cost * (PRIOR_FACTOR if _declares(f, v, u) else 1.0)
+    fixed_edges = [(p, c) for c, ps in fixed.items() for p in ps]
+    chosen = direct_search(reps, fixed_edges, weights, root)
+    if chosen is None:
+        chosen = edmonds_search(reps, fixed_edges, weights, root)
     basis: dict[str, str] = {x: ("merge" if x in out["merges"] else "stack") for x in fixed}
     for u, v in _ordered(chosen, basis):
         r, up, n = f.growth(u, v)
@@ -310,6 +297,7 @@ def _ordered(edges: list[tuple[str, str]], fixed_basis: dict[str, str]) -> list[
     return sorted(edges, key=lambda e: order[e[0]])
 
 
+@functools.lru_cache(maxsize=4096)  # a few tensor counts recur in every family
 def _sign_log10_p(up: int, n: int) -> float:
     """log10 of the one-sided binomial p of `up` or more of `n` tensors growing, under a fair coin."""
     if n == 0:

@@ -79,6 +79,23 @@ class _Fps:
             self.records.move_to_end(h)
         return r
 
+    def prefetch(self, hashes: list[str]) -> None:
+        """Records of `hashes` not yet made, their fingerprints read in one query (not one per model)."""
+        todo = [h for h in dict.fromkeys(hashes) if h not in self.records]
+        for start in range(0, len(todo), FP_CACHE):
+            part = todo[start:start + FP_CACHE]
+            got = self.index.load([self.ids[h] for h in part])
+            by_hash = {fp.content_hash: fp for _, fp in got}
+            for h in part:
+                fp = by_hash.get(h)
+                if fp is None:
+                    continue  # damaged or removed: record() reads it (and reports it) as before
+                self.loaded += 1
+                self.lru[h] = fp
+                if len(self.lru) > FP_CACHE:
+                    self.lru.popitem(last=False)
+                self.record(h)
+
     def pair(self, a: str, b: str) -> Pair:
         return pair_evidence(self.record(a), self.record(b), self)
 
@@ -124,17 +141,18 @@ def build_tree(index: Index) -> Tree:
     for start in range(0, len(todo), 1024):
         rows = todo[start:start + 1024]
         sim = mat[rows] @ mat.T
-        for k, i in enumerate(rows):
-            for j in np.flatnonzero(sim[k] >= SKETCH_MIN):
-                if j != i:
-                    a, b = sorted((hashes[i], hashes[int(j)]))
-                    if (a, b) not in cached:
-                        need.add((a, b))
+        for k, j in zip(*np.nonzero(sim >= SKETCH_MIN), strict=True):
+            i = rows[k]
+            if j != i:
+                a, b = (hashes[i], hashes[j]) if hashes[i] < hashes[j] else (hashes[j], hashes[i])
+                if (a, b) not in cached:
+                    need.add((a, b))
     pos = {h: i for i, h in enumerate(hashes)}
     need_order = sorted(need, key=lambda p: (min(pos[p[0]], pos[p[1]]), p))  # index order: the LRU stays warm
     new_pairs: list[Pair] = []
     for start in range(0, len(need_order), PAIR_CHUNK):  # batched: array products over many pairs at once
         chunk = need_order[start:start + PAIR_CHUNK]
+        fps.prefetch([h for p in chunk for h in p])
         new_pairs += pair_evidence_many([(fps.record(a), fps.record(b)) for a, b in chunk], fps)
     fps.on_record = None
     fresh.update({h: _info(fps(h), fps.record(h), entries[h].spec)
