@@ -236,6 +236,23 @@ class _PlanItem:
     rows: int  # suspect rows compared (len(srows) when srows is given)
     srows: np.ndarray | None = None  # the suspect rows compared, when not a prefix (re-mapped vocabularies)
     ranges: list[tuple[int, int]] | None = None  # the row ranges read, when a sampling design chose them
+    refine: bool = True  # whether the rounding-aware weight fit runs on this slot (see ROUNDING_SLOTS)
+
+
+#: Slots on which the rounding-aware merge-weight fit runs (detectors/rounding.py, ~70 ms a slot with three
+#: candidates): evenly spread over the plan. Pooled over 256 tensors its weights already reach the 1e-5 resolution
+#: floor of rounded storage (rounding.RESOLUTION); on a 400B MoE's 3,000 compared tensors the other fits added a
+#: minute and no precision. The other slots keep their least-squares weights for the per-layer table and drop out of
+#: the pooled weights (their bias over rounded storage is what the refined fit removes).
+ROUNDING_SLOTS = 256
+
+
+def _choose_refined(plan: list[_PlanItem]) -> None:
+    if len(plan) <= ROUNDING_SLOTS:
+        return
+    keep = set(np.linspace(0, len(plan) - 1, ROUNDING_SLOTS).round().astype(int).tolist())
+    for k, item in enumerate(plan):
+        item.refine = k in keep
 
 
 def _process_slot(views: list[ModelView], item: _PlanItem, base: int | None, sample: float | None, chunk_bytes: int,
@@ -269,7 +286,7 @@ def _process_slot(views: list[ModelView], item: _PlanItem, base: int | None, sam
         tick((b - a) * part.cols)
     st = acc.finish()
     local = list(range(1, len(cands) + 1))
-    fit = _to_global(fit_slot(st, local, idx_base, fitting_order()), cands)
+    fit = _to_global(fit_slot(st, local, idx_base, fitting_order(), refine=item.refine), cands)
     res = SlotResult(slot, cands, st, fit, structured, rows_compared=st.rows, rows_total=part.rows, note=note,
                      cross={i: item.tfs[i].slot.role for i in cands if item.tfs[i].slot.role != slot.role})
     for li, ci in zip(local, cands, strict=True):
@@ -407,6 +424,7 @@ def _stream(views: list[ModelView], base: int | None, sample: float | None, chun
                                 plan_design.max_requests, chunk_bytes)
         warnings.append(coverage.warning())
         sample = coverage.fraction
+    _choose_refined(plan)
     total = sum(_rows_read(views, item, sample, chunk_bytes) * s.parts[item.slot].cols for item in plan)
     done = [0]
     lock = threading.Lock()

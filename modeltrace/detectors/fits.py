@@ -109,6 +109,8 @@ class FitContext:
     free: dict[int, float]
     rss_free: float
     floor: float
+    #: run the rounding-aware weight fit where it applies (the audit runs it on a spread subset of a huge plan)
+    refine: bool = True
 
     @property
     def parents(self) -> list[int]:
@@ -119,7 +121,8 @@ class FitContext:
         return SlotFit(method, weights, rss / g00, rss <= self.floor, params, self.free, self.rss_free / g00)
 
 
-def fit_slot(st: SlotStats, cands: list[int], base: int | None, methods: Sequence[Fitter] = ()) -> SlotFit:
+def fit_slot(st: SlotStats, cands: list[int], base: int | None, methods: Sequence[Fitter] = (),
+             refine: bool = True) -> SlotFit:
     """Choose the simplest recipe that explains suspect slot `st` from candidates `cands` (indices into st): a copy
     or re-encoding first, then each of `methods` in their order (modeltrace.methods.fitting_order(): SLERP, the
     linear family, the sparse family), then a fine-tune, a merge under noise, or unexplained."""
@@ -142,7 +145,7 @@ def fit_slot(st: SlotStats, cands: list[int], base: int | None, methods: Sequenc
     # their noise also attenuates the weights (errors in variables: see the verdict's warning)
     cand = 0.0 if st.cand_noise is None else sum(max(free[c] ** 2, 1.0 if len(cands) == 1 else 0.0)
                                                   * float(st.cand_noise[c]) for c in cands)
-    ctx = FitContext(st, cands, base, free, rss_free, FLOOR_FACTOR * (st.noise_floor + cand) + 1e-12 * g00)
+    ctx = FitContext(st, cands, base, free, rss_free, FLOOR_FACTOR * (st.noise_floor + cand) + 1e-12 * g00, refine)
     # 2. A single candidate re-encoded (values equal up to rounding), unless the candidates together fit
     #    significantly better: coarse storage (fp8, 4-bit) can hide a merge's parents' difference below its floor,
     #    yet over many elements the improvement of a real second parent stands far above chance (~ k / numel).
@@ -218,10 +221,10 @@ def fit_linear(ctx: FitContext) -> SlotFit | None:
     w_n, rss_n, se_n = lsq.solve_se(st, used, sum1=True)
     if rss_n <= ctx.floor:
         return _rounded(st, ctx.result("linear", {c: float(w) for c, w in zip(used, w_n, strict=True)}, rss_n,
-                                       sum_weights=1.0, normalized=1.0), used, se_n)
+                                       sum_weights=1.0, normalized=1.0), used, se_n, ctx.refine)
     _, _, se_f = lsq.solve_se(st, cands)
     return _rounded(st, ctx.result("linear", free, rss_free, sum_weights=sum(free.values()), normalized=0.0),
-                    cands, se_f)
+                    cands, se_f, ctx.refine)
 
 
 #: Standard errors never go below this: weights are applied in float32 (float32(0.7) = 0.69999999), so a recipe
@@ -229,12 +232,17 @@ def fit_linear(ctx: FitContext) -> SlotFit | None:
 SE_FLOOR = 2.0**-23
 
 
-def _rounded(st: SlotStats, fit: SlotFit, used: list[int], se: np.ndarray) -> SlotFit:
+def _rounded(st: SlotStats, fit: SlotFit, used: list[int], se: np.ndarray, refine: bool = True) -> SlotFit:
     """Attach standard errors, and where the suspect's storage rounding biases least squares (bf16/fp16/fp8 and
-    two or more parents), replace the weights with the rounding-aware fit (detectors.rounding)."""
+    two or more parents), replace the weights with the rounding-aware fit (detectors.rounding); without `refine`
+    the biased least-squares weights stay, with no standard error, so that they never enter a pooled weight."""
     fit.se = {c: max(float(v), SE_FLOOR * max(1.0, abs(fit.weights.get(c, 0.0)))) for c, v in zip(used, se,
                                                                                                   strict=True)}
     if len(used) < 2 or st.sample is None or st.suspect_dtype not in rounding.ROUNDED:
+        return fit
+    if not refine:
+        fit.se = {c: math.inf for c in used}
+        fit.params["rounding_skipped"] = 1.0
         return fit
     start = np.array([fit.weights.get(c, 0.0) for c in used])
     rf = rounding.fit(st.sample, used, st.suspect_dtype, start)

@@ -166,3 +166,25 @@ def test_a_registered_method_is_fitted_before_the_ones_after_it():
     finally:
         unregister_method("toy_plain_mean")
     assert _fit(np.float32(0.5) * a + np.float32(0.5) * b, [a, b]).method == "linear"
+
+
+def test_without_refinement_least_squares_weights_stay_out_of_pooling():
+    """A huge audit refines only a spread subset of slots (audit.ROUNDING_SLOTS); the others keep least squares
+    with infinite standard errors, so the verdict's pooled weights come from refined slots only."""
+    from modeltrace.architectures import Slot
+    from modeltrace.audit import ROUNDING_SLOTS, _choose_refined, _PlanItem
+
+    a, b = _rand(24), _rand(25)
+    models = [_bf16(np.float32(0.6) * a + np.float32(0.4) * b), a, b]
+    acc = SlotAccumulator(3, COLS, None, "BF16", total_rows=ROWS, cand_dtypes=["F32", "F32"])
+    acc.update([m.copy() for m in models])
+    st = acc.finish()
+    refined = fit_slot(st, [1, 2], None, fitting_order())
+    plain = fit_slot(st, [1, 2], None, fitting_order(), refine=False)
+    assert refined.params.get("rounding_fit") == 1.0 and all(math.isfinite(v) for v in refined.se.values())
+    assert plain.params.get("rounding_skipped") == 1.0 and all(v == math.inf for v in plain.se.values())
+    assert plain.method == refined.method == "linear" and abs(plain.weights[1] - 0.6) < 0.01
+    plan = [_PlanItem(Slot("mlp.up", k), [1, 2], {}, 4) for k in range(3 * ROUNDING_SLOTS)]
+    _choose_refined(plan)
+    kept = [k for k, item in enumerate(plan) if item.refine]
+    assert len(kept) == ROUNDING_SLOTS and kept[0] == 0 and kept[-1] == len(plan) - 1
