@@ -162,10 +162,6 @@ class Collector:
         ids = order.astype(np.int64)
         srt = np.argsort(ids)
         rows: dict[str, np.ndarray] = {}
-        # every token row announced first: a remote model fetches them many in flight (gather reads row by row)
-        view.source.prefetch([(view.parts[Slot(r)].name, view.parts[Slot(r)].row_start + int(i),
-                               view.parts[Slot(r)].row_start + int(i) + 1)
-                              for r in vocab for i in ids if i < view.parts[Slot(r)].rows])
         for r in vocab:
             part = view.parts[Slot(r)]
             ok = ids < part.rows
@@ -185,14 +181,13 @@ class Collector:
                     and roles.gain_slot(p.slot) is not None:
                 idx.update(int(c) for c in column_order(p.part.rows, p.part.cols)[:KEEP_COLS])
         gain_idx = np.array(sorted(idx), dtype=np.int64)
-        gain_slots = [slot for slot, part in view.parts.items()
-                      if slot.role in gain_roles and slot.expert < 0
-                      and ((part.cols == 1 and part.rows == hidden) or (part.rows == 1 and part.cols == hidden))]
-        # announced at once: a remote model fetches its few hundred norm vectors in a few coalesced requests in
-        # flight together, not one 20 ms round trip after another (9 s of a 400B MoE's fingerprint)
-        view.source.prefetch([(view.parts[sl].name, view.parts[sl].row_start,
-                               view.parts[sl].row_start + view.parts[sl].rows) for sl in gain_slots])
-        self.full_gains = full_gains = {slot: view.read(slot).ravel().astype(np.float32) for slot in gain_slots}
+        full_gains: dict[Slot, np.ndarray] = {}
+        for slot, part in view.parts.items():
+            if slot.role in gain_roles and slot.expert < 0 and part.cols == 1 and part.rows == hidden:
+                full_gains[slot] = view.read(slot).ravel().astype(np.float32)
+            elif slot.role in gain_roles and slot.expert < 0 and part.rows == 1 and part.cols == hidden:
+                full_gains[slot] = view.read(slot).ravel().astype(np.float32)
+        self.full_gains = full_gains
         block_rows = sum(p.nrows for p in plans if p.slot.role in roles.readers and p.part.cols == hidden)
         kp = min(len(ids), PRODUCT_TOKENS, max(MIN_PRODUCT_TOKENS, PRODUCT_BYTES // max(2 * block_rows, 1)))
         emb = rows.get("embed")
