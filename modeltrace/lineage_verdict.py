@@ -24,12 +24,16 @@ def pooled(values: list[float], ses: list[float]) -> float | None:
 def parent_entry(model: str, values: list[float], ses: list[float] | None = None,
                  floor: float = 2.0**-23) -> dict[str, Any]:
     """A parent with its weight pooled over tensors and a 95% interval (rounded outwards, so that display rounding
-    never excludes what the interval contains)."""
+    never excludes what the interval contains). `floor`: the smallest half-width, the resolution of the storage
+    (rounding.RESOLUTION over rounded storage), with standard errors or without."""
     if ses is not None and any(np.isfinite(x) for x in ses):
         m, lo, hi = pooled_interval(values, [x if np.isfinite(x) or x == np.inf else np.inf for x in ses],
                                     floor=floor)
-    else:
+    else:  # no standard errors (task arithmetic, model stock): the spread over tensors, never below the floor
         m, lo, hi = mean_interval(values)
+        if np.isfinite(m):
+            half = max(hi - m, m - lo, floor * max(1.0, abs(m)))
+            lo, hi = m - half, m + half
     if not np.isfinite(m):
         return {"model": model, "weight": None, "interval": None}
     return {"model": model, "weight": round(m, 4),

@@ -130,3 +130,15 @@ def test_a_parent_is_named_only_with_the_base():
     assert v["relation"] == "related"  # no base given or inferred in this run: parent, sibling or child of a
     v = decide(_run(make, ["s", "a", "c", "m"], ["F32"] * 4, base=3))
     assert v["relation"] == "finetune" and v["parents"][0]["model"] == "a" and v.get("siblings") == ["c"]
+
+
+def test_an_interval_without_standard_errors_keeps_the_resolution_floor():
+    """Task arithmetic's weights carry no standard errors: their interval is the spread over tensors, and it never
+    narrows below the storage's resolution (a 400B task-arithmetic verdict once read [0.600003, 0.600008] for 0.6)."""
+    from modeltrace.detectors.rounding import RESOLUTION
+    from modeltrace.lineage_verdict import parent_entry
+
+    lo, hi = parent_entry("nex", [0.6000055], None, floor=RESOLUTION)["interval"]
+    assert lo <= 0.6 <= hi and hi - lo >= 2 * RESOLUTION
+    lo, hi = parent_entry("nex", [0.6000050, 0.6000060, 0.6000055], None, floor=RESOLUTION)["interval"]
+    assert lo <= 0.6 <= hi
