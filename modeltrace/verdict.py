@@ -10,7 +10,7 @@ import numpy as np
 from modeltrace.align.coverage import stack_summary
 from modeltrace.align.layers import stack_map
 from modeltrace.audit import AuditRun, SlotResult
-from modeltrace.detectors.accumulate import is_lossy
+from modeltrace.detectors.accumulate import is_block_quantized, is_lossy
 from modeltrace.detectors.rounding import RESOLUTION, ROUNDED
 from modeltrace.lineage_verdict import parent_entry, pooled, trained, upcycled
 from modeltrace.methods import merge_method
@@ -247,7 +247,7 @@ def _decide(run: AuditRun) -> dict[str, Any]:
             n_layers = sum(1 for e in layers if e["layer"] >= 0)
             out["summary"] = _merge_summary(out, names[0], agree, n_layers, logp, names)
             sd = out["suspect_dtype"]
-            if is_lossy(sd) and not sd.startswith("F8"):  # a GGUF of the merge (Rio's were IQ4_XS and Q6_K)
+            if is_block_quantized(sd):  # a GGUF of the merge (Rio's were IQ4_XS and Q6_K)
                 out["encoding"] = {"suspect": sd}
                 out["summary"] += (f" {names[0]} is stored {sd}: a quantized copy of that merge (its weights are "
                                    f"estimated through {sd}'s rounding).")

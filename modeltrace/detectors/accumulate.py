@@ -49,9 +49,14 @@ _GGUF_QUANT = {
 }
 
 
+def is_block_quantized(dtype: str) -> bool:
+    """A GGUF block-quantization type (Q8_0, Q6_K, IQ4_XS, ...)."""
+    return dtype in _GGUF_QUANT
+
+
 def is_lossy(dtype: str) -> bool:
     """Storage that loses more than bf16 does: block quantization and fp8 (a candidate stored so is noisy)."""
-    return dtype in _GGUF_QUANT or dtype.startswith("F8")
+    return is_block_quantized(dtype) or dtype.startswith("F8")
 
 
 def quant_variance(x: np.ndarray, dtype: str) -> float:
@@ -478,4 +483,4 @@ def storage_is_low_precision(dtype: str) -> bool:
     return dtype in ("BF16", "F16", "F8_E4M3", "F8_E5M2")
 
 
-__all__ = ["SlotAccumulator", "SlotStats", "rounding_variance", "quant_variance", "is_lossy"]
+__all__ = ["SlotAccumulator", "SlotStats", "rounding_variance", "quant_variance", "is_lossy", "is_block_quantized"]
