@@ -17,7 +17,7 @@ from modeltrace.align.core import ResidualMap
 from modeltrace.align.view import ModelView
 from modeltrace.architectures import Slot
 
-__all__ = ["GAP", "WHOLE_BYTES", "AlignedReader", "ResidualMap", "SlotTransform", "gather"]
+__all__ = ["GAP", "WHOLE_BYTES", "AlignedReader", "ResidualMap", "SlotTransform", "gather", "gather_spans"]
 
 #: Row indices closer than this are read as one span (fewer, larger reads for locally shuffled rows).
 GAP = 8
@@ -50,6 +50,16 @@ class SlotTransform:
         return all(x is None for x in (self.rows, self.cols, self.col_scale, self.col_mat, self.row_mat))
 
 
+def gather_spans(idx: np.ndarray) -> list[tuple[int, int]]:
+    """The row spans [lo, hi) `gather` reads for rows `idx` (so a caller can announce exactly those reads)."""
+    idx = np.asarray(idx, dtype=np.int64)
+    if len(idx) == 0:
+        return []
+    s = np.sort(idx)
+    breaks: np.ndarray = np.nonzero(np.diff(s) > GAP)[0] + 1
+    return [(int(g[0]), int(g[-1]) + 1) for g in np.split(s, breaks)]
+
+
 def gather(view: ModelView, slot: Slot, idx: np.ndarray, whole: np.ndarray | None = None) -> np.ndarray:
     """Rows `idx` (any order, repeats allowed) of a part, read as few contiguous spans as the order allows."""
     idx = np.asarray(idx, dtype=np.int64)
@@ -63,11 +73,13 @@ def gather(view: ModelView, slot: Slot, idx: np.ndarray, whole: np.ndarray | Non
     order = np.argsort(idx, kind="stable")
     s = idx[order]
     out: np.ndarray = np.empty((len(idx), cols), dtype=np.float32)
-    breaks: np.ndarray = np.nonzero(np.diff(s) > GAP)[0] + 1
-    for g in np.split(np.arange(len(s)), breaks):
-        lo, hi = int(s[g[0]]), int(s[g[-1]]) + 1
+    start = 0
+    for lo, hi in gather_spans(s):
         block = view.read(slot, lo, hi)
+        n = int(np.searchsorted(s, hi - 1, side="right")) - start
+        g = np.arange(start, start + n)
         out[order[g]] = block[s[g] - lo]
+        start += n
     return out
 
 
