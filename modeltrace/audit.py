@@ -239,12 +239,13 @@ class _PlanItem:
     refine: bool = True  # whether the rounding-aware weight fit runs on this slot (see ROUNDING_SLOTS)
 
 
-#: Slots on which the rounding-aware merge-weight fit runs (detectors/rounding.py, ~70 ms a slot with three
-#: candidates): evenly spread over the plan. Pooled over 256 tensors its weights already reach the 1e-5 resolution
-#: floor of rounded storage (rounding.RESOLUTION); on a 400B MoE's 3,000 compared tensors the other fits added a
-#: minute and no precision. The other slots keep their least-squares weights for the per-layer table and drop out of
-#: the pooled weights (their bias over rounded storage is what the refined fit removes).
-ROUNDING_SLOTS = 256
+#: Slots on which the rounding-aware merge-weight fit runs (detectors/rounding.py, ~80 ms a slot with three
+#: candidates): evenly spread over the plan. One slot's fit resolves a weight to ~1e-4 (rounding.MAX_ELEMENTS), so
+#: pooled over 128 tensors its weights reach the 1e-5 resolution floor of rounded storage (rounding.RESOLUTION); on a
+#: 400B MoE's 3,000 compared tensors the other fits added a minute and no precision. The other slots keep their
+#: least-squares weights for the per-layer table and drop out of the pooled weights (their bias over rounded storage
+#: is what the refined fit removes).
+ROUNDING_SLOTS = 128
 
 
 def _choose_refined(plan: list[_PlanItem]) -> None:

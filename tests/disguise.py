@@ -383,6 +383,31 @@ def _q6_k(x: np.ndarray) -> np.ndarray:
     return out.reshape(rows, cols // 256 * 210)
 
 
+_KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
+
+
+def _iq4_xs(x: np.ndarray) -> np.ndarray:
+    """A plain IQ4_XS encoder (gguf-py only decodes it): rows of 256 -> 136-byte super-blocks (fp16 d, 6-bit
+    sub-block scales, 4-bit indices into the non-linear IQ4_NL grid)."""
+    rows, cols = x.shape
+    b = x.astype(np.float32).reshape(-1, 8, 32)
+    sub = np.abs(b).max(axis=-1) / 127.0  # (n, 8)
+    d16 = (sub.max(axis=-1) / 31.0).astype(np.float16)
+    df = d16.astype(np.float32)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ls = np.clip(np.nan_to_num(np.rint(sub / df)), 1, 31).astype(np.int32)
+        v = np.nan_to_num(b / (df * ls)[..., None])
+    mid = (_KVALUES[1:] + _KVALUES[:-1]) / 2
+    idx = np.searchsorted(mid, v).astype(np.uint8)  # nearest grid value
+    ls6 = (ls + 32).astype(np.uint16)
+    scales_l = (ls6[:, 0::2] & 0xF) | ((ls6[:, 1::2] & 0xF) << 4)
+    scales_h = ((ls6 >> 4) << (2 * np.arange(8, dtype=np.uint16))).sum(axis=-1).astype(np.uint16)
+    qs = (idx[..., :16] | (idx[..., 16:] << 4)).reshape(-1, 128)
+    out = np.concatenate([d16.view(np.uint8).reshape(-1, 2), scales_h.view(np.uint8).reshape(-1, 2),
+                          scales_l.astype(np.uint8), qs], axis=1)
+    return out.reshape(rows, cols // 256 * 136)
+
+
 def _q4_k(x: np.ndarray) -> np.ndarray:
     """A plain Q4_K encoder: rows of 256 -> 144-byte super-blocks (8 sub-blocks of 32, 6-bit scales and mins)."""
     rows, cols = x.shape
@@ -430,7 +455,8 @@ def _llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_gguf(m: Model, path: Path | str, qtype: str) -> Path:
-    """A llama GGUF of a dense model with 2-D tensors as `qtype` (Q8_0, Q6_K, Q4_K, F16), as llama.cpp would:
+    """A llama GGUF of a dense model with 2-D tensors as `qtype` (Q8_0, Q6_K, Q4_K, IQ4_XS, Q4_0, Q5_0, F16), as
+    llama.cpp would:
     Q/K rows permuted, tensors whose rows do not fit the block size kept in F16, vectors in F32."""
     import gguf
     import gguf.quants as gq
@@ -472,6 +498,10 @@ def write_gguf(m: Model, path: Path | str, qtype: str) -> Path:
             w.add_tensor(gname, _q6_k(x), raw_dtype=Q.Q6_K)
         elif qtype == "Q4_K" and x.shape[1] % 256 == 0:
             w.add_tensor(gname, _q4_k(x), raw_dtype=Q.Q4_K)
+        elif qtype == "IQ4_XS" and x.shape[1] % 256 == 0:
+            w.add_tensor(gname, _iq4_xs(x), raw_dtype=Q.IQ4_XS)
+        elif qtype in ("Q4_0", "Q5_0") and x.shape[1] % 32 == 0:
+            w.add_tensor(gname, gq.quantize(x, Q[qtype]), raw_dtype=Q[qtype])
         else:
             w.add_tensor(gname, x.astype(np.float16))
     w.write_header_to_file()

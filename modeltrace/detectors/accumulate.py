@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from modeltrace.detectors import kernels
+from modeltrace.detectors import kernels, quant_cells
 
 #: log2|x| histogram bins for magnitude-vs-survival analysis of sparse merges (1/8 octave).
 HIST_EDGES = np.arange(-48.0, 16.0001, 0.125)
@@ -217,6 +217,9 @@ class SlotAccumulator:
                           if _PRECISION.get(d, -1) > _PRECISION.get(self.suspect_dtype, 99)]
         self._sample: list[list[np.ndarray]] = [[] for _ in range(n)]
         self._sampled = 0
+        # a block-quantized suspect: the grid cell of every sampled value, from its sub-block (quant_cells.py)
+        self._cells: list[tuple[np.ndarray, np.ndarray]] | None = \
+            [] if quant_cells.has_cells(self.suspect_dtype, self.cols) else None
         self.nonfinite = np.zeros(n, dtype=np.int64)
         self.zero_delta = self.active_all = self.zero_active_all = 0
         self.hist_kept = np.zeros((n, NBINS), dtype=np.int64)
@@ -304,6 +307,9 @@ class SlotAccumulator:
         if want:
             step = max(1, (r * self.cols) // want)
             picked = [f.reshape(-1)[::step][:want] for f in flats]
+            if self._cells is not None and decode is None:
+                self._cells.append(quant_cells.sample_cells(flats[0], np.arange(len(picked[0])) * step,
+                                                            self.suspect_dtype))
             self._keep([decode(x) for x in picked] if decode else picked)
 
     def _keep(self, flats: list[np.ndarray]) -> None:
@@ -427,7 +433,14 @@ class SlotAccumulator:
                          cand_noise=self.cand_noise * scale, G_kept=self.G_kept, rescale=self._rescale,
                          E=self.E, requal=self.requal, suspect_dtype=self.suspect_dtype,
                          cand_dtypes=list(self.cand_dtypes or []),
-                         sample=np.stack([np.concatenate(x) for x in self._sample]) if self._sampled else None)
+                         sample=np.stack([np.concatenate(x) for x in self._sample]) if self._sampled else None,
+                         cells=self._cell_bounds())
+
+    def _cell_bounds(self) -> np.ndarray | None:
+        """(2, m) cells of the sampled suspect values, when every sampled value has one."""
+        if not self._cells or sum(len(c[0]) for c in self._cells) != self._sampled:
+            return None
+        return np.stack([np.concatenate([c[0] for c in self._cells]), np.concatenate([c[1] for c in self._cells])])
 
 
 @dataclass
@@ -466,6 +479,7 @@ class SlotStats:
     suspect_dtype: str = "F32"
     cand_dtypes: list[str] = field(default_factory=list)
     sample: np.ndarray | None = None  # (models, m) float32: a spread sample of aligned elements, suspect first
+    cells: np.ndarray | None = None  # (2, m): lo, hi of the suspect's sampled values in a block-quantized grid
 
     def sqdist(self) -> np.ndarray:
         """Squared distances between models: E when streamed, else from the Gram (which may cancel)."""

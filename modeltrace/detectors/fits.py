@@ -233,19 +233,20 @@ SE_FLOOR = 2.0**-23
 
 
 def _rounded(st: SlotStats, fit: SlotFit, used: list[int], se: np.ndarray, refine: bool = True) -> SlotFit:
-    """Attach standard errors, and where the suspect's storage rounding biases least squares (bf16/fp16/fp8 and
-    two or more parents), replace the weights with the rounding-aware fit (detectors.rounding); without `refine`
-    the biased least-squares weights stay, with no standard error, so that they never enter a pooled weight."""
+    """Attach standard errors, and where the suspect's storage rounding biases least squares (bf16/fp16/fp8, or a
+    GGUF grid with cells, and two or more parents), replace the weights with the rounding-aware fit
+    (detectors.rounding); without `refine` the biased least-squares weights stay, with no standard error, so that
+    they never enter a pooled weight."""
     fit.se = {c: max(float(v), SE_FLOOR * max(1.0, abs(fit.weights.get(c, 0.0)))) for c, v in zip(used, se,
                                                                                                   strict=True)}
-    if len(used) < 2 or st.sample is None or st.suspect_dtype not in rounding.ROUNDED:
+    if len(used) < 2 or st.sample is None or (st.suspect_dtype not in rounding.ROUNDED and st.cells is None):
         return fit
     if not refine:
         fit.se = {c: math.inf for c in used}
         fit.params["rounding_skipped"] = 1.0
         return fit
     start = np.array([fit.weights.get(c, 0.0) for c in used])
-    rf = rounding.fit(st.sample, used, st.suspect_dtype, start)
+    rf = rounding.fit(st.sample, used, st.suspect_dtype, start, st.cells)
     if rf is None or not np.all(np.isfinite(rf.weights)):
         return fit
     w = {c: float(v) for c, v in zip(used, rf.weights, strict=True)}

@@ -89,33 +89,47 @@ def _grad(theta: np.ndarray, P: np.ndarray, lo: np.ndarray, hi: np.ndarray, scal
     a, b = (hi - mu) / sigma, (lo - mu) / sigma
     lm = _log_mass(a, b)
     c = 0.5 * math.log(2 * math.pi)
-    # density over mass, exponents capped: far outside its cell an element's pull grows like |a| (Mills ratio)
-    pa = np.exp(np.minimum(-0.5 * a * a - c - lm, 300.0))
-    pb = np.exp(np.minimum(-0.5 * b * b - c - lm, 300.0))
-    dmu = np.nan_to_num((pa - pb) / sigma)  # d(-log L)/d mu
-    dls = np.nan_to_num(a * pa - b * pb)  # d(-log L)/d log sigma
+    # density over mass, exponents capped: far outside its cell an element's pull grows like |a| (Mills ratio);
+    # an open side (a GGUF value at its block's edge level) has no density: inf * 0 there is 0
+    with np.errstate(invalid="ignore", over="ignore"):
+        pa = np.exp(np.minimum(-0.5 * a * a - c - lm, 300.0))
+        pb = np.exp(np.minimum(-0.5 * b * b - c - lm, 300.0))
+        dmu = np.nan_to_num((pa - pb) / sigma)  # d(-log L)/d mu
+        dls = np.nan_to_num(np.where(pa > 0, a * pa, 0.0) - np.where(pb > 0, b * pb, 0.0))  # d(-log L)/d log sigma
     return np.concatenate([P @ dmu, [dls.sum()]])
 
 
-def fit(sample: np.ndarray, parents: list[int], dtype: str, start: np.ndarray) -> RoundingFit | None:
-    """Weights of the suspect (sample row 0) on `parents` (rows of `sample`), modelling `dtype` rounding; None when
-    the dtype is not a rounded one or too few elements tell the parents apart."""
-    if dtype not in ROUNDED or sample is None or len(parents) < 2:
+def fit(sample: np.ndarray, parents: list[int], dtype: str, start: np.ndarray,
+        cells_of_sample: np.ndarray | None = None) -> RoundingFit | None:
+    """Weights of the suspect (sample row 0) on `parents` (rows of `sample`), modelling `dtype` rounding, or the
+    given cells of the suspect's values (2, m: a block-quantized grid, detectors/quant_cells.py; open sides
+    infinite); None when neither applies or too few elements tell the parents apart."""
+    if (dtype not in ROUNDED and cells_of_sample is None) or sample is None or len(parents) < 2:
         return None
     P = sample[parents].astype(np.float64)
     S = sample[0]
     ok = np.isfinite(P).all(axis=0) & np.isfinite(S) & (np.ptp(P, axis=0) > 0)
+    if cells_of_sample is not None:
+        ok &= np.isfinite(cells_of_sample).any(axis=0)  # a cell open on both sides says nothing
     idx = np.nonzero(ok)[0]
     if idx.size < 64:
         return None
-    lo, hi = cells(S[idx], dtype)
-    wide = float(np.median(np.ptp(P[:, idx], axis=0) / np.maximum(hi - lo, 1e-300))) > BIAS_RATIO
+    if cells_of_sample is None:
+        lo, hi = cells(S[idx], dtype)
+    else:
+        lo, hi = cells_of_sample[0, idx].astype(np.float64), cells_of_sample[1, idx].astype(np.float64)
+    width = hi - lo
+    finite = np.isfinite(width)
+    if not finite.any():
+        return None
+    wide = float(np.median(np.ptp(P[:, idx[finite]], axis=0) / np.maximum(width[finite], 1e-300))) > BIAS_RATIO
     cap = MAX_ELEMENTS // 4 if wide else MAX_ELEMENTS
     if idx.size > cap:
         pick = np.linspace(0, idx.size - 1, cap).astype(int)
         idx, lo, hi = idx[pick], lo[pick], hi[pick]
     P, S = P[:, idx], S[idx]
-    scale = float(np.median(hi - lo))
+    width = hi - lo
+    scale = float(np.median(width[np.isfinite(width)])) if np.isfinite(width).any() else 0.0
     if not scale > 0:
         return None
     theta0 = np.concatenate([np.asarray(start, dtype=float), [math.log(0.3)]])
@@ -127,7 +141,15 @@ def fit(sample: np.ndarray, parents: list[int], dtype: str, start: np.ndarray) -
                                 options={"maxiter": 80})
         theta = res.x
         se = _standard_errors(theta, P, lo, hi, scale)
-    return RoundingFit(theta[:-1].copy(), se, float(math.exp(theta[-1])), int(idx.size))
+    weights = theta[:-1].copy()
+    if cells_of_sample is not None:  # a flat-topped likelihood: the set the cells allow gives the error instead
+        from modeltrace.detectors.quant_cells import feasible
+
+        got = feasible(weights, P, lo, hi)
+        if got is None:
+            return None
+        weights, se = got
+    return RoundingFit(weights, se, float(math.exp(theta[-1])), int(idx.size))
 
 
 def _one_thread():  # noqa: ANN202

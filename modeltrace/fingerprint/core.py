@@ -292,7 +292,14 @@ def fingerprint_view(view: ModelView, spec: str, threads: int | None = None, t0:
     """The fingerprint of an open view (`spec` as normalized), all in this process."""
     t0 = time.perf_counter() if t0 is None else t0
     job = begin_fingerprint(view, spec)
-    n_threads = threads or (8 if spec.startswith("hf://") else 2)
+    if threads:
+        n_threads = threads
+    elif spec.startswith("hf://"):  # one block a request: as many in flight as the connections allow
+        from modeltrace.sources import remote
+
+        n_threads = remote.settings().connections
+    else:
+        n_threads = 2
 
     def read(p: SlotPlan) -> np.ndarray:
         return view.read(p.slot, p.row0, p.row0 + p.nrows)

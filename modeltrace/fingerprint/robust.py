@@ -189,7 +189,8 @@ class Collector:
                     and roles.gain_slot(p.slot) is not None:
                 idx.update(int(c) for c in column_order(p.part.rows, p.part.cols)[:KEEP_COLS])
         gain_idx = np.array(sorted(idx), dtype=np.int64)
-        self.full_gains = full_gains = {slot: view.read(slot).ravel().astype(np.float32) for slot in gain_slots}
+        full_gains: dict[Slot, np.ndarray] = {slot: view.read(slot).ravel().astype(np.float32) for slot in gain_slots}
+        self.full_gains = full_gains
         block_rows = sum(p.nrows for p in plans if p.slot.role in roles.readers and p.part.cols == hidden)
         kp = min(len(ids), PRODUCT_TOKENS, max(MIN_PRODUCT_TOKENS, PRODUCT_BYTES // max(2 * block_rows, 1)))
         emb = rows.get("embed")

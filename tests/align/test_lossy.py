@@ -27,11 +27,16 @@ def _check_merge(v, a, b, wa=0.6, wb=0.4):
     assert all(p["log10_p"] < -10 for p in v["p_values"].values())
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q6_K", "Q4_K"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q6_K", "Q4_K", "IQ4_XS", "Q4_0"])
 def test_gguf_quantized_merge(wide, tmp_path, qtype):
     g = D.write_gguf(D.load(wide["wide_merge"]), tmp_path / f"merge-{qtype}.gguf", qtype)
     v = _verdict(g, [wide["wide_ft1"], wide["wide_ft2"]])
     _check_merge(v, "wide_ft1", "wide_ft2")
+    # the grid cells of the quantized values, not least squares, give the weights: the intervals hold the truth
+    # (least squares on 4-bit grids reads 0.593 with an interval that excludes 0.6)
+    iv = {p["model"]: p["interval"] for p in v["parents"]}
+    assert iv["wide_ft1"][0] <= 0.6 <= iv["wide_ft1"][1] and iv["wide_ft2"][0] <= 0.4 <= iv["wide_ft2"][1], iv
+    assert iv["wide_ft1"][1] - iv["wide_ft1"][0] < 0.03, iv  # and say something
 
 
 @pytest.mark.parametrize("dtype", ["F16", "F8_E4M3"])
