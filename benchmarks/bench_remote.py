@@ -7,6 +7,8 @@ floor: the same byte ranges fetched again by a plain parallel reader (16 threads
     python benchmarks/bench_remote.py [--shape small|full] [--sample 0.002] [--bandwidth 100e6] [--latency 0.02]
         [--steps inspect,index,identify,audit,gguf]
 
+`--sample 0` runs the audits without `--sample`: the plan a user gets by default.
+
 `--shape full` is the 397B shape (60 layers, 512 experts, ~93k tensors in 94 shards); generating its sampled
 bytes is the server's work on this machine's 2 cores, so `small` (8 layers, 32 experts, 881 tensors, 131 MB a
 model) is the default for the steps that read weights; inspect runs at full shape either way.
@@ -66,6 +68,11 @@ def _floor(url: str, stats: dict, connections: int = 16) -> float:
     return dt
 
 
+def _sample_args(sample: float) -> list[str]:
+    """`--sample F`, or nothing (the audit's default plan) for F = 0."""
+    return ["--sample", str(sample)] if sample > 0 else []
+
+
 def _run(url: str, cache: str, args: list[str]) -> tuple[float, float, str, str]:
     """(wall s, peak RSS MB, stdout, stderr) of one CLI command in its own process."""
     env = {**os.environ, "HF_ENDPOINT": url, "MODELTRACE_CACHE": cache, "HF_HUB_DISABLE_TELEMETRY": "1",
@@ -113,7 +120,7 @@ def _find(doc: object, key: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=["small", "full"], default="small")
-    ap.add_argument("--sample", type=float, default=0.002)
+    ap.add_argument("--sample", type=float, default=0.002, help="0: no --sample (the audit's default plan)")
     ap.add_argument("--bandwidth", type=float, default=100e6)
     ap.add_argument("--latency", type=float, default=0.020)
     ap.add_argument("--steps", default="inspect,index,identify,audit")
@@ -164,10 +171,11 @@ def main() -> None:
                 print("    -> (no JSON answer)")
         if "audit" in steps:
             args = ["audit", "hf://bench/rio", "-c", "hf://bench/nex", "-c", "hf://bench/qwen", "-c",
-                    "hf://bench/sibling", "--sample", str(a.sample), "--json"]
+                    "hf://bench/sibling", *_sample_args(a.sample), "--json"]
             dt, peak, out, err = _run(url, cache, args)
             st = _stats(url)
-            _report(f"audit rio vs nex, qwen, sibling --sample {a.sample} (targets <= 5 min, <= 0.5% of each "
+            plan = " ".join(_sample_args(a.sample)) or "(default plan)"
+            _report(f"audit rio vs nex, qwen, sibling {plan} (targets <= 5 min, <= 0.5% of each "
                     "model, <= 20,000 requests, <= 1 GB)", dt, peak, st, _floor(url, st), sizes)
             try:
                 v = _find(json.loads(out), "relation")
@@ -181,11 +189,12 @@ def main() -> None:
             for q in ("Q6_K", "IQ4_XS"):
                 repo = f"bench/rio-gguf-{q.lower().replace('_', '')}"
                 gsize = VirtualGGUF(shape_obj, "rio", q).sizes()
-                args = ["audit", f"hf://{repo}", "-c", "hf://bench/nex", "-c", "hf://bench/qwen", "--sample",
-                        str(a.sample), "--json"]
+                args = ["audit", f"hf://{repo}", "-c", "hf://bench/nex", "-c", "hf://bench/qwen",
+                        *_sample_args(a.sample), "--json"]
                 dt, peak, out, err = _run(url, cache, args)
                 st = _stats(url)
-                _report(f"audit {repo} ({q} GGUF of rio) vs nex, qwen --sample {a.sample}", dt, peak, st,
+                plan = " ".join(_sample_args(a.sample)) or "(default plan)"
+                _report(f"audit {repo} ({q} GGUF of rio) vs nex, qwen {plan}", dt, peak, st,
                         _floor(url, st), {**sizes, repo: gsize[f"rio-{q}.gguf"]})
                 try:
                     v = _find(json.loads(out), "relation")

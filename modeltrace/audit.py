@@ -272,7 +272,7 @@ def _process_slot(views: list[ModelView], item: _PlanItem, base: int | None, sam
         ranges = _row_plan(rows, part.cols, sample if not structured else None, chunk_bytes * RAW_WINDOW_FACTOR,
                            kernels.itemsize(raw_dtype))
     acc = SlotAccumulator(1 + len(cands), part.cols, idx_base, s.dtype(slot), total_rows=rows,
-                          cand_dtypes=[views[i].dtype(item.tfs[i].slot) for i in cands])
+                          cand_dtypes=[views[i].dtype(item.tfs[i].slot) for i in cands], grid_cells=s.stored_rows)
     note = ""
     if rows < part.rows or any(item.tfs[i].shape(views[i])[0] != rows and item.tfs[i].rows is None for i in cands):
         note = f"vocabularies differ: compared the {rows} shared rows"

@@ -249,8 +249,14 @@ def _decide(run: AuditRun) -> dict[str, Any]:
             sd = out["suspect_dtype"]
             if is_block_quantized(sd):  # a GGUF of the merge (Rio's were IQ4_XS and Q6_K)
                 out["encoding"] = {"suspect": sd}
-                out["summary"] += (f" {names[0]} is stored {sd}: a quantized copy of that merge (its weights are "
-                                   f"estimated through {sd}'s rounding).")
+                if any(r.fit.params.get("grid_cells") for r in agree):
+                    how = f"its weights are estimated from the cells of {sd}'s grid"
+                else:  # fingerprint samples, or a type without element-wise rounding: least squares, biased
+                    how = (f"its weights are least squares through {sd}'s rounding, which biases them by up to "
+                           "~0.01 for 4-bit types, so no interval is given; audit the weights for one")
+                    for p in out["parents"]:
+                        p["interval"] = None
+                out["summary"] += f" {names[0]} is stored {sd}: a quantized copy of that merge ({how})."
             return out
     return trained(out, run, matrix, related, logp, ws if merger is not None and merger.family != "stack" else {})
 

@@ -24,6 +24,9 @@ class ModelView:
     config: dict
     unknown: list[str] = field(default_factory=list)
 
+    #: rows are read whole and in stored order (a quantized tensor's sub-blocks intact: detectors/quant_cells.py)
+    stored_rows = True
+
     @property
     def n_layers(self) -> int:
         layers = [s.layer for s in self.parts if s.layer >= 0]

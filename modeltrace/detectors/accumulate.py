@@ -185,6 +185,7 @@ class SlotAccumulator:
     sparse: bool = True
     total_rows: int = 0
     cand_dtypes: list[str] | None = None  # storage dtype of each candidate (lossy ones add to the residual floor)
+    grid_cells: bool = True  # chunks are whole stored rows: a block-quantized suspect's grid cells can be read
 
     G: np.ndarray = field(init=False)
     rows: int = field(init=False, default=0)
@@ -219,7 +220,7 @@ class SlotAccumulator:
         self._sampled = 0
         # a block-quantized suspect: the grid cell of every sampled value, from its sub-block (quant_cells.py)
         self._cells: list[tuple[np.ndarray, np.ndarray]] | None = \
-            [] if quant_cells.has_cells(self.suspect_dtype, self.cols) else None
+            [] if self.grid_cells and quant_cells.has_cells(self.suspect_dtype, self.cols) else None
         self.nonfinite = np.zeros(n, dtype=np.int64)
         self.zero_delta = self.active_all = self.zero_active_all = 0
         self.hist_kept = np.zeros((n, NBINS), dtype=np.int64)

@@ -257,6 +257,8 @@ def _rounded(st: SlotStats, fit: SlotFit, used: list[int], se: np.ndarray, refin
     fit.weights = w
     fit.se = {c: max(float(v), SE_FLOOR * max(1.0, abs(w[c]))) for c, v in zip(used, rf.se, strict=True)}
     fit.params["rounding_fit"] = 1.0
+    if st.cells is not None:
+        fit.params["grid_cells"] = 1.0
     fit.params["rounding_sigma"] = rf.sigma
     return fit
 

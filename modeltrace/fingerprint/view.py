@@ -44,6 +44,9 @@ class _FingerprintSource:
 class FingerprintView:
     """A ModelView over a fingerprint's samples (duck-typed: label, spec, parts, read, dtype, source, n_layers)."""
 
+    #: samples keep a subset of columns: a quantized tensor's sub-blocks are not whole, so its grid cells are unknown
+    stored_rows = False
+
     def __init__(self, fp: Fingerprint, label: str, keep: dict[Slot, int]) -> None:
         self.fp = fp
         self.label = label

@@ -87,3 +87,18 @@ def test_quantized_candidates_are_flagged(wide, tmp_path):
 def test_independent_model_quantized_stays_independent(wide, tmp_path):
     v = _verdict(D.write_gguf(D.load(wide["wide_other"]), tmp_path / "o.gguf", "Q4_K"), [wide["wide_base"]])
     assert v["relation"] == "independent"
+
+
+def test_quantized_merge_from_fingerprints_gives_no_biased_interval(wide, tmp_path):
+    """Fingerprint samples keep a subset of columns, so a GGUF suspect's grid cells are unknown there: identify's
+    recipe for a 4-bit copy is least squares, and says so instead of giving an interval that misses the truth."""
+    from modeltrace.fingerprint import make_fingerprint
+    from modeltrace.fingerprint_audit import audit_fingerprints
+
+    g = D.write_gguf(D.load(wide["wide_merge"]), tmp_path / "merge.gguf", "IQ4_XS")
+    fps = [make_fingerprint(str(p)) for p in (g, wide["wide_ft1"], wide["wide_ft2"])]
+    v = audit_fingerprints(fps[0], "merge", fps[1:], ["wide_ft1", "wide_ft2"], None)
+    assert v["relation"] == "merge" and v["encoding"] == {"suspect": "IQ4_XS"}, v["summary"]
+    assert all(p["interval"] is None for p in v["parents"]) and "no interval" in v["summary"]
+    assert {p["model"]: abs(p["weight"] - w) < 0.03 for p, w in zip(v["parents"], (0.6, 0.4), strict=True)} \
+        == {"wide_ft1": True, "wide_ft2": True}
