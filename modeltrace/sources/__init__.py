@@ -49,6 +49,10 @@ def _open_file(path: Path, allow_pickle: bool) -> Source:
     if name.endswith(".safetensors"):
         return SafetensorsSource(LocalStore(path.parent, ReadStats(), only=path.name), single_file=path.name)
     if name.endswith(".gguf"):
+        from modeltrace.sources.gguf_remote import SPLIT_RE
+
+        if SPLIT_RE.match(path.name):  # one part of a split set: the whole set
+            return _open_gguf_set(path.parent, path.name)
         from modeltrace.sources.gguf_source import GGUFSource
 
         return GGUFSource(path)
@@ -69,12 +73,18 @@ def _open_dir(path: Path, allow_pickle: bool) -> Source:
     if INDEX_NAME in entries or any(e.endswith(".safetensors") for e in entries):
         return SafetensorsSource(LocalStore(path, ReadStats()))
     ggufs = sorted(e for e in entries if e.endswith(".gguf"))
-    if len(ggufs) == 1:
-        from modeltrace.sources.gguf_source import GGUFSource
+    if ggufs:
+        from modeltrace.sources.gguf_remote import gguf_choices
 
-        return GGUFSource(path / ggufs[0])
-    if len(ggufs) > 1:
-        raise InputError(f"{path}: holds {len(ggufs)} GGUF files; name the one to read")
+        choices = gguf_choices(ggufs)
+        if len(choices) == 1 and len(ggufs) == 1:
+            from modeltrace.sources.gguf_source import GGUFSource
+
+            return GGUFSource(path / ggufs[0])
+        if len(choices) == 1:  # a split set
+            return _open_gguf_set(path, None)
+        raise InputError(f"{path}: holds {len(choices)} GGUF models ({', '.join(list(choices)[:8])}); name the one "
+                         "to read (any part of a split set opens the whole set)")
     pickles = sorted(e for e in entries if e.endswith(PICKLE_SUFFIXES))
     if pickles:
         if not allow_pickle:
@@ -85,3 +95,13 @@ def _open_dir(path: Path, allow_pickle: bool) -> Source:
         main = "pytorch_model.bin" if "pytorch_model.bin" in pickles else pickles[0]
         return PickleSource(path / main, folder=path)
     raise InputError(f"{path}: no model weights found (no .safetensors, .gguf or .bin files)")
+
+
+def _open_gguf_set(folder: Path, file: str | None) -> Source:
+    """A split GGUF set (`-00001-of-0000N.gguf` parts) in a local folder, read as one model through the reader hf://
+    sets use (headers of every part, ranged reads); a missing part is a one-line error."""
+    from modeltrace.sources.bytestore import LocalStore
+    from modeltrace.sources.gguf_remote import open_gguf_repo
+
+    names = [p.name for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(".gguf")]
+    return open_gguf_repo(LocalStore(folder, ReadStats()), names, file)

@@ -207,3 +207,30 @@ def test_remote_gguf_fingerprint_equals_local(hub_server, wide, repos):  # noqa:
     for k, s in local.slots.items():
         np.testing.assert_array_equal(remote.slots[k].values, s.values)
     assert all(r.range is not None for r in srv.requests("GET", "/resolve/"))
+
+
+def test_local_split_gguf_reads_as_one(repos):
+    """A split set on disk opens as one model, from its folder or from any part; a missing part is one line."""
+    parts = sorted(p.name for p in repos["split"].iterdir())
+    one = open_source(repos["one"] / "merge-Q6_K.gguf")
+    for spec in (repos["split"], repos["split"] / parts[0], repos["split"] / parts[-1]):
+        src = open_source(spec)
+        assert src.tensors().keys() == one.tensors().keys() and src.config() == one.config()
+        np.testing.assert_array_equal(src.read_rows("model.layers.1.self_attn.k_proj.weight", 0, 7),
+                                      one.read_rows("model.layers.1.self_attn.k_proj.weight", 0, 7))
+        src.close()
+
+
+def test_local_split_gguf_missing_part(repos, tmp_path):
+    parts = sorted(p.name for p in repos["split"].iterdir())
+    for p in parts[:-1]:
+        shutil.copy(repos["split"] / p, tmp_path / p)
+    with pytest.raises(InputError, match=f"missing {parts[-1]}") as e:
+        open_source(tmp_path / parts[0])
+    assert "\n" not in str(e.value)
+
+
+def test_local_folder_of_several_ggufs_names_them(repos):
+    with pytest.raises(InputError, match="holds 2 GGUF models") as e:
+        open_source(repos["two"])
+    assert "merge-Q8_0.gguf" in str(e.value) and "\n" not in str(e.value)
