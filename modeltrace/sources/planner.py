@@ -27,10 +27,8 @@ __all__ = ["coalesce", "Prefetcher", "Block", "DEFAULT_GAP", "DEFAULT_MAX_REQUES
 DEFAULT_GAP = 1024 * 1024
 #: Merged requests stop growing here, so that many run in parallel and one retry repeats little.
 DEFAULT_MAX_REQUEST = 16 * 1024 * 1024
-#: Bytes fetched ahead and not yet read, per store: 64 MiB is 30x the bandwidth-delay product of a 100 MB/s, 20 ms
-#: link, and an audit of four remote models holds at most 256 MiB ahead (at 256 MiB a store, the full-size Rio audit's
-#: default plan peaked at 1.39 GB against a 1 GB target).
-DEFAULT_CAP = 64 * 1024 * 1024
+#: Bytes fetched ahead and not yet read, per store.
+DEFAULT_CAP = 256 * 1024 * 1024
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
