@@ -130,19 +130,9 @@ def identify(suspect: str | Path, index: Index | str | Path | None = None, *, to
             fp = fingerprint(spec, options=o)
             cd = None
             if digest:
-                from modeltrace.provenance.content import content_digest
-                from modeltrace.sources import open_source
+                from modeltrace.provenance.content import digest_model
 
-                with open_source(spec, allow_pickle=o.allow_pickle) as src:
-                    total = sum(t.nbytes for t in src.tensors().values())
-                    done = [0]
-
-                    def advance(n: int) -> None:
-                        done[0] += n
-                        if progress is not None:
-                            progress(done[0], total)
-
-                    cd = content_digest(src, progress=advance)
+                cd = digest_model(spec, allow_pickle=o.allow_pickle, progress=progress)
             doc = run_identify(fp, ix, top=top, digest=cd)
         finally:
             if owned:

@@ -30,7 +30,7 @@ from modeltrace.fingerprint.sampling import seeded
 
 if TYPE_CHECKING:
     from modeltrace.align.view import ModelView
-    from modeltrace.audit import _PlanItem
+    from modeltrace.audit_plan import _PlanItem
 
 __all__ = ["BUDGET_SHARE", "Coverage", "DEFAULT_MAX_REQUESTS", "DEFAULT_REMOTE_SHARE", "REMOTE_FULL_BYTES",
            "READ_AHEAD_BYTES", "SMALL_WHOLE", "chosen_experts", "default_budget", "design", "is_remote",

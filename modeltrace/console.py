@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,7 +24,7 @@ from modeltrace.errors import InputError, ModelTraceError
 from modeltrace.redact import scrub
 
 __all__ = ["ConnectionsOpt", "BudgetOpt", "FailOnOpt", "FormatOpt", "JsonOpt", "OutputOpt", "TimeoutOpt",
-           "check_output", "deliver", "err", "gate", "guarded", "out", "print_json", "remote_limits", "render_audit",
+           "byte_progress", "check_output", "deliver", "err", "gate", "guarded", "out", "print_json", "render_audit",
            "render_description", "render_findings", "report_format"]
 
 out = Console()
@@ -63,6 +64,17 @@ def print_json(doc: Any) -> None:
     sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
 
 
+
+@contextmanager
+def byte_progress(description: str, visible: bool = True) -> Iterator[Callable[[int, int], None]]:
+    """A transient progress bar on stderr (only on a terminal) for a pass over bytes; yields `progress(done, total)`."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                  console=err, disable=not err.is_terminal, transient=True) as bar:
+        task = bar.add_task(description, total=None, visible=visible)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
 # ---- report options shared by every command that produces findings (modeltrace/report) ----------------------------
 FormatOpt = Annotated[str | None, typer.Option("--format", "-f", help="Report format: json, md, html, cyclonedx "
                                                "(CycloneDX 1.6 ML-BOM) or spdx (SPDX 3.0.1 AI). Default: a terminal "
@@ -84,15 +96,6 @@ ConnectionsOpt = Annotated[int | None, typer.Option(
 BudgetOpt = Annotated[str | None, typer.Option(
     "--budget", help="Bytes the audit may fetch from remote models, e.g. 4G: without --sample, the fraction of rows "
     "read is chosen to fit; it is never exceeded (env MODELTRACE_BUDGET).", show_default=False)]
-
-
-def remote_limits(timeout: float | None, connections: int | None, budget: str | None = None) -> int | None:
-    """Apply --timeout/--connections/--budget for this command (and its worker processes); the budget in bytes."""
-    from modeltrace.sources.remote import configure, parse_bytes
-
-    nbytes = parse_bytes(budget) if budget is not None else None
-    configure(timeout=timeout, connections=connections, budget=nbytes)
-    return nbytes
 
 
 def report_format(fmt: str | None, json_out: bool, output: Path | None) -> str | None:

@@ -12,9 +12,19 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from modeltrace.console import ConnectionsOpt, TimeoutOpt, _human_bytes, err, guarded, out, print_json, remote_limits
+from modeltrace.console import (
+    ConnectionsOpt,
+    TimeoutOpt,
+    _human_bytes,
+    byte_progress,
+    err,
+    guarded,
+    out,
+    print_json,
+)
 from modeltrace.engine import RAY_ADDRESS_HELP
 from modeltrace.errors import InputError
+from modeltrace.options import ReadOptions, remote_limits
 
 IndexOpt = Annotated[Path | None, typer.Option("--index", help="Index file (default: $MODELTRACE_INDEX, else "
                                                "~/.local/share/modeltrace/index.sqlite).", show_default=False)]
@@ -67,53 +77,53 @@ def add_cmd(
 
     if name is not None and len(models) != 1:
         raise InputError("--name names one model; give exactly one MODEL with it")
-    remote_limits(timeout, connections)
-    ix = _open(index, create=True)
-    failed, rows = 0, []
-    try:
-        for o in engine.run(fingerprint_job, [(m, allow_pickle) for m in models], workers=workers):
-            spec = models[o.index]
-            if not o.ok:
-                failed += 1
-                err.print(f"modeltrace: error: {o.error}", markup=False, highlight=False, soft_wrap=True)
-                rows.append({"model": spec, "ok": False, "error": o.error})
-                continue
-            blob, seconds = o.value
-            fp = Fingerprint.from_bytes(blob)
-            got = ix.add(fp, name)
-            rows.append({"model": spec, "ok": True, "status": got.status, "name": got.name,
-                         "fingerprint_bytes": len(blob), "bytes_read": fp.bytes_read,
-                         "total_bytes": fp.model.get("total_bytes"), "seconds": round(seconds, 3)})
-            if digest:
-                from modeltrace.commands.provenance import digest_model
-                from modeltrace.index.digests import digest_of, store
+    with remote_limits(ReadOptions(allow_pickle=allow_pickle, timeout=timeout, connections=connections)):
+        ix = _open(index, create=True)
+        failed, rows = 0, []
+        try:
+            for o in engine.run(fingerprint_job, [(m, allow_pickle) for m in models], workers=workers):
+                spec = models[o.index]
+                if not o.ok:
+                    failed += 1
+                    err.print(f"modeltrace: error: {o.error}", markup=False, highlight=False, soft_wrap=True)
+                    rows.append({"model": spec, "ok": False, "error": o.error})
+                    continue
+                blob, seconds = o.value
+                fp = Fingerprint.from_bytes(blob)
+                got = ix.add(fp, name)
+                rows.append({"model": spec, "ok": True, "status": got.status, "name": got.name,
+                             "fingerprint_bytes": len(blob), "bytes_read": fp.bytes_read,
+                             "total_bytes": fp.model.get("total_bytes"), "seconds": round(seconds, 3)})
+                if digest:
+                    from modeltrace.commands.provenance import digest_model
+                    from modeltrace.index.digests import digest_of, store
 
-                cd = digest_model(spec, allow_pickle)
-                rows[-1]["content_digest"] = cd.model_id
-                if got.status != "duplicate":
-                    store(ix, got.name, cd)
-                elif (known := digest_of(ix, got.name)) is not None and known.model != cd.model:
-                    rows[-1]["status"] = "not-added"
-                    err.print(f"warning: {spec} has the fingerprint of indexed {got.name} but other content "
-                              f"({cd.model_id[:21]}… vs {known.model_id[:21]}…); not added (the index keys "
-                              "entries by fingerprint)", markup=False, highlight=False, soft_wrap=True)
-            if not json_out:
-                what = {"added": "added", "updated": "updated", "unchanged": "unchanged, already indexed",
-                        "duplicate": "same sampled values as indexed"}[got.status]
-                out.print(f"{what} {got.name}  (fingerprint {_human_bytes(len(blob))}, "
-                          f"{_share(fp.bytes_read, fp.model.get('total_bytes'))}, {seconds:.1f} s)"
-                          + (f"  {rows[-1]['content_digest']}" if "content_digest" in rows[-1] else ""),
-                          markup=False, highlight=False)
-        if any(r.get("status") in ("added", "updated") for r in rows):
-            from modeltrace.tree.graph import update_tree
+                    cd = digest_model(spec, allow_pickle)
+                    rows[-1]["content_digest"] = cd.model_id
+                    if got.status != "duplicate":
+                        store(ix, got.name, cd)
+                    elif (known := digest_of(ix, got.name)) is not None and known.model != cd.model:
+                        rows[-1]["status"] = "not-added"
+                        err.print(f"warning: {spec} has the fingerprint of indexed {got.name} but other content "
+                                  f"({cd.model_id[:21]}… vs {known.model_id[:21]}…); not added (the index keys "
+                                  "entries by fingerprint)", markup=False, highlight=False, soft_wrap=True)
+                if not json_out:
+                    what = {"added": "added", "updated": "updated", "unchanged": "unchanged, already indexed",
+                            "duplicate": "same sampled values as indexed"}[got.status]
+                    out.print(f"{what} {got.name}  (fingerprint {_human_bytes(len(blob))}, "
+                              f"{_share(fp.bytes_read, fp.model.get('total_bytes'))}, {seconds:.1f} s)"
+                              + (f"  {rows[-1]['content_digest']}" if "content_digest" in rows[-1] else ""),
+                              markup=False, highlight=False)
+            if any(r.get("status") in ("added", "updated") for r in rows):
+                from modeltrace.tree.graph import update_tree
 
-            tree = update_tree(ix)  # a family tree built for this index stays current
-            if tree is not None and not json_out:
-                out.print(f"family tree updated ({tree.stats['pairs_computed']} pairs computed, "
-                          f"{tree.stats['families_solved']} families re-solved, {tree.stats['seconds']:.1f} s)",
-                          markup=False, highlight=False)
-    finally:
-        ix.close()
+                tree = update_tree(ix)  # a family tree built for this index stays current
+                if tree is not None and not json_out:
+                    out.print(f"family tree updated ({tree.stats['pairs_computed']} pairs computed, "
+                              f"{tree.stats['families_solved']} families re-solved, {tree.stats['seconds']:.1f} s)",
+                              markup=False, highlight=False)
+        finally:
+            ix.close()
     if json_out:
         print_json(rows)
     if failed:
@@ -258,18 +268,11 @@ def register(app: typer.Typer) -> None:
 
         Example: modeltrace identify ./new-upload --top 5
         """
-        from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
-
         from modeltrace.api import identify
-        from modeltrace.options import ReadOptions
 
         options = ReadOptions(allow_pickle=allow_pickle, timeout=timeout, connections=connections)
-        with _open(index) as ix, Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                                          TimeRemainingColumn(), console=err, disable=not err.is_terminal,
-                                          transient=True) as bar:
-            task = bar.add_task(f"content digest of {suspect}", total=None, visible=digest)
-            res = identify(suspect, ix, top=top, digest=digest, options=options,
-                           progress=lambda done, total: bar.update(task, completed=done, total=total)).document()
+        with _open(index) as ix, byte_progress(f"content digest of {suspect}", visible=digest) as progress:
+            res = identify(suspect, ix, top=top, digest=digest, options=options, progress=progress).document()
         if json_out:
             print_json(res)
             warn_damaged(res)
@@ -315,26 +318,29 @@ def register(app: typer.Typer) -> None:
         address, list_or_dir = split_address(targets or [], ray, "scan takes one LIST_OR_DIR: a list file, a "
                                              "folder of models, or one model (preceded by a Ray ADDRESS only "
                                              "with --ray)")
-        remote_limits(timeout, connections)
-        specs = expand(list_or_dir)
-        failed = 0
-        with _open(index, create=add) as ix:
-            if not add and ix.count() == 0:
-                raise InputError(f"{ix.path}: the index is empty; add models first or pass --add")
-            for row in scan(specs, ix, add=add, top=top, workers=workers, ray=ray, address=address,
-                            allow_pickle=allow_pickle, digest=digest):
-                failed += not row["ok"]
-                if json_out:
-                    sys.stdout.write(json.dumps(row, default=str) + "\n")
-                    sys.stdout.flush()
-                elif not row["ok"]:
-                    err.print(f"modeltrace: error: {row['error']}", markup=False, highlight=False, soft_wrap=True)
-                else:
-                    added = f"  [{row['added']}]" if "added" in row else ""
-                    out.print(f"{row['name']}: {row['summary']}{added}", markup=False, highlight=False)
-                    for d in row.get("failed") or []:
-                        err.print(f"warning: {d['model']} left out: {d['problem']}", markup=False, highlight=False)
-            warn_damaged({"damaged": [{"model": n, "problem": p} for n, p in sorted(ix.damaged.items())]})
+        options = ReadOptions(allow_pickle=allow_pickle, timeout=timeout, connections=connections)
+        with remote_limits(options):
+            specs = expand(list_or_dir)
+            failed = 0
+            with _open(index, create=add) as ix:
+                if not add and ix.count() == 0:
+                    raise InputError(f"{ix.path}: the index is empty; add models first or pass --add")
+                for row in scan(specs, ix, add=add, top=top, workers=workers, ray=ray, address=address,
+                                allow_pickle=allow_pickle, digest=digest):
+                    failed += not row["ok"]
+                    if json_out:
+                        sys.stdout.write(json.dumps(row, default=str) + "\n")
+                        sys.stdout.flush()
+                    elif not row["ok"]:
+                        err.print(f"modeltrace: error: {row['error']}", markup=False, highlight=False,
+                                  soft_wrap=True)
+                    else:
+                        added = f"  [{row['added']}]" if "added" in row else ""
+                        out.print(f"{row['name']}: {row['summary']}{added}", markup=False, highlight=False)
+                        for d in row.get("failed") or []:
+                            err.print(f"warning: {d['model']} left out: {d['problem']}", markup=False,
+                                      highlight=False)
+                warn_damaged({"damaged": [{"model": n, "problem": p} for n, p in sorted(ix.damaged.items())]})
         if failed:
             err.print(f"modeltrace: {failed} of {len(specs)} models failed", markup=False)
             raise typer.Exit(2)

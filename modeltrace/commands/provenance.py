@@ -7,27 +7,23 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from modeltrace.console import err, guarded, out, print_json
+from modeltrace.console import byte_progress, err, guarded, out, print_json
 from modeltrace.errors import InputError
 
+if TYPE_CHECKING:
+    from modeltrace.provenance.content import ContentDigest
 
-def digest_model(spec: str, allow_pickle: bool = False):
+
+def digest_model(spec: str, allow_pickle: bool = False) -> ContentDigest:
     """The content digest of a model (reads every tensor once; progress on a terminal)."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+    from modeltrace.provenance.content import digest_model as digest
 
-    from modeltrace.provenance.content import content_digest
-    from modeltrace.sources import open_source
-
-    with open_source(spec, allow_pickle=allow_pickle) as src:
-        total = sum(t.nbytes for t in src.tensors().values())
-        with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                      TimeRemainingColumn(), console=err, disable=not err.is_terminal, transient=True) as bar:
-            task = bar.add_task(f"content digest of {spec}", total=total)
-            return content_digest(src, progress=lambda n: bar.advance(task, n))
+    with byte_progress(f"content digest of {spec}") as progress:
+        return digest(spec, allow_pickle, progress=progress)
 
 
 def register(app: typer.Typer) -> None:

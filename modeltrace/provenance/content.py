@@ -36,7 +36,7 @@ from modeltrace.sources.base import Source, TensorInfo
 from modeltrace.sources.dtypes import SAFETENSORS_DTYPES
 
 __all__ = ["SCHEME", "PREFIX", "VALUES_PREFIX", "TensorDigest", "ContentDigest", "Comparison", "content_digest",
-           "compare", "parse_digest"]
+           "digest_model", "compare", "parse_digest"]
 
 SCHEME = "modeltrace-content/1"
 #: printed forms: model digest "mtc1:<hex>", values digest "mtv1:<hex>"
@@ -281,6 +281,28 @@ def content_digest(source: Source, workers: int | None = None,
     files = {f: lfs[f] for f in sorted({i.file for i in infos}) if f in lfs}
     return _finish(digests, sum(i.nbytes for i in infos), time.perf_counter() - t0, files)
 
+
+
+def digest_model(spec: str, allow_pickle: bool = False,
+                 progress: Callable[[int, int], None] | None = None) -> ContentDigest:
+    """The content digest of the model at `spec` (opened here, every tensor read once); `progress(done, total)` in
+    bytes as the windows are hashed (the one progress loop `identify --digest` and `index add --digest` share)."""
+    import threading
+
+    from modeltrace.sources import open_source
+
+    with open_source(spec, allow_pickle=allow_pickle) as src:
+        total = sum(t.nbytes for t in src.tensors().values())
+        done = [0]
+        lock = threading.Lock()
+
+        def advance(n: int) -> None:
+            with lock:
+                done[0] += n
+                if progress is not None:
+                    progress(done[0], total)
+
+        return content_digest(src, progress=advance)
 
 # ---- comparison ---------------------------------------------------------------------------------------------------
 def compare(a: ContentDigest, b: ContentDigest) -> Comparison:

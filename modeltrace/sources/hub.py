@@ -16,14 +16,14 @@ at call time (the library reads them once, at import).
 
 Environment: the limits in remote.py, and
     MODELTRACE_CACHE         cache root (default ~/.cache/modeltrace); headers live under `headers/`
+
+Addresses, endpoint, offline switch and cache location are hub_spec.py's; this module is the store that reads.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -31,7 +31,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 import httpx2
-from huggingface_hub import HfApi, constants, hf_hub_url
+from huggingface_hub import HfApi, hf_hub_url
 from huggingface_hub.errors import (
     DisabledRepoError,
     GatedRepoError,
@@ -46,12 +46,20 @@ from modeltrace.errors import InputError, RemoteError
 from modeltrace.sources import remote
 from modeltrace.sources.base import FileInfo, ReadStats, Source
 from modeltrace.sources.bytestore import ByteStore
+from modeltrace.sources.hub_spec import (
+    DEFAULT_REVISION,
+    _endpoint,
+    _offline,
+    _version,
+    _write_atomic,
+    cache_root,
+    parse_spec_file,
+)
+from modeltrace.sources.hub_spec import parse_spec as parse_spec
 from modeltrace.sources.planner import Prefetcher
 from modeltrace.sources.remote import RETRY_EXCEPTIONS, RETRY_STATUS, describe_exc, status_error
 
 __all__ = ["HubStore", "open_hub", "parse_spec", "parse_spec_file", "cache_root", "sample_for_budget"]
-
-DEFAULT_REVISION = "main"
 
 #: Cached on disk per commit: safetensors header reads (the 8-byte length prefix at offset 0, the JSON header at
 #: offset 8) and whole small metadata files (config, tokenizer, card, index), all read from offset 0. Weight data,
@@ -60,75 +68,9 @@ MAX_CACHED_READ = 100 * 1024 * 1024
 MAX_CACHED_PREFIX = 64 * 1024
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack", ".onnx")
 
-_SEGMENT = r"[A-Za-z0-9_.\-]{1,96}"
-_REPO_RE = re.compile(rf"^(?:{_SEGMENT}/)?{_SEGMENT}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 _HEX_RE = re.compile(r"^[0-9a-f]{40}$|^[0-9a-f]{64}$")
 T = TypeVar("T")
-
-
-def parse_spec(spec: str) -> tuple[str, str]:
-    """`hf://owner/name[@revision]` -> (repo_id, revision); InputError on anything else. A GGUF file selector
-    (`hf://owner/name/FILE.gguf`, see `parse_spec_file`) is accepted and left out."""
-    repo_id, revision, _ = parse_spec_file(spec)
-    return repo_id, revision
-
-
-def parse_spec_file(spec: str) -> tuple[str, str, str | None]:
-    """`hf://owner/name[@revision][/path/FILE.gguf]` or `hf://owner/name/path/FILE.gguf[@revision]` ->
-    (repo_id, revision, the GGUF file or None). With `@`, the revision is one path segment (`refs/pr/N` and
-    `refs/convert/X`: three) and what follows it, ending in `.gguf`, is the file."""
-    usage = f"{spec}: expected hf://owner/name, hf://owner/name@revision or hf://owner/name/FILE.gguf"
-    if not spec.startswith("hf://"):
-        raise InputError(usage)
-    body = spec[len("hf://"):].strip().rstrip("/")
-    repo_id, sep, revision = body.partition("@")
-    file = None
-    parts = repo_id.split("/")
-    if len(parts) > 2 and parts[-1].lower().endswith(".gguf"):
-        repo_id, file = "/".join(parts[:2]), "/".join(parts[2:])
-    elif sep and revision.lower().endswith(".gguf") and "/" in revision:
-        segs = revision.split("/")
-        k = 3 if segs[0] == "refs" and len(segs) > 3 else 1
-        revision, file = "/".join(segs[:k]), "/".join(segs[k:])
-    if sep and not revision:
-        raise InputError(f"{spec}: empty revision after '@'")
-    revision = revision or DEFAULT_REVISION
-    if not _REPO_RE.match(repo_id) or any(
-        p.startswith(("-", ".")) or p.endswith(("-", ".")) or "--" in p or ".." in p for p in repo_id.split("/")
-    ):
-        raise InputError(usage)
-    if any(c.isspace() or ord(c) < 32 for c in revision) or ".." in revision or revision.startswith("/"):
-        raise InputError(f"{spec}: invalid revision {revision!r}")
-    if file is not None and (any(p in ("", ".", "..") for p in file.split("/")) or "\\" in file
-                             or any(c.isspace() or ord(c) < 32 for c in file)):
-        raise InputError(f"{spec}: invalid file name {file!r}")
-    return repo_id, revision, file
-
-
-def _endpoint() -> str:
-    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
-
-
-def _offline() -> bool:
-    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
-    if env is not None:
-        return env.strip().upper() in {"1", "ON", "YES", "TRUE"}
-    return constants.is_offline_mode()
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("modeltrace")
-    except Exception:
-        return "unknown"
-
-
-def cache_root() -> Path:
-    raw = os.environ.get("MODELTRACE_CACHE")
-    return Path(raw).expanduser() if raw else Path.home() / ".cache" / "modeltrace"
 
 
 def _time_boxed(fn: Callable[[], T], limit: float, on_timeout: Callable[[], Exception]) -> T:
@@ -419,25 +361,6 @@ class HubStore(ByteStore):
     def close(self) -> None:
         self.prefetcher.clear()
         self._ahead.clear()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Best effort: a cache that cannot be written only costs a refetch."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-    except OSError:
-        pass
 
 
 def sample_for_budget(specs: list[str], budget: int, share: float = 0.5) -> float | None:
