@@ -41,8 +41,10 @@ def main() -> None:
     import sys
 
     from modeltrace.commands import register_all
+    from modeltrace.memory import bound_malloc
     from modeltrace.redact import ScrubbingStream, scrub
 
+    bound_malloc()  # before any reader thread starts
     register_all(app)
     sys.stdout = ScrubbingStream(sys.stdout)  # type: ignore[assignment]
     sys.stderr = ScrubbingStream(sys.stderr)  # type: ignore[assignment]
