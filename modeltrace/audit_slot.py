@@ -85,6 +85,8 @@ def _process_slot(views: list[ModelView], item: _PlanItem, base: int | None, sam
     st = acc.finish()
     local = list(range(1, len(cands) + 1))
     fit = _to_global(fit_slot(st, local, idx_base, fitting_order(), refine=item.refine), cands)
+    # the element sample serves the weight fit only: a 3,000-tensor audit kept ~250 MB of them to the end
+    st.sample = st.cells = None
     res = SlotResult(slot, cands, st, fit, structured, rows_compared=st.rows, rows_total=part.rows, note=note,
                      cross={i: item.tfs[i].slot.role for i in cands if item.tfs[i].slot.role != slot.role})
     for li, ci in zip(local, cands, strict=True):

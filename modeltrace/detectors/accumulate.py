@@ -479,7 +479,7 @@ class SlotStats:
     requal: np.ndarray | None = None  # elements equal to the suspect's once a wider candidate is rounded to its dtype
     suspect_dtype: str = "F32"
     cand_dtypes: list[str] = field(default_factory=list)
-    sample: np.ndarray | None = None  # (models, m) float32: a spread sample of aligned elements, suspect first
+    sample: np.ndarray | None = None  # (models, m) float32: spread sample, suspect first (dropped once fitted)
     cells: np.ndarray | None = None  # (2, m): lo, hi of the suspect's sampled values in a block-quantized grid
 
     def sqdist(self) -> np.ndarray:
