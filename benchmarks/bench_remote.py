@@ -74,7 +74,7 @@ def _sample_args(sample: float) -> list[str]:
 
 
 def _run(url: str, cache: str, args: list[str]) -> tuple[float, float, str, str]:
-    """(wall s, peak RSS MB, stdout, stderr) of one CLI command in its own process."""
+    """(wall s, peak RSS MiB, stdout, stderr) of one CLI command in its own process."""
     env = {**os.environ, "HF_ENDPOINT": url, "MODELTRACE_CACHE": cache, "HF_HUB_DISABLE_TELEMETRY": "1",
            "PYTHONPATH": str(ROOT)}
     code = ("import resource, sys\nfrom modeltrace.cli import main\nsys.argv = ['modeltrace'] + sys.argv[1:]\n"
@@ -92,7 +92,7 @@ def _run(url: str, cache: str, args: list[str]) -> tuple[float, float, str, str]
 
 def _report(step: str, dt: float, peak: float, stats: dict, floor: float, sizes: dict[str, int]) -> None:
     reqs = sum(d["requests"] for d in stats.values())
-    print(f"{step}: {dt:.1f} s wall, {reqs} requests, peak {peak:.0f} MB; floor (same bytes, plain parallel "
+    print(f"{step}: {dt:.1f} s wall, {reqs} requests, peak {peak:.0f} MiB; floor (same bytes, plain parallel "
           f"reader) {floor:.1f} s")
     for repo, d in sorted(stats.items()):
         size = sizes.get(repo)
