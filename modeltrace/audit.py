@@ -201,7 +201,7 @@ def _stream(views: list[ModelView], base: int | None, sample: float | None, chun
             tf = _transform(views, i, slot, layer_source, alignments)
             shape = tf.shape(views[i]) if tf is not None else None
             vocab_rows = slot.role in ("embed", "lm_head")
-            if shape is None or shape[1] != part.cols or (shape[0] != part.rows and not vocab_rows):
+            if tf is None or shape is None or shape[1] != part.cols or (shape[0] != part.rows and not vocab_rows):
                 (missing if shape is None else misshapen).setdefault(i, []).append(slot)
                 continue
             tfs[i] = tf

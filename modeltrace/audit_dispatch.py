@@ -68,7 +68,7 @@ def run_slot_work(work: SlotWork) -> SlotWorkDone:
         if work.record_ranges:
             stack.enter_context(recording_remote_ranges())
         views: list[ModelView] = []
-        stack.callback(lambda: [v.close() for v in views])
+        stack.callback(_close_all, views)
         for spec, label in zip(work.specs, work.labels, strict=True):
             views.append(open_view(spec, label, allow_pickle=work.allow_pickle))
         marks = [(v.source.stats.bytes_read, v.source.stats.requests, len(v.source.stats.digests)) for v in views]
@@ -150,3 +150,8 @@ def _stream_elsewhere(views: list[ModelView], plan: list[_PlanItem], base: int |
                 st.digests.extend(digests)
             tick(sum(plan[i].rows * s.parts[plan[i].slot].cols for i in groups[o.index]))
     return [r for r in results if r is not None]
+
+
+def _close_all(views: list[ModelView]) -> None:
+    for v in views:
+        v.close()

@@ -124,10 +124,11 @@ def _update_mapped(acc: SlotAccumulator, views: list[ModelView], item: _PlanItem
     models = [views[0]] + [views[i] for i in item.cands]
     with ExitStack() as stack:
         arrs = [stack.enter_context(v.mapped(sl, a, b)) for v, sl in zip(models, slots, strict=True)]
-        if any(x is None for x in arrs):
+        mapped = [x for x in arrs if x is not None]
+        if len(mapped) != len(arrs):
             return False
-        acc.update_raw(tuple(arrs), dtype, b - a)
-        del arrs
+        acc.update_raw(tuple(mapped), dtype, b - a)
+        del arrs, mapped
     return True
 
 

@@ -142,7 +142,7 @@ def _identify(suspect: Fingerprint, index: Index, top: int) -> dict[str, Any]:
     adj = dict(zip(tested, holm_log10([_log10_p(ev[n], dv[n]) for n in tested], family), strict=True))
     alpha = _alpha_log10()
     # how close, for ranking related models (the disguise tests' calibrated z saturates for any close relative)
-    zs = {n: max(ev[n].z, dv[n].strength if dv[n] is not None else 0.0) for n in tested}
+    zs = {n: max(ev[n].z, _strength(dv[n])) for n in tested}
     strong = sorted((n for n in tested if adj[n] < alpha), key=lambda n: -zs[n])
     # copies are one model: the suspect's own copies answer "copy"; the others' copies are grouped with them, and
     # only each group's original takes part in the lineage (a copy is never a parent of its original or of a child)
@@ -364,3 +364,7 @@ def _lineage_verdict(suspect: Fingerprint, label: str, fps: dict[str, Fingerprin
                 return v, three
     parent = min(pool, key=lambda m: fit(gs, 0, (m,)).rho)  # a fine-tune: the closest non-merge relative
     return run([parent], None), [parent]
+
+
+def _strength(d: DisguiseEvidence | None) -> float:
+    return d.strength if d is not None else 0.0

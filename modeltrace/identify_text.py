@@ -72,9 +72,9 @@ def _rank(verdict: dict | None, chosen: list[str], related: list[str], merges: d
     out = []
     for rank, n in enumerate([*listed, *rest], 1):
         role, note = roles.get(n, ("unrelated", ""))
-        e = ev[n]
+        pe = ev[n]
         out.append({"rank": rank, "model": n, "spec": fps[n].spec, "role": role, "similarity": round(sims[n], 4),
-                    "corr": round(e.corr, 4), "log10_p": round(adj[n], 2), "p": format_p(adj[n]), "note": note})
+                    "corr": round(pe.corr, 4), "log10_p": round(adj[n], 2), "p": format_p(adj[n]), "note": note})
     return out
 
 

@@ -92,8 +92,11 @@ class Fitter(Protocol):
     """What fit_slot asks of a merge method (modeltrace/methods registers them): a name, a place in the order of
     simplicity, and a fit that returns the recipe when this method explains the slot, else None."""
 
-    name: str
-    fit_order: float | None
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def fit_order(self) -> float | None: ...
 
     def fit(self, ctx: FitContext) -> SlotFit | None: ...
 

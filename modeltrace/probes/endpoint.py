@@ -184,7 +184,8 @@ class EndpointBackend(Backend):
 
     def _one(self, r: ChatRequest) -> ChatResult:
         attempts = 0
-        last_error, last_detail = "aborted", "the run stopped before this request was sent"
+        last_error: str | None = "aborted"
+        last_detail: str | None = "the run stopped before this request was sent"
         for attempt in range(self.retries + 1):
             if self._abort.is_set():
                 return ChatResult(None, "aborted", "endpoint unreachable: stopped after repeated connection "
