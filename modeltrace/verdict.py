@@ -10,8 +10,8 @@ import numpy as np
 from modeltrace.align.coverage import stack_summary
 from modeltrace.align.layers import stack_map
 from modeltrace.audit import AuditRun, SlotResult
-from modeltrace.detectors.accumulate import is_block_quantized, is_lossy
 from modeltrace.detectors.rounding import RESOLUTION, ROUNDED
+from modeltrace.detectors.storage import is_block_quantized, is_lossy
 from modeltrace.lineage_verdict import parent_entry, pooled, trained, upcycled
 from modeltrace.methods import merge_method
 from modeltrace.schema import SCHEMA_VERSION

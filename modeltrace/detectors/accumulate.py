@@ -14,78 +14,21 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from modeltrace.detectors import kernels, quant_cells
+from modeltrace.detectors.storage import (
+    MANTISSA,
+    PRECISION,
+    is_block_quantized,
+    is_lossy,
+    quant_variance,
+    round_to,
+    rounding_variance,
+    ulp_scale,
+    widen,
+)
 
 #: log2|x| histogram bins for magnitude-vs-survival analysis of sparse merges (1/8 octave).
 HIST_EDGES = np.arange(-48.0, 16.0001, 0.125)
 NBINS = len(HIST_EDGES) - 1
-
-
-_MANTISSA = {"BF16": 7, "F16": 10, "F8_E4M3": 3, "F8_E5M2": 2}
-#: squared ulp of a float32 exponent field e (0..255), per mantissa width, divided by 12 (uniform rounding error)
-_ULP2 = {m: np.where((np.arange(256) > 0) & (np.arange(256) < 255),
-                     np.exp2(2.0 * (np.arange(256) - 127 - m)), 0.0) / 12.0 for m in _MANTISSA.values()}
-
-
-
-def _ulp_scale(mant: int | None) -> float:
-    """_ULP2[mant][e] / 2**(2 * (e - 127)): what the fused kernel multiplies squared powers of two by."""
-    return 0.0 if mant is None else 2.0 ** (-2 * mant) / 12.0
-
-
-def _widen(raw: np.ndarray, shift: int) -> np.ndarray:
-    """Stored bf16 (uint16, shift 16) or f32 (uint32, shift 0) bits as a float32 copy."""
-    return (raw.astype(np.uint32) << np.uint32(shift)).view(np.float32)
-
-
-#: GGUF block quantization: (values per scale block, levels, symmetric around 0). The rounding step of a block is
-#: 2 max|x| / (levels - 1) (symmetric) or (max - min) / (levels - 1); importance-matrix types are approximated.
-_GGUF_QUANT = {
-    "Q8_0": (32, 255, True), "Q8_1": (32, 255, True), "Q6_K": (16, 65, True), "Q5_0": (32, 33, True),
-    "Q5_1": (32, 32, False), "Q5_K": (32, 32, False), "Q4_0": (32, 17, True), "Q4_1": (32, 16, False),
-    "Q4_K": (32, 16, False), "Q3_K": (16, 9, True), "Q2_K": (16, 4, False), "IQ4_NL": (32, 16, True),
-    "IQ4_XS": (32, 16, True), "IQ3_S": (32, 8, True), "IQ3_XXS": (32, 8, True), "IQ2_XXS": (32, 4, True),
-    "IQ2_XS": (32, 4, True), "IQ2_S": (32, 4, True), "IQ1_S": (32, 3, True), "IQ1_M": (32, 3, True),
-    "TQ1_0": (32, 3, True), "TQ2_0": (32, 3, True), "MXFP4": (32, 16, True), "NVFP4": (16, 16, True),
-}
-
-
-def is_block_quantized(dtype: str) -> bool:
-    """A GGUF block-quantization type (Q8_0, Q6_K, IQ4_XS, ...)."""
-    return dtype in _GGUF_QUANT
-
-
-def is_lossy(dtype: str) -> bool:
-    """Storage that loses more than bf16 does: block quantization and fp8 (a candidate stored so is noisy)."""
-    return is_block_quantized(dtype) or dtype.startswith("F8")
-
-
-def quant_variance(x: np.ndarray, dtype: str) -> float:
-    """Expected squared error of block-quantizing float32 `x` as GGUF `dtype` (uniform within half a step)."""
-    block, levels, sym = _GGUF_QUANT[dtype]
-    x = np.asarray(x, dtype=np.float32)
-    cols = x.shape[-1] if x.ndim > 1 else x.size
-    b = block if cols % block == 0 else cols
-    v = x.reshape(-1, b)
-    if sym:
-        step = 2 * np.abs(v).max(axis=1) / (levels - 1)
-    else:
-        step = (v.max(axis=1) - v.min(axis=1)) / (levels - 1)
-    return float((step.astype(np.float64) ** 2).sum() * b / 12.0)
-
-
-def rounding_variance(x: np.ndarray, dtype: str) -> float:
-    """Expected squared rounding error of storing float32 `x` in `dtype` (uniform error within half an ulp, or
-    half a quantization step for GGUF block types).
-
-    Float types: from a histogram of float32 exponent fields, one cheap integer pass, no logarithms.
-    """
-    if dtype in _GGUF_QUANT:
-        return quant_variance(x, dtype)
-    mant = _MANTISSA.get(dtype)
-    if mant is None:
-        return 0.0
-    e = (np.ascontiguousarray(x, dtype=np.float32).view(np.uint32) >> 23) & 0xFF
-    return float(np.bincount(e.ravel(), minlength=256) @ _ULP2[mant])
 
 
 #: A delta within the suspect's storage rounding plus this many ulps of c_i tau_i counts as parent i's lone survivor
@@ -136,20 +79,6 @@ def sqdiff64(chunks: list[np.ndarray]) -> np.ndarray:
     return e + e.T
 
 
-#: numpy/ml_dtypes types for rounding a wider candidate to the suspect's storage (recast evidence).
-def _round_to(x: np.ndarray, dtype: str) -> np.ndarray | None:
-    import ml_dtypes
-
-    t = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F8_E4M3": ml_dtypes.float8_e4m3fn,
-         "F8_E5M2": ml_dtypes.float8_e5m2}.get(dtype)
-    if t is None:
-        return None
-    with np.errstate(over="ignore", invalid="ignore"):
-        return x.astype(t).astype(np.float32)
-
-
-#: bits of mantissa per storage dtype, to tell which of two float dtypes is the narrower
-_PRECISION = {"F64": 52, "F32": 23, "BF16": 7, "F16": 10, "F8_E4M3": 3, "F8_E5M2": 2}
 #: Elements per slot kept for the rounding-aware weight fit (detectors.rounding): 64k resolve a weight to ~1e-4
 #: where parents differ by a few ulps, and cost 64k x models x 4 bytes while the slot is open.
 ROUNDING_SAMPLE = 1 << 16
@@ -210,12 +139,12 @@ class SlotAccumulator:
         # candidates whose storage is coarser than the suspect's: their rounding is part of any residual against them
         # (quantized parents; or an fp16/bf16 copy of a float32 suspect)
         self._lossy = [i + 1 for i, d in enumerate(self.cand_dtypes or [])
-                       if is_lossy(d) or _PRECISION.get(d, 99) < _PRECISION.get(self.suspect_dtype, 99)]
+                       if is_lossy(d) or PRECISION.get(d, 99) < PRECISION.get(self.suspect_dtype, 99)]
         self.equal = np.zeros(n, dtype=np.int64)
         # equal after rounding a wider candidate to the suspect's storage dtype (what a re-encoding leaves)
         self.requal = np.zeros(n, dtype=np.int64)
         self._narrower = [i + 1 for i, d in enumerate(self.cand_dtypes or [])
-                          if _PRECISION.get(d, -1) > _PRECISION.get(self.suspect_dtype, 99)]
+                          if PRECISION.get(d, -1) > PRECISION.get(self.suspect_dtype, 99)]
         self._sample: list[list[np.ndarray]] = [[] for _ in range(n)]
         self._sampled = 0
         # a block-quantized suspect: the grid cell of every sampled value, from its sub-block (quant_cells.py)
@@ -258,7 +187,7 @@ class SlotAccumulator:
         for i in range(1, self.n):
             eq = int(np.count_nonzero(s == chunks[i]))
             self.equal[i] += eq
-            rounded = _round_to(chunks[i], self.suspect_dtype) if i in self._narrower else None
+            rounded = round_to(chunks[i], self.suspect_dtype) if i in self._narrower else None
             self.requal[i] += eq if rounded is None else int(np.count_nonzero(s == rounded))
         self._keep_sample([np.ascontiguousarray(c) for c in chunks], r)
         self.rows += r
@@ -273,16 +202,16 @@ class SlotAccumulator:
         view, shift = kernels.RAW[dtype]
         arrs = tuple(a.view(view) for a in arrs)
         rd = r if self.fraction >= 1 else max(1, int(np.ceil(r * self.fraction)))
-        mant = _MANTISSA.get(self.suspect_dtype)
-        g, gd, e, eq, rowsum, colsum, noise = kernels.chunk_stats(arrs, self.cols, rd, _ulp_scale(mant))
+        mant = MANTISSA.get(self.suspect_dtype)
+        g, gd, e, eq, rowsum, colsum, noise = kernels.chunk_stats(arrs, self.cols, rd, ulp_scale(mant))
         if not np.all(np.isfinite(np.diag(g))):
-            self.update([_widen(a, shift).reshape(r, self.cols) for a in arrs])
+            self.update([widen(a, shift).reshape(r, self.cols) for a in arrs])
             return
         self.G += g
         self.E += e
         self.equal += eq
         self.requal += eq  # the kernel runs only when every model stores the slot in one dtype
-        self._keep_sample(arrs, r, lambda a: _widen(a, shift))
+        self._keep_sample(arrs, r, lambda a: widen(a, shift))
         self.rows += r
         self.Gd += gd
         self.RR += rowsum @ rowsum.T
@@ -290,7 +219,7 @@ class SlotAccumulator:
         self.detail_rows += rd
         self.noise_floor += noise
         if self.base is not None and self.sparse:
-            self._sparse([_widen(a[:rd * self.cols], shift).reshape(rd, self.cols) for a in arrs])
+            self._sparse([widen(a[:rd * self.cols], shift).reshape(rd, self.cols) for a in arrs])
 
     def _sample_size(self, r: int) -> int:
         """Elements to keep from a chunk of r rows: a share of ROUNDING_SAMPLE proportional to its rows."""
@@ -327,7 +256,7 @@ class SlotAccumulator:
         self.detail_rows += head[0].shape[0]
         self.noise_floor += rounding_variance(head[0], self.suspect_dtype)
         if self._coarser is not None and not self._off_grid:
-            self._off_grid += int(np.count_nonzero(_round_to(head[0], self._coarser) != head[0]))
+            self._off_grid += int(np.count_nonzero(round_to(head[0], self._coarser) != head[0]))
             self.noise_floor_coarse += rounding_variance(head[0], self._coarser)
         for i in self._lossy:
             self.cand_noise[i] += rounding_variance(head[i], self.cand_dtypes[i - 1])  # type: ignore[index]
@@ -399,7 +328,7 @@ class SlotAccumulator:
         # how far a lone survivor's delta may sit from c_i tau_i: the suspect's storage rounding (half an ulp of the
         # stored value, which for a small delta can exceed it) plus the merge's own rounding in that precision
         # (mergekit computes bf16 merges in bf16), DELLA_TOL ulps of c_i tau_i
-        mant = _MANTISSA.get(self.suspect_dtype, 23)
+        mant = MANTISSA.get(self.suspect_dtype, 23)
         ulp = np.ldexp(1.0, np.frexp(stored)[1] - 1 - mant)
         if self._rescale is None:
             # the mode only over entries whose ratio means something: deltas of a few ulps quantise it to 1, and

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from modeltrace.architectures import Slot
-from modeltrace.detectors.accumulate import rounding_variance
 from modeltrace.detectors.fits import FLOOR_FACTOR
+from modeltrace.detectors.storage import rounding_variance
 from modeltrace.fingerprint.core import Fingerprint, SlotSample, centred_unit
 from modeltrace.stats import best_of_z, fisher_z, fisher_z_many, log10_sf, stouffer
 

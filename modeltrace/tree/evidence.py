@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from modeltrace.detectors.accumulate import _GGUF_QUANT, _MANTISSA, _ULP2, rounding_variance
+from modeltrace.detectors.storage import GGUF_QUANT, MANTISSA, ULP2, rounding_variance
 from modeltrace.fingerprint.compare import COPY_CORR, MAX_GRAM_SLOTS, compare
 from modeltrace.fingerprint.core import Fingerprint
 from modeltrace.stats import stouffer
@@ -147,11 +147,11 @@ def _floors(items: list, flat: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     e = (flat.view(np.uint32) >> 23) & 0xFF
     out = np.zeros(len(items))
     for i, s in enumerate(items):
-        mant = _MANTISSA.get(s.dtype)
-        if s.dtype in _GGUF_QUANT or mant is None:
+        mant = MANTISSA.get(s.dtype)
+        if s.dtype in GGUF_QUANT or mant is None:
             out[i] = rounding_variance(s.values, s.dtype)
         else:
-            out[i] = float(np.bincount(e[offsets[i]:offsets[i] + s.values.size], minlength=256) @ _ULP2[mant])
+            out[i] = float(np.bincount(e[offsets[i]:offsets[i] + s.values.size], minlength=256) @ ULP2[mant])
     return out
 
 
