@@ -25,7 +25,7 @@ from modeltrace import __version__
 from modeltrace.service.store import Store, alerts
 
 if TYPE_CHECKING:
-    from modeltrace.service.worker import Analysis
+    from modeltrace.service.analysis import Analysis
 
 __all__ = ["AlertSender", "alert_payload"]
 

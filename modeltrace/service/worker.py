@@ -30,6 +30,7 @@ from typing import Any
 from sqlalchemy import Connection, insert
 
 from modeltrace.errors import ModelTraceError
+from modeltrace.service.analysis import Analysis
 from modeltrace.service.queue import Job, JobQueue, LeaseLost
 from modeltrace.service.store import Store, alerts, results
 
@@ -55,23 +56,6 @@ class Settings:
     public_url: str = ""  # where the service's pages are, for links in alerts
     ray: bool = False
     address: str | None = None
-
-
-@dataclass(frozen=True)
-class Analysis:
-    repo_id: str
-    commit_sha: str
-    spec: str
-    index_name: str
-    content_hash: str
-    relation: str
-    method: str | None
-    summary: str
-    contradicted: bool
-    worst: str | None
-    identify: dict[str, Any]
-    report_json: str
-    findings: list[dict[str, Any]]
 
 
 def _fingerprint(spec: str, name: str, settings: Settings):

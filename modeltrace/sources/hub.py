@@ -42,8 +42,8 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import build_hf_headers, get_session
 
+import modeltrace.sources.remote as remote
 from modeltrace.errors import InputError, RemoteError
-from modeltrace.sources import remote
 from modeltrace.sources.base import FileInfo, ReadStats, Source
 from modeltrace.sources.bytestore import ByteStore
 from modeltrace.sources.hub_spec import (

@@ -10,8 +10,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
+import modeltrace.sources.safetensors_format as fmt
 from modeltrace.errors import InputError
-from modeltrace.sources import safetensors_format as fmt
 from modeltrace.sources.base import MAX_TEXT_BYTES, FileInfo, Source, TensorInfo
 from modeltrace.sources.bytestore import ByteStore
 
