@@ -195,6 +195,10 @@ def fit_spherical(ctx: FitContext) -> SlotFit | None:
     return None
 
 
+#: A task vector weighted below this carries no recipe (the verdict names parents from 0.02 up).
+LONE_TASK_VECTOR = 0.02
+
+
 def fit_task_vectors(ctx: FitContext, model_stock: bool) -> SlotFit | None:
     """base + sum of lambda_i (parent_i - base) when the free fit explains the suspect with the base carrying weight
     and all weights summing to 1: Model Stock when every lambda is its t / k (model_stock=True), else task
@@ -205,6 +209,10 @@ def fit_task_vectors(ctx: FitContext, model_stock: bool) -> SlotFit | None:
     if abs(s - 1) >= 0.01:
         return None
     lam = {c: ctx.free[c] for c in ctx.parents}
+    if sum(1 for v in lam.values() if abs(v) >= LONE_TASK_VECTOR) < 2:
+        # base + lambda (parent - base) is the linear merge lambda * parent + (1 - lambda) * base: named linear,
+        # the simpler recipe (the Rio case), by fit_linear
+        return None
     if model_stock:
         t = _model_stock(ctx.st, ctx.parents, ctx.base, lam)
         return None if t is None else ctx.result("model_stock", lam, ctx.rss_free, t=t)
