@@ -54,28 +54,23 @@ class Tree:
 
     def ancestors(self, name: str) -> list[str]:
         """Every ancestor, nearest first."""
-        seen: list[str] = []
-        todo = [name]
-        while todo:
-            nxt = []
-            for x in todo:
-                for e in self.parents(x):
-                    if e["parent"] not in seen and e["parent"] != name:
-                        seen.append(e["parent"])
-                        nxt.append(e["parent"])
-            todo = nxt
-        return seen
+        return self._walk(name, self._in, "parent")
 
     def descendants(self, name: str) -> list[str]:
+        return self._walk(name, self._out, "child")
+
+    @staticmethod
+    def _walk(name: str, edges: dict[str, list[dict[str, Any]]], end: str) -> list[str]:
+        """Models reached from `name` along `edges` (by their `end`), breadth first, nearest first."""
         seen: list[str] = []
         todo = [name]
         while todo:
             nxt = []
             for x in todo:
-                for e in self._out.get(x, []):
-                    if e["child"] not in seen and e["child"] != name:
-                        seen.append(e["child"])
-                        nxt.append(e["child"])
+                for e in edges.get(x, []):
+                    if e[end] not in seen and e[end] != name:
+                        seen.append(e[end])
+                        nxt.append(e[end])
             todo = nxt
         return seen
 
