@@ -65,31 +65,22 @@ def subblock_cells(blocks: np.ndarray, uniform: bool) -> tuple[np.ndarray, np.nd
     module docstring); -inf / +inf on the open sides."""
     v = np.asarray(blocks, dtype=np.float64)
     n, s = v.shape
-    srt = np.sort(v, axis=1)
+    order = np.argsort(v, axis=1)
+    srt = np.take_along_axis(v, order, axis=1)
     tol = _SAME * np.maximum(np.abs(srt).max(axis=1, keepdims=True), 1e-300)
     gaps = np.diff(srt, axis=1)
     new = gaps > tol  # a new level starts after this position
-    # for every value: the nearest present level below and above (positions in the sorted row)
-    pos_lo = np.empty_like(v)
-    pos_hi = np.empty_like(v)
-    rows = np.arange(n)[:, None]
-    # previous distinct level below each sorted position, next distinct level above it
-    prev_level = np.full((n, s), -np.inf)
-    next_level = np.full((n, s), np.inf)
-    last = srt[:, :1].copy()
-    below = np.full((n, 1), -np.inf)
-    for j in range(1, s):
-        step = new[:, j - 1:j]
-        below = np.where(step, last, below)
-        last = np.where(step, srt[:, j:j + 1], last)
-        prev_level[:, j:j + 1] = below
-    last = srt[:, -1:].copy()
-    above = np.full((n, 1), np.inf)
-    for j in range(s - 2, -1, -1):
-        step = new[:, j:j + 1]
-        above = np.where(step, last, above)
-        last = np.where(step, srt[:, j:j + 1], last)
-        next_level[:, j:j + 1] = above
+    # runs of equal values in each sorted row: where each position's run starts and ends
+    pos = np.broadcast_to(np.arange(s), (n, s))
+    starts = np.concatenate([np.ones((n, 1), bool), new], axis=1)
+    ends = np.concatenate([new, np.ones((n, 1), bool)], axis=1)
+    first = np.maximum.accumulate(np.where(starts, pos, 0), axis=1)
+    last = np.minimum.accumulate(np.where(ends, pos, s - 1)[:, ::-1], axis=1)[:, ::-1]
+    # the neighbouring levels: the far end of the run below and of the run above (none: open)
+    below = np.take_along_axis(first, np.maximum(first - 1, 0), axis=1)
+    above = np.take_along_axis(last, np.minimum(last + 1, s - 1), axis=1)
+    prev_level = np.where(first > 0, np.take_along_axis(srt, below, axis=1), -np.inf)
+    next_level = np.where(last < s - 1, np.take_along_axis(srt, above, axis=1), np.inf)
     if uniform:
         big = np.where(new, gaps, np.inf).min(axis=1, keepdims=True)  # smallest gap between present levels
         half = np.where(np.isfinite(big), big / 2, np.inf)
@@ -101,11 +92,10 @@ def subblock_cells(blocks: np.ndarray, uniform: bool) -> tuple[np.ndarray, np.nd
     slack = _SCALE_SLACK * np.abs(srt).max(axis=1, keepdims=True)
     lo_s = lo_s - slack - np.abs(lo_s) * _SOURCE_SLACK
     hi_s = hi_s + slack + np.abs(hi_s) * _SOURCE_SLACK
-    # back to the original order of each row
-    order = np.argsort(v, axis=1)
-    pos_lo[rows, order] = lo_s
-    pos_hi[rows, order] = hi_s
-    return pos_lo, pos_hi
+    lo, hi = np.empty_like(v), np.empty_like(v)  # back to each row's own order
+    np.put_along_axis(lo, order, lo_s, axis=1)
+    np.put_along_axis(hi, order, hi_s, axis=1)
+    return lo, hi
 
 
 def sample_cells(flat: np.ndarray, idx: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
